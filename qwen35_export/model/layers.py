@@ -1,0 +1,196 @@
+"""Functional layers of the reference model, written for export: weights and state are arguments,
+no Python-side caches, no data-dependent Python control flow.
+
+Each layer kind is one function `(hidden, weights, state...) -> (hidden, state...)`; the exporter captures
+exactly these functions, so a compiled graph per layer kind serves every layer of that kind.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from ..config import Qwen35Config
+from . import ops  # noqa: F401  (registers torch.ops.qwen35.*)
+
+
+def rms_norm(x: Tensor, w: Tensor, eps: float) -> Tensor:
+    """Zero-centred RMSNorm: x / rms(x) * (1 + w), in fp32, cast back to x's dtype."""
+    xf = x.float()
+    y = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
+    return (y * (1.0 + w.float())).to(x.dtype)
+
+
+def gated_rms_norm(o: Tensor, z: Tensor, w: Tensor, eps: float) -> Tensor:
+    """GDN output norm: plain weight, normalise in fp32, times w in o's dtype, times silu(z) in fp32."""
+    dtype = o.dtype
+    of = o.float()
+    y = (of * torch.rsqrt(of.pow(2).mean(-1, keepdim=True) + eps)).to(dtype)
+    y = w * y
+    return (y.float() * F.silu(z.float())).to(dtype)
+
+
+def linear(x: Tensor, w: dict[str, Tensor], name: str) -> Tensor:
+    """`x @ W.T` for weight `name`, through the FP8 op when the weight is kept block-quantised."""
+    scale = w.get(name + "_scale_inv")
+    if scale is not None:
+        return torch.ops.qwen35.fp8_linear(x, w[name], scale)
+    return F.linear(x, w[name])
+
+
+# -- rotary ----------------------------------------------------------------------------------------
+def rope_cos_sin(positions: Tensor, cfg: Qwen35Config, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+    """cos/sin [B, T, rotary_dim] from M-RoPE positions [3, B, T] (temporal, height, width rows).
+
+    Frequencies are interleaved by `mrope_section`: frequency j comes from row 1 (height) when
+    j % 3 == 1 and j < 3*section[1], from row 2 (width) when j % 3 == 2 and j < 3*section[2], else row 0.
+    For text all three rows are the token position, which makes this ordinary RoPE.
+    """
+    rot = cfg.rotary_dim
+    inv_freq = 1.0 / (cfg.rope_theta ** (torch.arange(0, rot, 2, dtype=torch.float32, device=positions.device)
+                                         / rot))  # [rot/2]
+    freqs = positions[..., None].float() * inv_freq  # [3, B, T, rot/2]
+    j = torch.arange(rot // 2, device=positions.device)
+    sec = cfg.mrope_section
+    row = torch.zeros_like(j)
+    row = torch.where((j % 3 == 1) & (j < 3 * sec[1]), torch.ones_like(j), row)
+    row = torch.where((j % 3 == 2) & (j < 3 * sec[2]), torch.full_like(j, 2), row)
+    f = torch.gather(freqs, 0, row.view(1, 1, 1, -1).expand(1, *freqs.shape[1:]))[0]  # [B, T, rot/2]
+    emb = torch.cat([f, f], dim=-1)  # [B, T, rot]
+    return emb.cos().to(dtype), emb.sin().to(dtype)
+
+
+def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+    """Rotate-half RoPE on the first rotary_dim dims of each head; x [B, T, heads, D], cos/sin [B, T, rot]."""
+    rot = cos.shape[-1]
+    xr, xp = x[..., :rot], x[..., rot:]
+    c, s = cos[:, :, None, :], sin[:, :, None, :]
+    x1, x2 = xr[..., : rot // 2], xr[..., rot // 2:]
+    rotated = torch.cat([-x2, x1], dim=-1)
+    return torch.cat([xr * c + rotated * s, xp], dim=-1)
+
+
+# -- mixers ----------------------------------------------------------------------------------------
+def gdn_mixer(x: Tensor, w: dict[str, Tensor], conv_state: Tensor, rec_state: Tensor, lengths: Tensor,
+              cfg: Qwen35Config) -> tuple[Tensor, Tensor, Tensor]:
+    """Gated DeltaNet over x [B, T, H]; tokens t >= lengths[b] are padding and leave both states alone.
+
+    conv_state [B, conv_dim, W-1], rec_state [B, HV, K, V] fp32 -> (out [B, T, H], conv_state, rec_state).
+    """
+    B, T, _ = x.shape
+    HK, HV = cfg.linear_num_key_heads, cfg.linear_num_value_heads
+    K, V = cfg.linear_key_head_dim, cfg.linear_value_head_dim
+    p = "linear_attn."
+    qkv = linear(x, w, p + "in_proj_qkv.weight")  # [B, T, 2*HK*K + HV*V]
+    z = linear(x, w, p + "in_proj_z.weight").reshape(B, T, HV, V)
+    b = linear(x, w, p + "in_proj_b.weight")  # [B, T, HV]
+    a = linear(x, w, p + "in_proj_a.weight")  # [B, T, HV]
+
+    conv_w = w[p + "conv1d.weight"][:, 0, :]  # [C, W]
+    qkv, conv_state = torch.ops.qwen35.causal_conv1d(qkv, conv_w, conv_state, lengths)
+    q, k, v = torch.split(qkv, [HK * K, HK * K, HV * V], dim=-1)
+    q = q.reshape(B, T, HK, K)
+    k = k.reshape(B, T, HK, K)
+    v = v.reshape(B, T, HV, V)
+
+    valid = (torch.arange(T, device=x.device)[None, :] < lengths[:, None])[:, :, None]  # [B, T, 1]
+    beta = torch.where(valid, torch.sigmoid(b.float()), 0.0)
+    g = -w[p + "A_log"].float().exp() * F.softplus(a.float() + w[p + "dt_bias"].float())
+    g = torch.where(valid, g, 0.0)
+
+    o, rec_state = torch.ops.qwen35.gated_delta_rule(q, k, v, g, beta, rec_state)  # o [B, T, HV, V]
+    o = gated_rms_norm(o, z, w[p + "norm.weight"], cfg.rms_norm_eps)
+    out = linear(o.reshape(B, T, HV * V), w, p + "out_proj.weight")
+    return out, conv_state, rec_state
+
+
+def attention_mixer(x: Tensor, w: dict[str, Tensor], k_cache: Tensor, v_cache: Tensor, start: Tensor,
+                    lengths: Tensor, cfg: Qwen35Config) -> tuple[Tensor, Tensor, Tensor]:
+    """Gated GQA attention over x [B, T, H] with a KV cache [B, KVH, T_max, D].
+
+    Row b's new tokens sit at positions start[b] + t; tokens t >= lengths[b] are padding: they write
+    only at positions >= start + lengths, which are masked now and overwritten before they are ever read.
+    """
+    B, T, _ = x.shape
+    NH, KVH, D = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
+    Tmax = k_cache.shape[2]
+    p = "self_attn."
+    qg = linear(x, w, p + "q_proj.weight").reshape(B, T, NH, 2 * D)
+    q, gate = qg[..., :D], qg[..., D:]  # [B, T, NH, D] each
+    gate = gate.reshape(B, T, NH * D)
+    q = rms_norm(q, w[p + "q_norm.weight"], cfg.rms_norm_eps)
+    k = rms_norm(linear(x, w, p + "k_proj.weight").reshape(B, T, KVH, D), w[p + "k_norm.weight"],
+                 cfg.rms_norm_eps)
+    v = linear(x, w, p + "v_proj.weight").reshape(B, T, KVH, D)
+
+    pos = start[:, None] + torch.arange(T, device=x.device)[None, :]  # [B, T]
+    cos, sin = rope_cos_sin(pos[None].expand(3, B, T), cfg, x.dtype)
+    q = apply_rope(q, cos, sin)
+    k = apply_rope(k, cos, sin)
+
+    # Write the new keys/values into the cache at their positions (padding lands past the valid end).
+    idx = pos.clamp(max=Tmax - 1)[:, None, :, None].expand(B, KVH, T, D)  # [B, KVH, T, D]
+    k_cache = k_cache.scatter(2, idx, k.transpose(1, 2).to(k_cache.dtype))
+    v_cache = v_cache.scatter(2, idx, v.transpose(1, 2).to(v_cache.dtype))
+
+    total = (start + lengths).clamp(min=1)  # [B]
+    kv_pos = torch.arange(Tmax, device=x.device)
+    mask = (kv_pos[None, None, :] <= pos[:, :, None]) & (kv_pos[None, None, :] < total[:, None, None])
+    G = NH // KVH
+    kf = k_cache.repeat_interleave(G, dim=1)  # [B, NH, Tmax, D]
+    vf = v_cache.repeat_interleave(G, dim=1)
+    attn = F.scaled_dot_product_attention(q.transpose(1, 2), kf.to(q.dtype), vf.to(q.dtype),
+                                          attn_mask=mask[:, None, :, :], scale=D ** -0.5)  # [B, NH, T, D]
+    attn = attn.transpose(1, 2).reshape(B, T, NH * D)
+    attn = attn * torch.sigmoid(gate)
+    return linear(attn, w, p + "o_proj.weight"), k_cache, v_cache
+
+
+# -- MoE -------------------------------------------------------------------------------------------
+def moe_block(x: Tensor, w: dict[str, Tensor], cfg: Qwen35Config) -> Tensor:
+    """Sparse MoE over x [B, T, H]: routed top-k experts plus the sigmoid-gated shared expert."""
+    B, T, H = x.shape
+    xf = x.reshape(B * T, H)  # [N, H]
+    logits = F.linear(xf, w["mlp.gate.weight"])  # [N, E]
+    rw, ids = torch.ops.qwen35.moe_router(logits, cfg.num_experts_per_tok)
+    rw = rw.to(x.dtype)  # HF casts the renormalised weights to the activation dtype
+    if "mlp.experts.gate_up_proj_scale_inv" in w:
+        routed = torch.ops.qwen35.moe_experts_fp8(
+            xf, rw, ids, w["mlp.experts.gate_up_proj"], w["mlp.experts.gate_up_proj_scale_inv"],
+            w["mlp.experts.down_proj"], w["mlp.experts.down_proj_scale_inv"])
+    else:
+        routed = torch.ops.qwen35.moe_experts(xf, rw, ids, w["mlp.experts.gate_up_proj"],
+                                              w["mlp.experts.down_proj"])
+    s = "mlp.shared_expert."
+    shared = linear(F.silu(linear(xf, w, s + "gate_proj.weight")) * linear(xf, w, s + "up_proj.weight"), w,
+                    s + "down_proj.weight")
+    shared = torch.sigmoid(F.linear(xf, w["mlp.shared_expert_gate.weight"])) * shared
+    return (routed + shared).reshape(B, T, H)
+
+
+# -- decoder layers (one per kind) ---------------------------------------------------------------
+def gdn_layer(x: Tensor, w: dict[str, Tensor], conv_state: Tensor, rec_state: Tensor, lengths: Tensor,
+              cfg: Qwen35Config) -> tuple[Tensor, Tensor, Tensor]:
+    h, conv_state, rec_state = gdn_mixer(rms_norm(x, w["input_layernorm.weight"], cfg.rms_norm_eps), w,
+                                         conv_state, rec_state, lengths, cfg)
+    x = x + h
+    x = x + moe_block(rms_norm(x, w["post_attention_layernorm.weight"], cfg.rms_norm_eps), w, cfg)
+    return x, conv_state, rec_state
+
+
+def attention_layer(x: Tensor, w: dict[str, Tensor], k_cache: Tensor, v_cache: Tensor, start: Tensor,
+                    lengths: Tensor, cfg: Qwen35Config) -> tuple[Tensor, Tensor, Tensor]:
+    h, k_cache, v_cache = attention_mixer(rms_norm(x, w["input_layernorm.weight"], cfg.rms_norm_eps), w,
+                                          k_cache, v_cache, start, lengths, cfg)
+    x = x + h
+    x = x + moe_block(rms_norm(x, w["post_attention_layernorm.weight"], cfg.rms_norm_eps), w, cfg)
+    return x, k_cache, v_cache
+
+
+def embed(input_ids: Tensor, embed_w: Tensor) -> Tensor:
+    return F.embedding(input_ids, embed_w)
+
+
+def final_logits(x: Tensor, norm_w: Tensor, lm_head_w: Tensor, eps: float) -> Tensor:
+    return F.linear(rms_norm(x, norm_w, eps), lm_head_w)

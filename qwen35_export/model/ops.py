@@ -1,0 +1,160 @@
+"""Custom ops the reference model calls, declared with `torch.library` so that `torch.export` sees each as
+one node a graph pass can swap for a Triton kernel or a backend plugin.
+
+Each op's default implementation here is the plain-torch reference (fp32 math); each has a fake kernel so
+export and AOTInductor can trace shapes. Signatures (all shapes are contracts the kernels follow too):
+
+- `qwen35::causal_conv1d(x [B,T,C], weight [C,W], conv_state [B,C,W-1], lengths [B] int64)
+   -> (y [B,T,C] = silu(conv), final_conv_state [B,C,W-1])`; the final state holds the last W-1 inputs of
+   each row's first `lengths[b]` tokens (state included), so right-padding never enters the state.
+- `qwen35::gated_delta_rule(q [B,T,HK,K], k [B,T,HK,K], v [B,T,HV,V], g [B,T,HV] fp32, beta [B,T,HV] fp32,
+   h0 [B,HV,K,V] fp32) -> (o [B,T,HV,V] in v's dtype, ht [B,HV,K,V] fp32)`; q/k are L2-normalised inside
+   (fp32, eps 1e-6) and q scaled by K^-0.5; key head j serves value heads j*G .. j*G+G-1 (G = HV/HK).
+   A token with g = 0 and beta = 0 leaves the state untouched exactly: that is how padding is masked.
+- `qwen35::moe_router(logits [N,E], top_k) -> (weights [N,k] fp32, ids [N,k] int64)`: softmax in fp32 over
+   all E, top-k (ties as torch.topk), renormalised to sum 1.
+- `qwen35::moe_experts(x [N,H], weights [N,k], ids [N,k] int64, w_gate_up [E,2I,H], w_down [E,H,I]) -> [N,H]`
+- `qwen35::moe_experts_fp8(x, weights, ids, w_gate_up fp8, w_gate_up_scale [E,2I/128,ceil(H/128)],
+   w_down fp8, w_down_scale [E,ceil(H/128),ceil(I/128)]) -> [N,H]`: block-scaled e4m3 experts.
+- `qwen35::fp8_linear(x [..., in], w fp8 [out, in], w_scale [ceil(out/128), ceil(in/128)]) -> [..., out]`.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from ..checkpoint.fp8 import dequantize_fp8_block
+
+LIB = "qwen35"
+
+
+# -- causal conv1d ---------------------------------------------------------------------------------
+@torch.library.custom_op(f"{LIB}::causal_conv1d", mutates_args=())
+def causal_conv1d(x: Tensor, weight: Tensor, conv_state: Tensor, lengths: Tensor) -> tuple[Tensor, Tensor]:
+    B, T, C = x.shape
+    W = weight.shape[1]
+    xx = torch.cat([conv_state.transpose(1, 2).float(), x.float()], dim=1)  # [B, W-1+T, C]
+    w = weight.float()
+    y = sum(xx[:, j:j + T, :] * w[:, j] for j in range(W))  # [B, T, C]
+    y = F.silu(y).to(x.dtype)
+    idx = lengths.to(torch.long)[:, None] + torch.arange(W - 1, device=x.device)  # [B, W-1]
+    final = xx.gather(1, idx[:, :, None].expand(B, W - 1, C))  # [B, W-1, C]
+    return y, final.transpose(1, 2).to(conv_state.dtype).contiguous()
+
+
+@causal_conv1d.register_fake
+def _(x, weight, conv_state, lengths):
+    return torch.empty_like(x), torch.empty_like(conv_state)
+
+
+# -- gated delta rule -------------------------------------------------------------------------------
+def l2norm(x: Tensor, eps: float = 1e-6) -> Tensor:
+    return x * torch.rsqrt((x * x).sum(dim=-1, keepdim=True) + eps)
+
+
+@torch.library.custom_op(f"{LIB}::gated_delta_rule", mutates_args=())
+def gated_delta_rule(q: Tensor, k: Tensor, v: Tensor, g: Tensor, beta: Tensor,
+                     h0: Tensor) -> tuple[Tensor, Tensor]:
+    B, T, HK, K = q.shape
+    HV, V = v.shape[2], v.shape[3]
+    G = HV // HK
+    qf = l2norm(q.float()).repeat_interleave(G, dim=2) * (K ** -0.5)  # [B, T, HV, K]
+    kf = l2norm(k.float()).repeat_interleave(G, dim=2)  # [B, T, HV, K]
+    vf, gf, bf = v.float(), g.float(), beta.float()
+    h = h0.float().clone()  # [B, HV, K, V]
+    o = torch.empty(B, T, HV, V, dtype=torch.float32, device=v.device)
+    for t in range(T):
+        h = h * gf[:, t].exp()[:, :, None, None]
+        kv_mem = torch.einsum("bhkv,bhk->bhv", h, kf[:, t])
+        delta = (vf[:, t] - kv_mem) * bf[:, t][:, :, None]
+        h = h + kf[:, t][:, :, :, None] * delta[:, :, None, :]
+        o[:, t] = torch.einsum("bhkv,bhk->bhv", h, qf[:, t])
+    return o.to(v.dtype), h
+
+
+@gated_delta_rule.register_fake
+def _(q, k, v, g, beta, h0):
+    return torch.empty_like(v), torch.empty_like(h0, dtype=torch.float32)
+
+
+# -- MoE --------------------------------------------------------------------------------------------
+@torch.library.custom_op(f"{LIB}::moe_router", mutates_args=())
+def moe_router(logits: Tensor, top_k: int) -> tuple[Tensor, Tensor]:
+    probs = torch.softmax(logits.float(), dim=-1)
+    w, ids = torch.topk(probs, top_k, dim=-1)
+    w = w / w.sum(dim=-1, keepdim=True)
+    return w, ids.to(torch.int64)
+
+
+@moe_router.register_fake
+def _(logits, top_k):
+    n = logits.shape[0]
+    return (logits.new_empty(n, top_k, dtype=torch.float32),
+            logits.new_empty(n, top_k, dtype=torch.int64))
+
+
+def _experts_loop(x: Tensor, weights: Tensor, ids: Tensor, w13: Tensor, w2: Tensor) -> Tensor:
+    """Loop over the experts that received tokens (transformers' form), fp32 accumulation."""
+    N, H = x.shape
+    I = w2.shape[2]
+    out = torch.zeros(N, H, dtype=torch.float32, device=x.device)
+    flat_ids = ids.reshape(-1)
+    for e in torch.unique(flat_ids).tolist():
+        tok, slot = torch.nonzero(ids == e, as_tuple=True)
+        xe = x[tok].float()
+        gu = xe @ w13[e].float().T  # [n, 2I]
+        h = F.silu(gu[:, :I]) * gu[:, I:]
+        y = h @ w2[e].float().T  # [n, H]
+        out.index_add_(0, tok, y * weights[tok, slot].float()[:, None])
+    return out.to(x.dtype)
+
+
+@torch.library.custom_op(f"{LIB}::moe_experts", mutates_args=())
+def moe_experts(x: Tensor, weights: Tensor, ids: Tensor, w_gate_up: Tensor, w_down: Tensor) -> Tensor:
+    return _experts_loop(x, weights, ids, w_gate_up, w_down)
+
+
+@moe_experts.register_fake
+def _(x, weights, ids, w_gate_up, w_down):
+    return torch.empty_like(x)
+
+
+@torch.library.custom_op(f"{LIB}::moe_experts_fp8", mutates_args=())
+def moe_experts_fp8(x: Tensor, weights: Tensor, ids: Tensor, w_gate_up: Tensor, w_gate_up_scale: Tensor,
+                    w_down: Tensor, w_down_scale: Tensor) -> Tensor:
+    # Reference: dequantise only the experts that are used, compute in fp32.
+    E = w_gate_up.shape[0]
+    used = torch.unique(ids.reshape(-1))
+    w13 = torch.zeros(E, *w_gate_up.shape[1:], dtype=torch.float32, device=x.device)
+    w2 = torch.zeros(E, *w_down.shape[1:], dtype=torch.float32, device=x.device)
+    w13[used] = dequantize_fp8_block(w_gate_up[used], w_gate_up_scale[used])
+    w2[used] = dequantize_fp8_block(w_down[used], w_down_scale[used])
+    return _experts_loop(x, weights, ids, w13, w2)
+
+
+@moe_experts_fp8.register_fake
+def _(x, weights, ids, w_gate_up, w_gate_up_scale, w_down, w_down_scale):
+    return torch.empty_like(x)
+
+
+@torch.library.custom_op(f"{LIB}::fp8_linear", mutates_args=())
+def fp8_linear(x: Tensor, w: Tensor, w_scale: Tensor) -> Tensor:
+    wd = dequantize_fp8_block(w, w_scale, torch.float32)
+    return (x.float() @ wd.T).to(x.dtype)
+
+
+@fp8_linear.register_fake
+def _(x, w, w_scale):
+    return x.new_empty(*x.shape[:-1], w.shape[0])
+
+
+REFERENCE_OPS = {
+    "causal_conv1d": torch.ops.qwen35.causal_conv1d.default,
+    "gated_delta_rule": torch.ops.qwen35.gated_delta_rule.default,
+    "moe_router": torch.ops.qwen35.moe_router.default,
+    "moe_experts": torch.ops.qwen35.moe_experts.default,
+    "moe_experts_fp8": torch.ops.qwen35.moe_experts_fp8.default,
+    "fp8_linear": torch.ops.qwen35.fp8_linear.default,
+}
