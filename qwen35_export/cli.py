@@ -1,0 +1,175 @@
+"""Command line: argument parsing only; each command calls one function of the package."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from .errors import Qwen35Error
+
+
+def _int_list(s: str) -> list[int]:
+    try:
+        return [int(x) for x in s.split(",") if x.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, found {s!r}") from None
+
+
+def cmd_init_checkpoint(a: argparse.Namespace) -> int:
+    from .checkpoint.writer import write_random_checkpoint
+    from .config import preset
+
+    cfg = preset(a.preset)
+    if a.text_only:
+        cfg = cfg.replace(model_type="qwen3_5_moe_text")
+    out = write_random_checkpoint(cfg, a.out, dtype=a.dtype, seed=a.seed, max_shard_size=a.max_shard_mb << 20,
+                                  expert_layout=a.expert_layout, device=a.device)
+    print(f"wrote random {a.preset} checkpoint ({a.dtype}) to {out}")
+    return 0
+
+
+def cmd_info(a: argparse.Namespace) -> int:
+    from .checkpoint.info import checkpoint_summary
+
+    print(checkpoint_summary(a.checkpoint))
+    return 0
+
+
+def cmd_generate(a: argparse.Namespace) -> int:
+    from .checkpoint.reader import load_model_weights
+    from .model.model import Qwen35Model
+
+    import torch
+
+    m = Qwen35Model(load_model_weights(a.checkpoint, torch.float32))
+    out = m.generate_greedy([a.token_ids], a.max_new_tokens)[0]
+    print("reference greedy tokens:", ",".join(map(str, out)))
+    return 0
+
+
+def cmd_build(a: argparse.Namespace) -> int:
+    from .exporter.build import BuildSettings, build_engine
+
+    settings = BuildSettings(target=a.target, dtype=a.dtype, max_batch=a.max_batch, max_seq_len=a.max_seq_len,
+                             dump_graphs=a.dump_graphs, force=a.force, backend=a.backend, validate=a.validate)
+    build_engine(a.checkpoint, a.out, settings)
+    return 0
+
+
+def cmd_inspect(a: argparse.Namespace) -> int:
+    from .runtime.manifest import inspect_engine
+
+    print(inspect_engine(a.engine))
+    return 0
+
+
+def cmd_run(a: argparse.Namespace) -> int:
+    from .runtime.cli_run import run_prompt
+
+    return run_prompt(a.engine, prompt=a.prompt, token_ids=a.token_ids, max_new_tokens=a.max_new_tokens,
+                      temperature=a.temperature, top_k=a.top_k, top_p=a.top_p, seed=a.seed, device=a.device)
+
+
+def cmd_validate(a: argparse.Namespace) -> int:
+    from .validate.run import validate_cli
+
+    return validate_cli(a)
+
+
+def cmd_bench(a: argparse.Namespace) -> int:
+    from .runtime.bench import bench_cli
+
+    return bench_cli(a)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="qwen35-export", description=__doc__)
+    sub = p.add_subparsers(dest="cmd", required=True)
+
+    s = sub.add_parser("init-checkpoint", help="write a random checkpoint in the shipped HF layout")
+    s.add_argument("--preset", default="tiny", choices=["tiny", "35b-a3b", "122b-a10b", "397b-a17b"])
+    s.add_argument("--dtype", default="bf16", choices=["bf16", "fp16", "fp32", "fp8"])
+    s.add_argument("--out", required=True, type=Path)
+    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--expert-layout", choices=["fused", "per_expert"], default=None)
+    s.add_argument("--max-shard-mb", type=int, default=5120)
+    s.add_argument("--text-only", action="store_true", help="flat qwen3_5_moe_text config, `model.` prefix")
+    s.add_argument("--device", default="cpu", help="where random values are drawn (cuda is faster at size)")
+    s.set_defaults(fn=cmd_init_checkpoint)
+
+    s = sub.add_parser("info", help="summarise a checkpoint: config, parameter counts, layer pattern, dtypes")
+    s.add_argument("checkpoint", type=Path)
+    s.set_defaults(fn=cmd_info)
+
+    s = sub.add_parser("generate", help="greedy generation with the PyTorch reference model (fp32, CPU)")
+    s.add_argument("checkpoint", type=Path)
+    s.add_argument("--token-ids", type=_int_list, default=[1, 2, 3])
+    s.add_argument("--max-new-tokens", type=int, default=8)
+    s.set_defaults(fn=cmd_generate)
+
+    s = sub.add_parser("build", help="export + compile an engine directory")
+    s.add_argument("checkpoint", type=Path)
+    s.add_argument("--target", required=True, choices=["h100", "h200", "cpu"])
+    s.add_argument("--backend", default="aoti", choices=["aoti", "onnxruntime", "tensorrt"])
+    s.add_argument("--dtype", default=None, choices=["fp8", "bf16", "fp32"],
+                   help="default: fp32 on cpu, bf16 on GPU targets (fp8 when the checkpoint is FP8)")
+    s.add_argument("--max-batch", type=int, default=8)
+    s.add_argument("--max-seq-len", type=int, default=512)
+    s.add_argument("--out", required=True, type=Path)
+    s.add_argument("--dump-graphs", action="store_true")
+    s.add_argument("--force", action="store_true", help="replace an existing engine directory")
+    s.add_argument("--validate", action="store_true", help="run a short validate and record it in the manifest")
+    s.set_defaults(fn=cmd_build)
+
+    s = sub.add_parser("inspect", help="show an engine's manifest, layer plan and op substitutions")
+    s.add_argument("engine", type=Path)
+    s.set_defaults(fn=cmd_inspect)
+
+    s = sub.add_parser("run", help="generate with a compiled engine")
+    s.add_argument("engine", type=Path)
+    g = s.add_mutually_exclusive_group(required=True)
+    g.add_argument("--prompt")
+    g.add_argument("--token-ids", type=_int_list)
+    s.add_argument("--max-new-tokens", type=int, default=16)
+    s.add_argument("--temperature", type=float, default=0.0)
+    s.add_argument("--top-k", type=int, default=0)
+    s.add_argument("--top-p", type=float, default=1.0)
+    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--device", default=None)
+    s.set_defaults(fn=cmd_run)
+
+    s = sub.add_parser("validate", help="compare an engine with the PyTorch reference")
+    s.add_argument("engine", type=Path)
+    s.add_argument("--checkpoint", required=True, type=Path)
+    s.add_argument("--reference", default="ours", choices=["ours", "transformers"])
+    s.add_argument("--prompts", type=Path)
+    s.add_argument("--random", type=int, default=3)
+    s.add_argument("--gen", type=int, default=16)
+    s.add_argument("--report", type=Path)
+    s.add_argument("--device", default=None)
+    s.set_defaults(fn=cmd_validate)
+
+    s = sub.add_parser("bench", help="time prefill and decode of an engine")
+    s.add_argument("engine", type=Path)
+    s.add_argument("--batch", type=_int_list, default=[1, 8, 64])
+    s.add_argument("--prompt-len", type=_int_list, default=[512])
+    s.add_argument("--gen", type=int, default=128)
+    s.add_argument("--json", type=Path)
+    s.add_argument("--plot", type=Path)
+    s.add_argument("--device", default=None)
+    s.set_defaults(fn=cmd_bench)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return int(args.fn(args) or 0)
+    except Qwen35Error as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
