@@ -52,13 +52,22 @@ def cmd_build(a: argparse.Namespace) -> int:
     from .exporter.build import BuildSettings, build_engine
 
     settings = BuildSettings(target=a.target, dtype=a.dtype, max_batch=a.max_batch, max_seq_len=a.max_seq_len,
-                             dump_graphs=a.dump_graphs, force=a.force, backend=a.backend, validate=a.validate)
-    build_engine(a.checkpoint, a.out, settings)
+                             dump_graphs=a.dump_graphs, force=a.force, backend=a.backend)
+    if a.backend == "aoti":
+        build_engine(a.checkpoint, a.out, settings)
+    else:
+        from .plugins.build import build_backend_engine
+
+        build_backend_engine(a.checkpoint, a.out, settings)
+    if a.validate:
+        from .validate.run import validate_after_build
+
+        return validate_after_build(a.out, a.checkpoint)
     return 0
 
 
 def cmd_inspect(a: argparse.Namespace) -> int:
-    from .runtime.manifest import inspect_engine
+    from .runtime.inspect import inspect_engine
 
     print(inspect_engine(a.engine))
     return 0

@@ -1,0 +1,205 @@
+"""`qwen35-export build`: checkpoint -> engine directory (weights + compiled graphs + manifest).
+
+Weights stream from the checkpoint one layer at a time; one graph per (layer kind, phase) is captured with
+the first layer of that kind as example and compiled with AOTInductor. The directory is built in a temp
+dir beside the destination and renamed at the end, so a failed build leaves nothing half-written.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import sys
+import tempfile
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+from tqdm import tqdm
+
+from .. import __version__
+from ..checkpoint.reader import CheckpointReader
+from ..config import LINEAR_ATTENTION
+from ..errors import BuildError
+from ..graph.pipeline import run_passes
+from ..graph.quantize_fp8 import dequantize_all, quantize_layer_fp8
+from ..graph.substitute_custom_ops import triton_implementations
+from . import capture as C
+from .manifest import FORMAT_VERSION, TARGET_SM, GraphEntry, Manifest, sha256_file
+
+TARGETS = ("h100", "h200", "cpu")
+_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "merges.txt",
+                    "special_tokens_map.json", "generation_config.json", "chat_template.jinja")
+
+
+@dataclass(frozen=True)
+class BuildSettings:
+    target: str = "cpu"
+    dtype: str | None = None  # fp32 | bf16 | fp8; None: fp32 on cpu, else bf16 (fp8 for FP8 checkpoints)
+    max_batch: int = 8
+    max_seq_len: int = 512
+    dump_graphs: bool = False
+    force: bool = False
+    backend: str = "aoti"
+    progress: bool = True
+
+
+def check_target(target: str) -> torch.device:
+    """Fail at once, before anything is written, when this machine cannot build for `target`."""
+    if target not in TARGETS:
+        raise BuildError(f"--target: expected one of {TARGETS}, found {target!r}")
+    if target == "cpu":
+        return torch.device("cpu")
+    if not torch.cuda.is_available():
+        raise BuildError(f"--target {target} needs an NVIDIA GPU of compute capability "
+                         f"{'.'.join(map(str, TARGET_SM[target]))} on this machine; found no CUDA device "
+                         f"(torch {torch.__version__}). Build with --target cpu, or on the GPU machine.")
+    cc = torch.cuda.get_device_capability()
+    if cc != TARGET_SM[target]:
+        raise BuildError(f"--target {target} is sm_{''.join(map(str, TARGET_SM[target]))}, but the GPU here "
+                         f"({torch.cuda.get_device_name()}) is sm_{cc[0]}{cc[1]}")
+    return torch.device("cuda")
+
+
+def _resolve_dtype(settings: BuildSettings, ckpt_fp8: bool) -> tuple[str, torch.dtype]:
+    d = settings.dtype or ("fp8" if ckpt_fp8 and settings.target != "cpu" else
+                           ("fp32" if settings.target == "cpu" else "bf16"))
+    if d not in ("fp32", "bf16", "fp8"):
+        raise BuildError(f"--dtype: expected fp32, bf16 or fp8, found {d!r}")
+    act = torch.float32 if (settings.target == "cpu" and d != "bf16") or d == "fp32" else torch.bfloat16
+    return d, act
+
+
+def _prepare_layer(w: dict[str, torch.Tensor], dtype: str, act: torch.dtype) -> dict[str, torch.Tensor]:
+    if dtype == "fp8":
+        w, _ = quantize_layer_fp8(w)
+    else:
+        w = dequantize_all(w, act)
+    # Keep A_log in fp32 (the decay needs an fp32 exp); everything else not FP8 in the activation dtype.
+    return {k: (v if v.dtype in (torch.float8_e4m3fn,) or k.endswith("_scale_inv") or k.endswith("A_log")
+                else v.to(act)).contiguous() for k, v in w.items()}
+
+
+def build_engine(checkpoint: str | Path, out: str | Path, settings: BuildSettings) -> Path:
+    """Build an engine directory at `out` from the checkpoint directory `checkpoint`."""
+    out = Path(out)
+    t_all = time.time()
+    device = check_target(settings.target)
+    if settings.backend != "aoti":
+        raise BuildError(f"--backend {settings.backend}: build_engine compiles AOTInductor engines; other "
+                         "backends are built by their plugin package")
+    if out.exists() and not settings.force:
+        raise BuildError(f"{out}: already exists; pass --force to replace it (the old engine is kept until the "
+                         "new one is complete)")
+    if settings.max_batch < 1 or settings.max_seq_len < 2:
+        raise BuildError(f"--max-batch >= 1 and --max-seq-len >= 2 expected, found {settings.max_batch}, "
+                         f"{settings.max_seq_len}")
+    reader = CheckpointReader(checkpoint)
+    cfg = reader.config
+    if settings.max_seq_len > cfg.max_position_embeddings:
+        raise BuildError(f"--max-seq-len {settings.max_seq_len} exceeds max_position_embeddings "
+                         f"{cfg.max_position_embeddings} of {checkpoint}/config.json")
+    dtype, act = _resolve_dtype(settings, cfg.fp8 is not None)
+    if dtype == "fp8" and cfg.moe_intermediate_size % 128:
+        raise BuildError(f"--dtype fp8 needs moe_intermediate_size to be a multiple of 128, found "
+                         f"{cfg.moe_intermediate_size}")
+    impls = triton_implementations() if settings.target != "cpu" else {}
+    shapes = C.CaptureShapes(settings.max_batch, settings.max_seq_len)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.building-", dir=out.parent))
+    times: dict[str, float] = {}
+    try:
+        # 1. weights, one layer at a time
+        t0 = time.time()
+        (tmp / "weights").mkdir()
+        glob = {k: v.to(act) for k, v in reader.load_globals(act).items()}
+        save_file(glob, str(tmp / "weights" / "globals.safetensors"))
+        layer_files: list[str] = []
+        examples: dict[str, dict[str, torch.Tensor]] = {}
+        for i in tqdm(range(cfg.num_hidden_layers), desc="weights", disable=not settings.progress):
+            w = _prepare_layer(reader.load_layer(i, act, keep_fp8=(dtype == "fp8")), dtype, act)
+            kind = C.GDN if cfg.layer_types[i] == LINEAR_ATTENTION else C.ATTN
+            if kind not in examples:
+                examples[kind] = {k: v.to(device) for k, v in w.items()}
+            rel = f"weights/layer_{i:03d}.safetensors"
+            save_file(w, str(tmp / rel))
+            layer_files.append(rel)
+            del w
+        reader.close()
+        times["weights"] = time.time() - t0
+
+        # 2. capture + passes
+        t0 = time.time()
+        dump = tmp / "graphs_dump" if settings.dump_graphs else None
+        eps: dict[str, tuple] = {}
+        jobs = [(f"{k}_{p}", k, p) for k in (C.GDN, C.ATTN) if k in examples for p in (C.PREFILL, C.DECODE)]
+        for name, kind, phase in tqdm(jobs, desc="capture", disable=not settings.progress):
+            fn = C.capture_gdn if kind == C.GDN else C.capture_attention
+            ep, names = fn(cfg, examples[kind], phase, shapes, act, device)
+            ep, recs = run_passes(ep, name, impls, dump)
+            eps[name] = (ep, GraphEntry(f"graphs/{name}.pt2", kind, phase, names,
+                                        {k: v for r in recs for k, v in r.changes.items()}))
+        gdev = {k: v.to(device) for k, v in glob.items()}
+        eps["embed"] = (C.capture_embed(cfg, gdev["embed_tokens.weight"], shapes, device),
+                        GraphEntry("graphs/embed.pt2", C.EMBED, "any", ["embed_tokens.weight"]))
+        eps["final"] = (C.capture_final(cfg, gdev["norm.weight"], gdev["lm_head.weight"], shapes, act, device),
+                        GraphEntry("graphs/final.pt2", C.FINAL, "any", ["norm.weight", "lm_head.weight"]))
+        times["capture"] = time.time() - t0
+
+        # 3. compile
+        t0 = time.time()
+        (tmp / "graphs").mkdir()
+        for name, (ep, entry) in tqdm(eps.items(), desc="compile (AOTInductor)", disable=not settings.progress):
+            torch._inductor.aoti_compile_and_package(ep, package_path=str(tmp / entry.file))
+        times["compile"] = time.time() - t0
+
+        # 4. tokenizer files, manifest
+        tok = []
+        for f in _TOKENIZER_FILES:
+            src = Path(checkpoint) / f
+            if src.is_file():
+                shutil.copy2(src, tmp / f)
+                tok.append(f)
+        files = {}
+        for p in sorted(tmp.rglob("*")):
+            if p.is_file() and "graphs_dump" not in p.parts:
+                rel = str(p.relative_to(tmp))
+                files[rel] = {"sha256": sha256_file(p), "bytes": p.stat().st_size}
+        try:
+            import triton
+            tv = triton.__version__
+        except ImportError:
+            tv = "none"
+        man = Manifest(
+            format_version=FORMAT_VERSION,
+            versions={"qwen35_export": __version__, "torch": torch.__version__, "triton": tv,
+                      "python": sys.version.split()[0]},
+            target=settings.target, sm=list(TARGET_SM[settings.target]) if settings.target in TARGET_SM else None,
+            backend=settings.backend, dtype=dtype, act_dtype=str(act).replace("torch.", ""),
+            model_config=json.loads(json.dumps(asdict(cfg))), max_batch=settings.max_batch,
+            max_seq_len=settings.max_seq_len, graphs={k: e for k, (_, e) in eps.items()},
+            layer_files=layer_files, globals_file="weights/globals.safetensors",
+            passes=(["quantize_fp8 (weights, before capture)"] if dtype == "fp8" else []) + ["substitute_custom_ops"],
+            files=files, build_seconds=times, tokenizer_files=tok)
+        times["total"] = time.time() - t_all
+        man.save(tmp / "manifest.json")
+
+        # 5. swap into place; an old engine is removed only once the new one is complete
+        if out.exists():
+            old = out.with_name(f".{out.name}.old-{os.getpid()}")
+            os.replace(out, old)
+            os.replace(tmp, out)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    size = sum(p.stat().st_size for p in out.rglob("*") if p.is_file())
+    if settings.progress:
+        print(f"built {out}: target {settings.target}, weights {dtype}, {len(eps)} graphs, "
+              f"{size / 2**20:.1f} MiB; " + ", ".join(f"{k} {v:.1f}s" for k, v in times.items()))
+    return out

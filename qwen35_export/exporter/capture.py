@@ -1,0 +1,135 @@
+"""Capture each layer kind as an `ExportedProgram` with weights and state as graph inputs.
+
+One graph per (layer kind, phase) serves every layer of that kind: the runtime binds a layer's weights by
+passing them as inputs, so 397B never needs to sit in one graph or in host RAM at once. State tensors
+(conv/recurrent state, KV cache) are mutated in place by the graph; AOTInductor keeps the mutation.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+from torch.export import Dim, ExportedProgram
+
+from ..config import Qwen35Config
+from ..model import layers
+
+# Graph names, in the order a step runs them.
+EMBED, GDN, ATTN, FINAL = "embed", "gdn", "attn", "final"
+PREFILL, DECODE = "prefill", "decode"
+
+
+class GDNLayer(nn.Module):
+    """Gated DeltaNet + MoE decoder layer: x, lengths, conv_state, rec_state, *weights -> x."""
+
+    def __init__(self, cfg: Qwen35Config, weight_names: list[str]):
+        super().__init__()
+        self.cfg, self.weight_names = cfg, list(weight_names)
+
+    def forward(self, x: Tensor, lengths: Tensor, conv_state: Tensor, rec_state: Tensor, *weights: Tensor) -> Tensor:
+        w = dict(zip(self.weight_names, weights))
+        y, conv, rec = layers.gdn_layer(x, w, conv_state, rec_state, lengths, self.cfg)
+        conv_state.copy_(conv)
+        rec_state.copy_(rec)
+        return y
+
+
+class AttentionLayer(nn.Module):
+    """Gated attention + MoE decoder layer: x, start, lengths, k_cache, v_cache, *weights -> x."""
+
+    def __init__(self, cfg: Qwen35Config, weight_names: list[str]):
+        super().__init__()
+        self.cfg, self.weight_names = cfg, list(weight_names)
+
+    def forward(self, x: Tensor, start: Tensor, lengths: Tensor, k_cache: Tensor, v_cache: Tensor,
+                *weights: Tensor) -> Tensor:
+        w = dict(zip(self.weight_names, weights))
+        y, kc, vc = layers.attention_layer(x, w, k_cache, v_cache, start, lengths, self.cfg)
+        k_cache.copy_(kc)
+        v_cache.copy_(vc)
+        return y
+
+
+class Embed(nn.Module):
+    def forward(self, ids: Tensor, embed_w: Tensor) -> Tensor:
+        return layers.embed(ids, embed_w)
+
+
+class Final(nn.Module):
+    """Final norm + lm_head on the hidden states the runtime picked (e.g. each row's last token)."""
+
+    def __init__(self, eps: float):
+        super().__init__()
+        self.eps = eps
+
+    def forward(self, x: Tensor, norm_w: Tensor, lm_head_w: Tensor) -> Tensor:
+        return layers.final_logits(x, norm_w, lm_head_w, self.eps)
+
+
+@dataclass(frozen=True)
+class CaptureShapes:
+    max_batch: int
+    max_seq_len: int
+
+
+def _dims(phase: str, shapes: CaptureShapes) -> tuple[Dim, Dim | None]:
+    # Example sizes must be >= 2, or export specialises the dim to 1 (toolchain-notes).
+    B = Dim("B", min=1, max=max(shapes.max_batch, 2))
+    T = Dim("T", min=1, max=max(shapes.max_seq_len, 2)) if phase == PREFILL else None
+    return B, T
+
+
+def example_T(phase: str) -> int:
+    return 3 if phase == PREFILL else 1
+
+
+def capture_gdn(cfg: Qwen35Config, weights: dict[str, Tensor], phase: str, shapes: CaptureShapes,
+                act_dtype: torch.dtype, device: torch.device) -> tuple[ExportedProgram, list[str]]:
+    names = sorted(weights)
+    B, T = _dims(phase, shapes)
+    b, t = 2, example_T(phase)
+    x = torch.randn(b, t, cfg.hidden_size, dtype=act_dtype, device=device)
+    lengths = torch.full((b,), t, dtype=torch.int64, device=device)
+    conv = torch.zeros(b, cfg.conv_dim, cfg.linear_conv_kernel_dim - 1, dtype=act_dtype, device=device)
+    rec = torch.zeros(b, cfg.linear_num_value_heads, cfg.linear_key_head_dim, cfg.linear_value_head_dim,
+                      dtype=torch.float32, device=device)
+    args = (x, lengths, conv, rec, *[weights[n] for n in names])
+    dyn = ({0: B, 1: T} if T is not None else {0: B}, {0: B}, {0: B}, {0: B}, (None,) * len(names))
+    ep = torch.export.export(GDNLayer(cfg, names), args, dynamic_shapes=dyn, strict=False)
+    return ep, names
+
+
+def capture_attention(cfg: Qwen35Config, weights: dict[str, Tensor], phase: str, shapes: CaptureShapes,
+                      act_dtype: torch.dtype, device: torch.device) -> tuple[ExportedProgram, list[str]]:
+    names = sorted(weights)
+    B, T = _dims(phase, shapes)
+    b, t = 2, example_T(phase)
+    x = torch.randn(b, t, cfg.hidden_size, dtype=act_dtype, device=device)
+    start = torch.zeros(b, dtype=torch.int64, device=device)
+    lengths = torch.full((b,), t, dtype=torch.int64, device=device)
+    kv = (b, cfg.num_key_value_heads, shapes.max_seq_len, cfg.head_dim)
+    kc = torch.zeros(kv, dtype=act_dtype, device=device)
+    vc = torch.zeros(kv, dtype=act_dtype, device=device)
+    args = (x, start, lengths, kc, vc, *[weights[n] for n in names])
+    dyn = ({0: B, 1: T} if T is not None else {0: B}, {0: B}, {0: B}, {0: B}, {0: B}, (None,) * len(names))
+    ep = torch.export.export(AttentionLayer(cfg, names), args, dynamic_shapes=dyn, strict=False)
+    return ep, names
+
+
+def capture_embed(cfg: Qwen35Config, embed_w: Tensor, shapes: CaptureShapes,
+                  device: torch.device) -> ExportedProgram:
+    B = Dim("B", min=1, max=max(shapes.max_batch, 2))
+    T = Dim("T", min=1, max=max(shapes.max_seq_len, 2))
+    ids = torch.zeros(2, 3, dtype=torch.int64, device=device)
+    return torch.export.export(Embed(), (ids, embed_w), dynamic_shapes=({0: B, 1: T}, None), strict=False)
+
+
+def capture_final(cfg: Qwen35Config, norm_w: Tensor, lm_head_w: Tensor, shapes: CaptureShapes,
+                  act_dtype: torch.dtype, device: torch.device) -> ExportedProgram:
+    B = Dim("B", min=1, max=max(shapes.max_batch, 2))
+    T = Dim("T", min=1, max=max(shapes.max_seq_len, 2))
+    x = torch.randn(2, 3, cfg.hidden_size, dtype=act_dtype, device=device)
+    return torch.export.export(Final(cfg.rms_norm_eps), (x, norm_w, lm_head_w),
+                               dynamic_shapes=({0: B, 1: T}, None, None), strict=False)

@@ -1,0 +1,32 @@
+"""The ordered list of graph passes a build runs on each captured graph, with optional graph dumps."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from torch.export import ExportedProgram
+
+from .substitute_custom_ops import substitute_custom_ops
+
+
+@dataclass
+class PassRecord:
+    name: str
+    changes: dict[str, int] = field(default_factory=dict)
+
+
+def run_passes(ep: ExportedProgram, graph_name: str, op_impls: dict[str, object],
+               dump_dir: Path | None = None) -> tuple[ExportedProgram, list[PassRecord]]:
+    """Run the pass list on one graph; write `<graph>.<i>.<pass>.before/after.txt` when dumping."""
+    passes = [("substitute_custom_ops", lambda e: substitute_custom_ops(e, op_impls))]
+    records = []
+    for i, (name, fn) in enumerate(passes):
+        if dump_dir is not None:
+            dump_dir.mkdir(parents=True, exist_ok=True)
+            (dump_dir / f"{graph_name}.{i}.{name}.before.txt").write_text(str(ep.graph_module.code))
+        ep, changes = fn(ep)
+        if dump_dir is not None:
+            (dump_dir / f"{graph_name}.{i}.{name}.after.txt").write_text(str(ep.graph_module.code))
+        records.append(PassRecord(name, changes))
+    return ep, records

@@ -1,0 +1,1 @@
+"""Loading and running engine directories: state pools, prefill, decode, CUDA graphs, sampling."""

@@ -1,0 +1,289 @@
+"""`Engine`: load an engine directory and run prefill / decode / generate with it.
+
+The runtime is thin: it owns the state pools (GDN conv + recurrent state, KV caches, lengths; one slot per
+sequence), calls one compiled graph per layer with that layer's weights as inputs, captures the decode
+step as a CUDA graph per batch bucket on GPUs, and samples.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Iterator
+
+import torch
+from safetensors.torch import load_file
+from torch import Tensor
+
+from ..config import LINEAR_ATTENTION, Qwen35Config
+from ..errors import EngineError, InputError
+from ..exporter.manifest import TARGET_SM, Manifest
+from .aoti_loader import load_package
+from .sampling import SamplingParams, sample
+
+LayerHook = Callable[[int, Tensor], None]
+
+
+def _config_from_manifest(d: dict) -> Qwen35Config:
+    from ..config import FP8Config
+
+    d = dict(d)
+    if d.get("fp8"):
+        f = d["fp8"]
+        d["fp8"] = FP8Config(tuple(f["weight_block_size"]), f["activation_scheme"],
+                             tuple(f["modules_to_not_convert"]))
+    return Qwen35Config(**d)
+
+
+def check_device(man: Manifest, device: torch.device, engine_dir: Path) -> None:
+    if man.target == "cpu":
+        if device.type != "cpu":
+            raise EngineError(f"{engine_dir}: built for target cpu; cannot run on {device} (rebuild with "
+                              "--target h100/h200)")
+        return
+    if device.type != "cuda" or not torch.cuda.is_available():
+        raise EngineError(f"{engine_dir}: built for target {man.target} (sm_{''.join(map(str, man.sm))}); "
+                          f"needs a CUDA GPU, found device {device} "
+                          f"({'no CUDA' if not torch.cuda.is_available() else 'CUDA present'})")
+    cc = torch.cuda.get_device_capability(device)
+    if list(cc) != list(man.sm or TARGET_SM[man.target]):
+        raise EngineError(f"{engine_dir}: built for sm_{''.join(map(str, man.sm))} ({man.target}); the GPU here "
+                          f"({torch.cuda.get_device_name(device)}) is sm_{cc[0]}{cc[1]}")
+
+
+@dataclass
+class Slots:
+    """Views into the state pools for the first `batch` slots (one row per sequence)."""
+
+    batch: int
+    conv: list[Tensor]
+    rec: list[Tensor]
+    k: list[Tensor]
+    v: list[Tensor]
+    lengths: Tensor
+
+
+class Engine:
+    """A loaded engine. `Engine.load(dir)` checks the manifest, hashes and target, then loads everything."""
+
+    def __init__(self, engine_dir: Path, man: Manifest, device: torch.device, use_cuda_graphs: bool = True):
+        self.dir, self.manifest, self.device = engine_dir, man, device
+        self.cfg = _config_from_manifest(man.model_config)
+        self.act_dtype = getattr(torch, man.act_dtype)
+        self.max_batch, self.max_seq_len = man.max_batch, man.max_seq_len
+        self.graphs = {name: load_package(engine_dir / g.file, device) for name, g in man.graphs.items()}
+        glob = load_file(str(engine_dir / man.globals_file), device=str(device))
+        self.globals = glob
+        self.layer_weights: list[list[Tensor]] = []
+        for i, rel in enumerate(man.layer_files):
+            w = load_file(str(engine_dir / rel), device=str(device))
+            kind = "gdn" if self.cfg.layer_types[i] == LINEAR_ATTENTION else "attn"
+            names = man.graphs[f"{kind}_prefill"].weight_names
+            missing = [n for n in names if n not in w]
+            if missing:
+                raise EngineError(f"{engine_dir / rel}: tensor '{missing[0]}' missing (the graph expects it)")
+            self.layer_weights.append([w[n] for n in names])
+        self._alloc_pools()
+        self.tokenizer = self._load_tokenizer()
+        self.use_cuda_graphs = use_cuda_graphs and device.type == "cuda"
+        self._cuda_graphs: dict[int, tuple] = {}
+
+    @classmethod
+    def load(cls, engine_dir: str | Path, device: str | torch.device | None = None, verify_hashes: bool = True,
+             use_cuda_graphs: bool = True) -> "Engine":
+        engine_dir = Path(engine_dir)
+        man = Manifest.load(engine_dir)
+        if device is None:
+            device = "cpu" if man.target == "cpu" else "cuda"
+        device = torch.device(device)
+        check_device(man, device, engine_dir)
+        man.verify_files(engine_dir, hashes=verify_hashes)
+        return cls(engine_dir, man, device, use_cuda_graphs)
+
+    # -- state -----------------------------------------------------------------------------------------
+    def _alloc_pools(self) -> None:
+        cfg, B, dev, act = self.cfg, self.max_batch, self.device, self.act_dtype
+        W = cfg.linear_conv_kernel_dim
+        n_gdn, n_attn = len(cfg.gdn_layers), len(cfg.attention_layers)
+        kv = (B, cfg.num_key_value_heads, self.max_seq_len, cfg.head_dim)
+        self.pool_conv = [torch.zeros(B, cfg.conv_dim, W - 1, dtype=act, device=dev) for _ in range(n_gdn)]
+        self.pool_rec = [torch.zeros(B, cfg.linear_num_value_heads, cfg.linear_key_head_dim,
+                                     cfg.linear_value_head_dim, dtype=torch.float32, device=dev)
+                         for _ in range(n_gdn)]
+        self.pool_k = [torch.zeros(kv, dtype=act, device=dev) for _ in range(n_attn)]
+        self.pool_v = [torch.zeros(kv, dtype=act, device=dev) for _ in range(n_attn)]
+        self.pool_len = torch.zeros(B, dtype=torch.int64, device=dev)
+
+    def slots(self, batch: int) -> Slots:
+        return Slots(batch, [c[:batch] for c in self.pool_conv], [r[:batch] for r in self.pool_rec],
+                     [k[:batch] for k in self.pool_k], [v[:batch] for v in self.pool_v], self.pool_len[:batch])
+
+    def reset(self, batch: int) -> Slots:
+        """Clear the first `batch` slots for new sequences and return their views."""
+        s = self.slots(batch)
+        for t in (*s.conv, *s.rec, *s.k, *s.v, s.lengths):
+            t.zero_()
+        return s
+
+    # -- forward ---------------------------------------------------------------------------------------
+    def _layers(self, x: Tensor, s: Slots, lengths: Tensor, phase: str, hook: LayerHook | None) -> Tensor:
+        g = a = 0
+        gdn, attn = self.graphs[f"gdn_{phase}"], self.graphs[f"attn_{phase}"]
+        for i, w in enumerate(self.layer_weights):
+            if self.cfg.layer_types[i] == LINEAR_ATTENTION:
+                x = gdn(x, lengths, s.conv[g], s.rec[g], *w)
+                g += 1
+            else:
+                x = attn(x, s.lengths, lengths, s.k[a], s.v[a], *w)
+                a += 1
+            if hook is not None:
+                hook(i, x)
+        return x
+
+    def _final(self, x: Tensor) -> Tensor:
+        return self.graphs["final"](x, self.globals["norm.weight"], self.globals["lm_head.weight"])
+
+    @torch.no_grad()
+    def prefill(self, ids: Tensor, lengths: Tensor, s: Slots, all_logits: bool = False,
+                hook: LayerHook | None = None) -> Tensor:
+        """ids [B, T] right-padded with per-row lengths [B] on top of slots `s`.
+
+        Returns logits at each row's last real token [B, V] (or at every position [B, T, V])."""
+        ids, lengths = ids.to(self.device), lengths.to(self.device, torch.int64)
+        x = self.graphs["embed"](ids, self.globals["embed_tokens.weight"])
+        x = self._layers(x, s, lengths, "prefill", hook)
+        if not all_logits:
+            x = x[torch.arange(x.shape[0], device=self.device), lengths - 1][:, None]  # [B, 1, H]
+        logits = self._final(x)
+        s.lengths.add_(lengths)
+        return logits if all_logits else logits[:, 0]
+
+    def _decode_eager(self, tokens: Tensor, s: Slots, hook: LayerHook | None = None) -> Tensor:
+        ones = torch.ones_like(s.lengths)
+        x = self.graphs["embed"](tokens[:, None], self.globals["embed_tokens.weight"])
+        x = self._layers(x, s, ones, "decode", hook)
+        logits = self._final(x)[:, 0]
+        s.lengths.add_(1)
+        return logits
+
+    @torch.no_grad()
+    def decode(self, tokens: Tensor, s: Slots, hook: LayerHook | None = None) -> Tensor:
+        """One token per row, tokens [B] -> logits [B, V]; states in `s` advance in place."""
+        tokens = tokens.to(self.device, torch.int64)
+        if hook is not None or not self.use_cuda_graphs:
+            return self._decode_eager(tokens, s, hook)
+        return self._decode_graphed(tokens, s)
+
+    def _bucket(self, b: int) -> int:
+        n = 1
+        while n < b:
+            n *= 2
+        return min(n, self.max_batch)
+
+    def _decode_graphed(self, tokens: Tensor, s: Slots) -> Tensor:
+        """Replay the CUDA graph of the smallest bucket >= B. Rows past B are zero tokens in spare slots:
+        each row's compute is independent (per-row state, per-token MoE), so they never touch real rows."""
+        B = tokens.shape[0]
+        nb = self._bucket(B)
+        if nb not in self._cuda_graphs:
+            self._capture(nb)
+        graph, tok_buf, out = self._cuda_graphs[nb]
+        tok_buf.zero_()
+        tok_buf[:B].copy_(tokens)
+        graph.replay()
+        return out[:B]
+
+    def _capture(self, nb: int) -> None:
+        tok = torch.zeros(nb, dtype=torch.int64, device=self.device)
+        s = self.slots(nb)
+        # Snapshot the slots: warm-up and capture run the step for real and would advance the state.
+        saved = [t.clone() for t in (*s.conv, *s.rec, *s.k, *s.v, s.lengths)]
+        stream = torch.cuda.Stream()
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream):
+            for _ in range(2):
+                self._decode_eager(tok, s)
+        torch.cuda.current_stream().wait_stream(stream)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            out = self._decode_eager(tok, s)
+        for t, v in zip((*s.conv, *s.rec, *s.k, *s.v, s.lengths), saved):
+            t.copy_(v)
+        self._cuda_graphs[nb] = (graph, tok, out)
+
+    # -- generation ------------------------------------------------------------------------------------
+    def check_prompts(self, prompts: list[list[int]], max_new_tokens: int) -> None:
+        if not prompts:
+            raise InputError("no prompts given")
+        if len(prompts) > self.max_batch:
+            raise InputError(f"batch of {len(prompts)} prompts exceeds the engine's max batch {self.max_batch} "
+                             f"(rebuild with --max-batch)")
+        for i, p in enumerate(prompts):
+            if len(p) == 0:
+                raise InputError(f"prompt {i} is empty")
+            bad = [t for t in p if not 0 <= int(t) < self.cfg.vocab_size]
+            if bad:
+                raise InputError(f"prompt {i}: token id {bad[0]} out of range [0, {self.cfg.vocab_size})")
+            if len(p) + max_new_tokens > self.max_seq_len:
+                raise InputError(f"prompt {i}: {len(p)} tokens + {max_new_tokens} new exceed the engine's "
+                                 f"max sequence length {self.max_seq_len} (rebuild with --max-seq-len)")
+
+    def stream(self, prompts: list[list[int]], params: SamplingParams = SamplingParams()) -> Iterator[list[int | None]]:
+        """Yield, per step, the new token of each row (None once a row has stopped)."""
+        params.validate()
+        self.check_prompts(prompts, params.max_new_tokens)
+        B = len(prompts)
+        T = max(len(p) for p in prompts)
+        ids = torch.zeros(B, T, dtype=torch.int64)
+        for b, p in enumerate(prompts):
+            ids[b, : len(p)] = torch.tensor(p, dtype=torch.int64)
+        lengths = torch.tensor([len(p) for p in prompts], dtype=torch.int64)
+        gen = None
+        if params.temperature > 0:
+            gen = torch.Generator(device=self.device)
+            gen.manual_seed(params.seed or 0)
+        s = self.reset(B)
+        logits = self.prefill(ids, lengths, s)
+        done = [False] * B
+        stop = set(params.stop_token_ids)
+        for step in range(params.max_new_tokens):
+            nxt = sample(logits, params, gen)
+            toks = nxt.tolist()
+            out: list[int | None] = []
+            for b in range(B):
+                out.append(None if done[b] else toks[b])
+                if not done[b] and toks[b] in stop:
+                    done[b] = True
+            yield out
+            if all(done) or step == params.max_new_tokens - 1:
+                return
+            logits = self.decode(nxt, s)
+
+    def generate(self, prompts: list[list[int]], params: SamplingParams = SamplingParams()) -> list[list[int]]:
+        """Token ids generated for each prompt (stop token included, nothing after it)."""
+        out: list[list[int]] = [[] for _ in prompts]
+        for step in self.stream(prompts, params):
+            for b, t in enumerate(step):
+                if t is not None:
+                    out[b].append(t)
+        return out
+
+    # -- text ------------------------------------------------------------------------------------------
+    def _load_tokenizer(self):
+        f = self.dir / "tokenizer.json"
+        if not f.is_file():
+            return None
+        try:
+            from tokenizers import Tokenizer
+        except ImportError:
+            return None
+        return Tokenizer.from_file(str(f))
+
+    def encode(self, text: str) -> list[int]:
+        if self.tokenizer is None:
+            raise InputError(f"{self.dir}: the engine has no tokenizer.json (the checkpoint had none); "
+                             "pass --token-ids instead of --prompt")
+        return self.tokenizer.encode(text).ids
+
+    def decode_text(self, ids: list[int]) -> str | None:
+        return None if self.tokenizer is None else self.tokenizer.decode(ids)
