@@ -1,0 +1,24 @@
+"""`qwen35_triton::causal_conv1d`: the Triton kernel behind the signature of `qwen35::causal_conv1d`."""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+from torch.library import triton_op
+
+from .conv import causal_conv1d_fwd
+
+
+@triton_op("qwen35_triton::causal_conv1d", mutates_args=())
+def causal_conv1d(x: Tensor, weight: Tensor, conv_state: Tensor, lengths: Tensor) -> tuple[Tensor, Tensor]:
+    """x [B, T, C], weight [C, W], conv_state [B, C, W-1], lengths [B] int64 -> (y = silu(conv) [B, T, C],
+    final state [B, C, W-1]: the last W-1 inputs of each row's first lengths[b] tokens, state included)."""
+    final = torch.empty_like(conv_state, memory_format=torch.contiguous_format)
+    y = causal_conv1d_fwd(x, weight, conv_state.contiguous(), final, lengths=lengths)
+    return y, final
+
+
+@causal_conv1d.register_fake
+def _(x, weight, conv_state, lengths):
+    # explicit shapes-only fake: the body cannot run on fake tensors under the Triton interpreter
+    return torch.empty_like(x), torch.empty_like(conv_state)
