@@ -1,0 +1,103 @@
+"""Dynamic activation quantisation to e4m3: one fp32 scale per token per 128-column group.
+
+`quantize_act(x [R, K]) -> (q fp8 [R, K], s fp32 [R, ceil(K/128)])`, with `x ≈ q * s` groupwise and the
+scale `amax / 448` (1 for an all-zero group), as `checkpoint.fp8.quantize_fp8_block` does for weights.
+`round_e4m3` and `quant_group` are `@triton.jit` helpers the MoE and linear kernels reuse in their epilogues.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+import triton
+import triton.language as tl
+from torch import Tensor
+from torch.library import wrap_triton
+
+FP8_MAX = 448.0
+GROUP = 128
+
+# Triton 3.9's interpreter computes a bf16 `tl.dot` on the raw 16-bit patterns (errors of 1e10 on CPU,
+# seen 2026-11-24); kernels upcast their dot operands to fp32 when interpreting. Delete once fixed.
+INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+@triton.jit
+def dot(a, b, UPCAST: tl.constexpr):
+    """`tl.dot(a, b)` in fp32 accumulation; `UPCAST` (interpreter only, see INTERPRET) computes in fp32."""
+    if UPCAST:
+        return tl.dot(a.to(tl.float32), b.to(tl.float32))
+    else:
+        return tl.dot(a, b)
+
+
+@triton.jit
+def cast_out(v, DTYPE: tl.constexpr):
+    """Cast fp32 `v` to the output dtype, rounding to nearest even.
+
+    Triton 3.9's interpreter truncates fp32 -> bf16 (errors up to 2^-7, biased; seen 2026-11-24), so bf16
+    is rounded in the fp32 bits first and the cast is then exact, on CPU and GPU alike.
+    """
+    if DTYPE == tl.bfloat16:
+        bits = v.to(tl.int32, bitcast=True)
+        bits = (bits + 0x7FFF + ((bits >> 16) & 1)) & -65536  # clear the low 16 bits (0xFFFF0000)
+        return bits.to(tl.float32, bitcast=True).to(DTYPE)
+    else:
+        return v.to(DTYPE)
+
+
+@triton.jit
+def round_e4m3(v):
+    """Round fp32 `v` (|v| <= 448) to the nearest e4m3 value (ties to even), still as fp32.
+
+    The fp32 -> fp8 cast then is exact. Why not cast directly: Triton 3.9's interpreter drops the carry
+    when rounding crosses a power of two (-125.98 -> -64 instead of -128) and misrounds subnormals
+    (seen 2026-11-24); rounding here keeps CPU tests and the GPU on one code path.
+    """
+    bits = v.to(tl.int32, bitcast=True)
+    lsb = (bits >> 20) & 1
+    bits = (bits + 0x7FFFF + lsb) & -1048576  # keep 3 mantissa bits: clear the low 20 (0xFFF00000)
+    normal = bits.to(tl.float32, bitcast=True)
+    # Subnormals are multiples of 2^-9; adding 1.5 * 2^14 (fp32 ulp 2^-9 there) rounds to one.
+    sub = (v + 24576.0) - 24576.0
+    return tl.where(tl.abs(v) < 0.015625, sub, normal)
+
+
+@triton.jit
+def quant_group(v):
+    """Quantise fp32 `v` [R, 128] per row: returns (q fp8 [R, 128], scale fp32 [R])."""
+    amax = tl.max(tl.abs(v), axis=1)
+    s = tl.where(amax > 0, amax / 448.0, 1.0)
+    q = tl.clamp(v / s[:, None], -448.0, 448.0)
+    return round_e4m3(q).to(tl.float8e4nv), s
+
+
+@triton.jit
+def _act_quant_kernel(x_ptr, q_ptr, s_ptr, R, K, stride_x, stride_q, stride_s,
+                      BLOCK_R: tl.constexpr, GROUP_K: tl.constexpr):
+    pid_r = tl.program_id(0)
+    g = tl.program_id(1)
+    offs_r = pid_r * BLOCK_R + tl.arange(0, BLOCK_R)
+    offs_k = g * GROUP_K + tl.arange(0, GROUP_K)
+    row_ok = offs_r < R
+    mask = row_ok[:, None] & (offs_k[None, :] < K)
+    x = tl.load(x_ptr + offs_r[:, None].to(tl.int64) * stride_x + offs_k[None, :], mask=mask, other=0.0)
+    q, s = quant_group(x.to(tl.float32))
+    tl.store(q_ptr + offs_r[:, None].to(tl.int64) * stride_q + offs_k[None, :], q, mask=mask)
+    tl.store(s_ptr + offs_r * stride_s + g, s, mask=row_ok)
+
+
+def quantize_act(x: Tensor) -> tuple[Tensor, Tensor]:
+    """Quantise `x` [R, K] per row per 128 columns -> (q fp8 [R, K], s fp32 [R, ceil(K/128)])."""
+    R, K = x.shape
+    x = x.contiguous()
+    q = torch.empty(R, K, dtype=torch.float8_e4m3fn, device=x.device)
+    s = torch.empty(R, triton.cdiv(K, GROUP), dtype=torch.float32, device=x.device)
+    if R == 0:
+        return q, s
+    block_r = 16
+    grid = (triton.cdiv(R, block_r), triton.cdiv(K, GROUP))
+    wrap_triton(_act_quant_kernel)[grid](x, q, s, R, K, x.stride(0), q.stride(0), s.stride(0),
+                                         BLOCK_R=block_r, GROUP_K=GROUP, num_warps=4)
+    return q, s

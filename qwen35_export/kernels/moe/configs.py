@@ -1,0 +1,70 @@
+"""Tile configs for the MoE kernels: tuned tables stored as data, looked up, never searched at run time.
+
+A table lives in `configs/E={E},N={I},device={H100|H200},dtype={bf16|fp8}.json` (vLLM's naming; N is the
+expert intermediate size I) and maps a token count to one config:
+`{"BLOCK_M": 16, "gate_up": {BLOCK_N, BLOCK_K, GROUP_M, num_warps, num_stages}, "down": {...}}`.
+The entry whose token count is nearest the call's is used; without a table, `default_config`.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+from pathlib import Path
+
+import torch
+
+CONFIG_DIR = Path(__file__).with_name("configs")
+DECODE_MAX_TOKENS = 64  # up to this many tokens a call is memory bound: the decode regime
+
+
+def device_tag(device: torch.device) -> str:
+    """'H100' / 'H200' for those GPUs (the name's model number), the full name otherwise, 'cpu' off GPU."""
+    if device.type != "cuda":
+        return "cpu"
+    name = torch.cuda.get_device_name(device)
+    for tag in ("H200", "H100"):
+        if tag in name:
+            return tag
+    return name.replace(" ", "_")
+
+
+def config_file(E: int, I: int, device: str, dtype: str) -> Path:
+    return CONFIG_DIR / f"E={E},N={I},device={device},dtype={dtype}.json"
+
+
+@functools.lru_cache(maxsize=None)
+def load_table(E: int, I: int, device: str, dtype: str) -> dict[int, dict] | None:
+    """The stored table for this key, with integer token-count keys, or None."""
+    path = config_file(E, I, device, dtype)
+    if not path.exists():
+        return None
+    return {int(t): c for t, c in json.loads(path.read_text()).items()}
+
+
+def default_config(N: int, E: int, k: int, dtype: str, decode: bool) -> dict:
+    """Untuned fallback. BLOCK_M follows the mean tokens per expert (N*k/E) so tiles are not mostly padding;
+    decode streams thin tiles of many weight columns, prefill uses tensor-core sized tiles."""
+    mean = N * k / E
+    bm = 16 if mean <= 16 else 32 if mean <= 32 else 64 if mean <= 96 else 128
+    fp8 = dtype == "fp8"
+    if decode:
+        tile = dict(BLOCK_N=64, BLOCK_K=128, GROUP_M=1, num_warps=4, num_stages=4 if fp8 else 3)
+        return {"BLOCK_M": 16, "gate_up": dict(tile), "down": dict(tile)}
+    if fp8:
+        gate_up = dict(BLOCK_N=128, BLOCK_K=128, GROUP_M=8, num_warps=8, num_stages=3)
+        down = dict(BLOCK_N=128, BLOCK_K=128, GROUP_M=8, num_warps=8, num_stages=4)
+    else:
+        gate_up = dict(BLOCK_N=64, BLOCK_K=64, GROUP_M=8, num_warps=8, num_stages=4)
+        down = dict(BLOCK_N=128, BLOCK_K=64, GROUP_M=8, num_warps=8, num_stages=4)
+    return {"BLOCK_M": bm, "gate_up": gate_up, "down": down}
+
+
+def get_config(E: int, I: int, N: int, device: torch.device, dtype: str, k: int, decode: bool) -> dict:
+    """Config for N tokens: the stored table's nearest entry in the same regime (decode entries are those
+    keyed <= DECODE_MAX_TOKENS), else `default_config`."""
+    table = load_table(E, I, device_tag(device), dtype)
+    keys = [t for t in table or () if (t <= DECODE_MAX_TOKENS) == decode]
+    if not keys:
+        return default_config(N, E, k, dtype, decode)
+    return table[min(keys, key=lambda t: abs(t - N))]

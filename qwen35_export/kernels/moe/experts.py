@@ -1,0 +1,209 @@
+"""Routed experts as two grouped GEMMs over expert-sorted, BLOCK_M-padded token tiles, then a combine.
+
+1. `_gate_up_kernel`: each tile gathers its tokens' rows of x, multiplies by its expert's gate and up rows
+   (two accumulators over the same columns) and writes `h = silu(gate) * up` at the tile's padded rows.
+   FP8 prefill quantises h per row per 128 columns in this epilogue (BLOCK_N = 128, one scale group).
+2. `_down_kernel`: h tiles (contiguous) times the expert's down weights, scaled by the routing weight,
+   written to the slot's row of y [N*k, H].
+3. `_combine_kernel`: out[t] = sum_j y[t*k + j] in fp32.
+
+Weights: BF16, or e4m3 with the checkpoint's 128x128 block scales applied per K step. Two regimes by
+token count (`DECODE_MAX_TOKENS`): decode keeps activations in bf16 and converts the fp8 weight tile in
+registers (memory bound: bytes, not tensor-core rate, matter, and it is closer to the reference);
+prefill quantises activations per token per 128 columns and runs `tl.dot` on fp8 operands.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+from torch import Tensor
+from torch.library import wrap_triton
+
+from ..fp8_linear.gemm import grouped_tile
+from ..fp8_linear.quant import INTERPRET, cast_out, dot, quant_group, quantize_act
+from .align import align_block_size
+from .configs import DECODE_MAX_TOKENS, get_config
+
+
+@triton.jit
+def _tile(slots_ptr, tile_expert_ptr, num_padded_ptr, M, num_tiles_m, num_cols,
+          BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl.constexpr):
+    """This program's tile: (live, expert, padded rows, their slots, row mask, column offsets, mask)."""
+    pid_m, pid_n = grouped_tile(tl.program_id(0), num_tiles_m, tl.cdiv(num_cols, BLOCK_N), GROUP_M)
+    live = pid_m * BLOCK_M < tl.load(num_padded_ptr)
+    e = tl.load(tile_expert_ptr + pid_m).to(tl.int64)
+    offs_p = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    slot = tl.load(slots_ptr + offs_p)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    return live, e, offs_p, slot, slot < M, offs_n, offs_n < num_cols, pid_n
+
+
+@triton.jit
+def _gate_up_kernel(x_ptr, xs_ptr, w_ptr, ws_ptr, h_ptr, hs_ptr, slots_ptr, tile_expert_ptr, num_padded_ptr,
+                    M, H, I, top_k, num_tiles_m,
+                    stride_xm, stride_xsm, stride_we, stride_wn, stride_wse, stride_wsn, stride_hm, stride_hsm,
+                    A_FP8: tl.constexpr, B_FP8: tl.constexpr, OUT_FP8: tl.constexpr, UPCAST: tl.constexpr,
+                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr):
+    live, e, offs_p, slot, row_ok, offs_n, n_ok, pid_n = _tile(
+        slots_ptr, tile_expert_ptr, num_padded_ptr, M, num_tiles_m, I, BLOCK_M, BLOCK_N, GROUP_M)
+    if not live:  # past the last expert's padded tiles
+        return
+    tok = (slot // top_k).to(tl.int64)
+    offs_k = tl.arange(0, BLOCK_K)
+    a_ptrs = x_ptr + tok[:, None] * stride_xm + offs_k[None, :]
+    g_ptrs = w_ptr + e * stride_we + offs_n[None, :].to(tl.int64) * stride_wn + offs_k[:, None]  # [BK, BN]
+    u_ptrs = g_ptrs + I * stride_wn
+    gs_ptrs = ws_ptr + e * stride_wse + (offs_n // 128) * stride_wsn
+    us_ptrs = ws_ptr + e * stride_wse + ((offs_n + I) // 128) * stride_wsn
+    xs_ptrs = xs_ptr + tok * stride_xsm
+    acc_g = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    acc_u = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for kb in range(0, tl.cdiv(H, BLOCK_K)):
+        k_ok = offs_k < H - kb * BLOCK_K
+        a = tl.load(a_ptrs, mask=row_ok[:, None] & k_ok[None, :], other=0.0)
+        bg = tl.load(g_ptrs, mask=k_ok[:, None] & n_ok[None, :], other=0.0)
+        bu = tl.load(u_ptrs, mask=k_ok[:, None] & n_ok[None, :], other=0.0)
+        if B_FP8:
+            kg = (kb * BLOCK_K) // 128
+            sg = tl.load(gs_ptrs + kg, mask=n_ok, other=0.0)
+            su = tl.load(us_ptrs + kg, mask=n_ok, other=0.0)
+            if A_FP8:
+                sa = tl.load(xs_ptrs + kg, mask=row_ok, other=0.0)
+                acc_g += dot(a, bg, UPCAST) * (sa[:, None] * sg[None, :])
+                acc_u += dot(a, bu, UPCAST) * (sa[:, None] * su[None, :])
+            else:
+                acc_g += dot(a, bg.to(a.dtype), UPCAST) * sg[None, :]
+                acc_u += dot(a, bu.to(a.dtype), UPCAST) * su[None, :]
+        else:
+            acc_g += dot(a, bg, UPCAST)
+            acc_u += dot(a, bu, UPCAST)
+        a_ptrs += BLOCK_K
+        g_ptrs += BLOCK_K
+        u_ptrs += BLOCK_K
+    h = acc_g * tl.sigmoid(acc_g) * acc_u  # silu(gate) * up, fp32; padding rows give 0
+    h_ptrs = h_ptr + offs_p[:, None].to(tl.int64) * stride_hm + offs_n[None, :]
+    if OUT_FP8:
+        q, s = quant_group(h)
+        tl.store(h_ptrs, q, mask=n_ok[None, :])
+        tl.store(hs_ptr + offs_p.to(tl.int64) * stride_hsm + pid_n, s)
+    else:
+        tl.store(h_ptrs, cast_out(h, h_ptr.dtype.element_ty), mask=n_ok[None, :])
+
+
+@triton.jit
+def _down_kernel(h_ptr, hs_ptr, w_ptr, ws_ptr, y_ptr, tw_ptr, slots_ptr, tile_expert_ptr, num_padded_ptr,
+                 M, H, I, num_tiles_m,
+                 stride_hm, stride_hsm, stride_we, stride_wn, stride_wse, stride_wsn, stride_ym,
+                 A_FP8: tl.constexpr, B_FP8: tl.constexpr, UPCAST: tl.constexpr,
+                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr):
+    live, e, offs_p, slot, row_ok, offs_n, n_ok, _ = _tile(
+        slots_ptr, tile_expert_ptr, num_padded_ptr, M, num_tiles_m, H, BLOCK_M, BLOCK_N, GROUP_M)
+    if not live:
+        return
+    offs_k = tl.arange(0, BLOCK_K)
+    a_ptrs = h_ptr + offs_p[:, None].to(tl.int64) * stride_hm + offs_k[None, :]
+    b_ptrs = w_ptr + e * stride_we + offs_n[None, :].to(tl.int64) * stride_wn + offs_k[:, None]  # [BK, BN]
+    bs_ptrs = ws_ptr + e * stride_wse + (offs_n // 128) * stride_wsn
+    as_ptrs = hs_ptr + offs_p.to(tl.int64) * stride_hsm
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for kb in range(0, tl.cdiv(I, BLOCK_K)):
+        k_ok = offs_k < I - kb * BLOCK_K
+        a = tl.load(a_ptrs, mask=k_ok[None, :], other=0.0)
+        b = tl.load(b_ptrs, mask=k_ok[:, None] & n_ok[None, :], other=0.0)
+        if B_FP8:
+            kg = (kb * BLOCK_K) // 128
+            sb = tl.load(bs_ptrs + kg, mask=n_ok, other=0.0)
+            if A_FP8:
+                sa = tl.load(as_ptrs + kg)
+                acc += dot(a, b, UPCAST) * (sa[:, None] * sb[None, :])
+            else:
+                acc += dot(a, b.to(a.dtype), UPCAST) * sb[None, :]
+        else:
+            acc += dot(a, b, UPCAST)
+        a_ptrs += BLOCK_K
+        b_ptrs += BLOCK_K
+    tw = tl.load(tw_ptr + slot, mask=row_ok, other=0.0).to(tl.float32)
+    acc = acc * tw[:, None]
+    y_ptrs = y_ptr + slot[:, None].to(tl.int64) * stride_ym + offs_n[None, :]
+    tl.store(y_ptrs, cast_out(acc, y_ptr.dtype.element_ty), mask=row_ok[:, None] & n_ok[None, :])
+
+
+@triton.jit
+def _combine_kernel(y_ptr, out_ptr, H, TOP_K: tl.constexpr, BLOCK_H: tl.constexpr):
+    t = tl.program_id(0).to(tl.int64)
+    offs = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)
+    ok = offs < H
+    acc = tl.zeros((BLOCK_H,), dtype=tl.float32)
+    for j in tl.static_range(TOP_K):
+        acc += tl.load(y_ptr + (t * TOP_K + j) * H + offs, mask=ok, other=0.0).to(tl.float32)
+    tl.store(out_ptr + t * H + offs, cast_out(acc, out_ptr.dtype.element_ty), mask=ok)
+
+
+def _launch_opts(c: dict) -> dict:
+    return {k: c[k] for k in ("BLOCK_N", "BLOCK_K", "GROUP_M", "num_warps", "num_stages")}
+
+
+def moe_experts_triton(x: Tensor, weights: Tensor, ids: Tensor, w_gate_up: Tensor, w_down: Tensor,
+                       w_gate_up_scale: Tensor | None = None, w_down_scale: Tensor | None = None,
+                       config: dict | None = None, decode: bool | None = None) -> Tensor:
+    """Routed experts: x [N, H], weights/ids [N, k], w_gate_up [E, 2I, H], w_down [E, H, I] -> [N, H].
+
+    With scales, the weights are e4m3 with 128x128 block scales [E, 2I/128, ceil(H/128)] and
+    [E, ceil(H/128), I/128]. `decode` (default: N <= DECODE_MAX_TOKENS) picks the regime; `config`
+    overrides the stored tile table (see configs.py).
+    """
+    N, H = x.shape
+    k = ids.shape[1]
+    E, I2, _ = w_gate_up.shape
+    I = I2 // 2
+    fp8 = w_gate_up_scale is not None
+    out = torch.empty_like(x)
+    if N == 0:
+        return out
+    decode = N <= DECODE_MAX_TOKENS if decode is None else decode
+    cfg = config or get_config(E, I, N, x.device, "fp8" if fp8 else "bf16", k, decode)
+    quant = fp8 and not decode
+    gu, dn, bm = cfg["gate_up"], cfg["down"], cfg["BLOCK_M"]
+    if fp8 and (128 % gu["BLOCK_K"] or 128 % dn["BLOCK_K"]):
+        raise ValueError(f"moe_experts_fp8: BLOCK_K must divide the 128 scale block, got {cfg}")
+    if quant and gu["BLOCK_N"] != 128:
+        raise ValueError(f"moe_experts_fp8: prefill quantises h per 128 columns, gate_up BLOCK_N must be 128: {cfg}")
+    if fp8 and I % 128:
+        raise ValueError(f"moe_experts_fp8: I must be a multiple of 128 (scale blocks split gate/up), got {I}")
+    x = x.contiguous()
+    w_gate_up, w_down = w_gate_up.contiguous(), w_down.contiguous()
+    tw = weights.contiguous()
+    dev = x.device
+    M = N * k
+    slots, tile_expert, num_padded = align_block_size(ids, E, bm)
+    P = slots.shape[0]
+    if quant:
+        xa, xs = quantize_act(x)  # [N, H] fp8, [N, ceil(H/128)]
+        h = torch.empty(P, I, dtype=torch.float8_e4m3fn, device=dev)
+        hs = torch.empty(P, I // 128, dtype=torch.float32, device=dev)
+    else:
+        xa, xs = x, x  # xs unused: A_FP8 is off
+        h = torch.empty(P, I, dtype=x.dtype, device=dev)
+        hs = h
+    ws13 = w_gate_up_scale.contiguous() if fp8 else w_gate_up  # unused when B_FP8 is off
+    ws2 = w_down_scale.contiguous() if fp8 else w_down
+    num_tiles_m = P // bm
+    grid = (num_tiles_m * triton.cdiv(I, gu["BLOCK_N"]),)
+    wrap_triton(_gate_up_kernel)[grid](
+        xa, xs, w_gate_up, ws13, h, hs, slots, tile_expert, num_padded, M, H, I, k, num_tiles_m,
+        xa.stride(0), xs.stride(0), w_gate_up.stride(0), w_gate_up.stride(1), ws13.stride(0), ws13.stride(1),
+        h.stride(0), hs.stride(0), A_FP8=quant, B_FP8=fp8, OUT_FP8=quant, UPCAST=INTERPRET, BLOCK_M=bm,
+        **_launch_opts(gu))
+    # y holds one weighted row per (token, expert) slot; x's dtype keeps it at half the bytes of fp32 for
+    # bf16 models, and the combine sums the k rows in fp32.
+    y = torch.empty(M, H, dtype=x.dtype, device=dev)
+    grid = (num_tiles_m * triton.cdiv(H, dn["BLOCK_N"]),)
+    wrap_triton(_down_kernel)[grid](
+        h, hs, w_down, ws2, y, tw, slots, tile_expert, num_padded, M, H, I, num_tiles_m,
+        h.stride(0), hs.stride(0), w_down.stride(0), w_down.stride(1), ws2.stride(0), ws2.stride(1), y.stride(0),
+        A_FP8=quant, B_FP8=fp8, UPCAST=INTERPRET, BLOCK_M=bm, **_launch_opts(dn))
+    block_h = min(1024, triton.next_power_of_2(H))
+    wrap_triton(_combine_kernel)[(N, triton.cdiv(H, block_h))](y, out, H, TOP_K=k, BLOCK_H=block_h, num_warps=4)
+    return out

@@ -1,0 +1,74 @@
+"""Dense w8a8 block-scaled FP8 linear against the dequantised reference and `qwen35::fp8_linear`.
+
+CPU through Triton's interpreter (conftest.py); the real-size case needs CUDA. The comparison helper and
+the bounds' unit roundoffs are test_moe.py's (one helper for all kernel tests).
+"""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+import qwen35_export.model.ops  # noqa: F401  (registers the qwen35:: reference ops)
+from qwen35_export.checkpoint.fp8 import quantize_fp8_block
+from qwen35_export.kernels.fp8_linear import (fp8_linear, fp8_linear_reference, quantize_act,
+                                              quantize_act_reference)
+
+from test_moe import BF16_U, FP8_U, assert_close, nan_empty  # noqa: F401  (fixture re-exported)
+
+
+def make_linear(N: int, K: int, seed: int, dev: str = "cpu"):
+    g = torch.Generator(device=dev).manual_seed(seed)
+    return quantize_fp8_block(torch.randn(N, K, generator=g, device=dev) * K ** -0.5)
+
+
+@pytest.mark.parametrize("R,K", [(1, 128), (63, 300), (130, 256)], ids=["R1-K128", "R63-K300", "R130-K256"])
+def test_quantize_act_exact(R, K, nan_empty):
+    """Same e4m3 codes and scales as the torch reference, bit for bit (ties to even, zero groups scale 1)."""
+    x = torch.randn(R, K, generator=torch.Generator().manual_seed(R)).bfloat16()
+    x[0, :128] = 0.0
+    q, s = quantize_act(x)
+    q_ref, s_ref = quantize_act_reference(x)
+    assert torch.equal(q.view(torch.uint8), q_ref.view(torch.uint8)) and torch.equal(s, s_ref)
+
+
+@pytest.mark.parametrize("shape,N,K", [
+    pytest.param((1,), 256, 128, id="T1-N256-K128"),
+    pytest.param((2, 33), 200, 384, id="B2-T33-N200-K384"),
+    pytest.param((70,), 384, 300, id="T70-N384-K300"),
+    pytest.param((130,), 128, 256, id="T130-N128-K256"),
+])
+def test_fp8_linear(shape, N, K, nan_empty):
+    w, s = make_linear(N, K, seed=N + K)
+    x = torch.randn(*shape, K, generator=torch.Generator().manual_seed(K)).bfloat16()
+    y = fp8_linear(x, w, s)
+    assert y.shape == (*shape, N) and y.dtype == x.dtype
+    # Same activation quantisation simulated: only the output's bf16 rounding remains.
+    assert_close(y, fp8_linear_reference(x, w, s, quant_act=True), BF16_U, "fp8_linear vs simulated")
+    # The op contract (unquantised x): plus one e4m3 rounding of x (at most FP8_U relative).
+    ref = torch.ops.qwen35.fp8_linear(x.float(), w, s)
+    assert_close(y, ref, math.sqrt(FP8_U ** 2 + BF16_U ** 2), "fp8_linear vs qwen35::fp8_linear")
+
+
+def test_fp8_linear_traces_under_export():
+    class Lin(torch.nn.Module):
+        def forward(self, x, w, s):
+            return torch.ops.qwen35_triton.fp8_linear(x, w, s)
+
+    w, s = make_linear(256, 128, seed=0)
+    ep = torch.export.export(Lin(), (torch.randn(3, 128).bfloat16(), w, s))
+    targets = [str(n.target) for n in ep.graph.nodes if n.op == "call_function"]
+    assert targets.count("qwen35_triton.fp8_linear.default") == 1, targets
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("R", [1, 16, 4096])
+def test_fp8_linear_real_size_cuda(R):
+    w, s = make_linear(16384, 4096, seed=0, dev="cuda")  # q_proj-sized at 397B geometry
+    x = torch.randn(R, 4096, device="cuda").bfloat16()
+    y = fp8_linear(x, w, s)
+    sim = fp8_linear_reference(x, w, s, quant_act=True, dtype=torch.float32)
+    assert_close(y, sim, BF16_U, "fp8_linear vs simulated")

@@ -1,0 +1,249 @@
+"""MoE kernels against the fp64 loop reference: router (ties included), tile map, BF16 and FP8 experts.
+
+Runs on CPU through Triton's interpreter (conftest.py); the real-size cases need CUDA. Error bounds are
+relative RMS errors derived from the roundings each path makes (see `bf16_bound`, `FP8_U`).
+"""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from qwen35_export.checkpoint.fp8 import quantize_fp8_block
+from qwen35_export.kernels.moe import (DECODE_MAX_TOKENS, align_block_size, moe_experts, moe_experts_fp8,
+                                       moe_experts_fp8_reference, moe_experts_reference, moe_experts_triton,
+                                       moe_router, moe_router_reference)
+import qwen35_export.model.ops  # noqa: F401  (registers the qwen35:: reference ops)
+
+BF16_U = 2.0 ** -8  # unit roundoff of bf16 (8 significant bits): one RNE rounding errs by at most this, relative
+FP8_U = 2.0 ** -4  # unit roundoff of e4m3 (4 significant bits)
+FP32_BOUND = 1e-5  # fp32 math in another order (exp, sums): ~100 ulps of fp32 is already generous
+
+
+def bf16_bound(roundings: int) -> float:
+    """Independent roundings add in quadrature; each is at most u relative (its RMS is ~u/sqrt(3))."""
+    return math.sqrt(roundings) * BF16_U
+
+
+def assert_close(out: torch.Tensor, ref: torch.Tensor, bound: float, name: str) -> None:
+    """The one comparison: relative RMS error <= bound; NaN/Inf on either side fails; max abs reported."""
+    o, r = out.double().cpu(), ref.double().cpu()
+    assert o.shape == r.shape, f"{name}: shape {tuple(o.shape)} != reference {tuple(r.shape)}"
+    assert torch.isfinite(o).all(), f"{name}: {int((~torch.isfinite(o)).sum())} non-finite outputs"
+    assert torch.isfinite(r).all(), f"{name}: non-finite reference"
+    err = (o - r).norm().item() / max(r.norm().item(), 1e-30)
+    max_abs = (o - r).abs().max().item() if o.numel() else 0.0
+    assert err <= bound, f"{name}: rel RMS error {err:.3e} > bound {bound:.3e} (max abs {max_abs:.3e})"
+
+
+@pytest.fixture
+def nan_empty(monkeypatch):
+    """Fresh float buffers (torch.empty / empty_like) come filled with NaN, so unwritten outputs fail."""
+    empty, empty_like = torch.empty, torch.empty_like
+
+    def poison(t):
+        return t.fill_(float("nan")) if t.is_floating_point() else t
+
+    monkeypatch.setattr(torch, "empty", lambda *a, **kw: poison(empty(*a, **kw)))
+    monkeypatch.setattr(torch, "empty_like", lambda *a, **kw: poison(empty_like(*a, **kw)))
+
+
+def make_experts(E: int, H: int, I: int, seed: int, dev: str = "cpu"):
+    """BF16 expert weights scaled so activations stay O(1), and their block-quantised e4m3 form."""
+    g = torch.Generator(device=dev).manual_seed(seed)
+    w13 = (torch.randn(E, 2 * I, H, generator=g, device=dev) * H ** -0.5).bfloat16()  # [E, 2I, H]
+    w2 = (torch.randn(E, H, I, generator=g, device=dev) * I ** -0.5).bfloat16()  # [E, H, I]
+    q13, s13 = quantize_fp8_block(w13)
+    q2, s2 = quantize_fp8_block(w2)
+    return w13, w2, q13, s13, q2, s2
+
+
+def make_routing(N: int, E: int, k: int, seed: int, pin: int | None = None, dev: str = "cpu"):
+    """x [N, H-free], routing (weights, ids) from random logits; `pin` sends every token's slot 0 to it."""
+    g = torch.Generator(device=dev).manual_seed(seed)
+    logits = torch.randn(N, E, generator=g, device=dev)
+    if pin is not None:
+        logits[:, pin] = 50.0
+    return moe_router_reference(logits, k)
+
+
+# -- router ----------------------------------------------------------------------------------------
+def lowest_index_topk(probs: torch.Tensor, k: int) -> torch.Tensor:
+    """Top-k ids with ties broken towards the lower expert index (the kernel's rule)."""
+    return torch.sort(probs, dim=-1, descending=True, stable=True).indices[:, :k]
+
+
+@pytest.mark.parametrize("N,E,k,dtype", [
+    pytest.param(1, 512, 10, torch.float32, id="T1-E512-k10"),
+    pytest.param(37, 512, 10, torch.bfloat16, id="T37-E512-k10-bf16"),
+    pytest.param(9, 8, 1, torch.float32, id="T9-E8-k1"),
+    pytest.param(5, 200, 8, torch.float32, id="T5-E200-k8"),
+])
+def test_router_matches_topk(N, E, k, dtype, nan_empty):
+    logits = torch.randn(N, E, generator=torch.Generator().manual_seed(N * E + k)).to(dtype)
+    w, ids = moe_router(logits, k)
+    w_ref, ids_ref = moe_router_reference(logits, k)
+    assert ids.dtype == torch.int64 and w.dtype == torch.float32
+    # bf16 logits tie often; the kernel's picks follow the lowest-index rule exactly ...
+    probs = torch.softmax(logits.float(), dim=-1)
+    assert torch.equal(ids, lowest_index_topk(probs, k))
+    # ... and carry torch.topk's values (any tie order gives the same values).
+    assert_close(w, w_ref, FP32_BOUND, "router weights")
+    assert_close(w.sum(-1), torch.ones(N), FP32_BOUND, "router weights sum")
+    assert_close(torch.gather(probs, 1, ids) / torch.gather(probs, 1, ids).sum(-1, keepdim=True), w,
+                 FP32_BOUND, "weights belong to the picked ids")
+
+
+def test_router_ties(nan_empty):
+    E, k = 64, 10
+    logits = torch.randn(4, E, generator=torch.Generator().manual_seed(3))
+    logits[0] = 0.0  # every expert ties: picks 0..9
+    logits[1, 20:35] = 9.0  # 15 tied maxima across the top-k boundary: picks 20..29
+    logits[2, [50, 7, 33]] = 9.0  # ties inside the top-k: all three, lowest index first
+    logits[3, [60, 61]] = 9.0  # one tie pair, then distinct values
+    w, ids = moe_router(logits, k)
+    assert ids[0].tolist() == list(range(10))
+    assert ids[1].tolist() == list(range(20, 30))
+    assert ids[2, :3].tolist() == [7, 33, 50] and ids[3, :2].tolist() == [60, 61]
+    w_ref, ids_ref = moe_router_reference(logits, k)
+    assert_close(w, w_ref, FP32_BOUND, "tied router weights")
+    for r in (2, 3):  # no tie straddles the boundary here: the same set as torch.topk
+        assert set(ids[r].tolist()) == set(ids_ref[r].tolist())
+    assert torch.equal(ids, lowest_index_topk(torch.softmax(logits, -1), k))
+
+
+# -- tile map --------------------------------------------------------------------------------------
+@pytest.mark.parametrize("N,E,k,bm", [(1, 512, 10, 16), (65, 8, 2, 16), (40, 4, 3, 64), (7, 16, 1, 32)])
+def test_align_tile_map(N, E, k, bm):
+    _, ids = make_routing(N, E, k, seed=N + E, pin=1 if E == 4 else None)
+    slots, tile_e, num_padded = align_block_size(ids, E, bm)
+    M = N * k
+    n_pad = int(num_padded)
+    assert n_pad % bm == 0 and slots.shape[0] % bm == 0 and n_pad <= slots.shape[0]
+    used = slots[:n_pad]
+    real = used[used < M].long()
+    assert sorted(real.tolist()) == list(range(M)), "every slot exactly once"
+    assert (slots[n_pad:] == M).all(), "nothing past num_padded"
+    flat = ids.reshape(-1)
+    for t in range(n_pad // bm):
+        tile = used[t * bm:(t + 1) * bm].long()
+        tile = tile[tile < M]
+        assert len(tile) > 0 and (flat[tile] == tile_e[t]).all(), f"tile {t} mixes experts or is empty"
+        assert torch.equal(tile, tile.sort().values), "slots keep their order inside an expert"
+    assert (tile_e[n_pad // bm:] == E).all()
+
+
+# -- experts ---------------------------------------------------------------------------------------
+# (N, E, k, H, I, pin): T=1 decode, T=65 just past decode and not a tile multiple, one expert taking every
+# token (pin), E=512 with most experts empty, k=1 and k=10.
+EXPERT_CASES = [
+    pytest.param(1, 16, 2, 128, 128, None, id="T1-E16-k2"),
+    pytest.param(9, 8, 1, 256, 128, None, id="T9-E8-k1"),
+    pytest.param(3, 512, 10, 128, 128, None, id="T3-E512-k10"),
+    pytest.param(65, 8, 2, 128, 256, None, id="T65-E8-k2-prefill"),
+    pytest.param(40, 4, 3, 192, 128, 2, id="T40-E4-k3-one-expert-all"),
+    pytest.param(100, 32, 10, 128, 128, 5, id="T100-E32-k10-prefill-one-expert-all"),
+]
+
+
+@pytest.mark.parametrize("N,E,k,H,I,pin", EXPERT_CASES)
+def test_experts_bf16(N, E, k, H, I, pin, nan_empty):
+    w13, w2, *_ = make_experts(E, H, I, seed=E + H)
+    w, ids = make_routing(N, E, k, seed=N, pin=pin)
+    x = torch.randn(N, H, generator=torch.Generator().manual_seed(7)).bfloat16()
+    out = moe_experts(x, w, ids, w13, w2)
+    assert out.dtype == x.dtype
+    # Three bf16 roundings: h, each weighted slot row, the output.
+    assert_close(out, moe_experts_reference(x, w, ids, w13, w2), bf16_bound(3), "bf16 experts")
+
+
+def test_experts_match_reference_op(nan_empty):
+    """Same semantics as the op the graph pass swaps out (fp32 inputs: only summation order differs)."""
+    E, H, I, N, k = 8, 128, 128, 70, 2
+    w13, w2, q13, s13, q2, s2 = make_experts(E, H, I, seed=1)
+    w, ids = make_routing(N, E, k, seed=2)
+    x = torch.randn(N, H, generator=torch.Generator().manual_seed(3))
+    ref = torch.ops.qwen35.moe_experts(x, w, ids, w13.float(), w2.float())
+    assert_close(moe_experts(x, w, ids, w13.float(), w2.float()), ref, FP32_BOUND, "vs qwen35::moe_experts")
+
+
+@pytest.mark.parametrize("N,E,k,H,I,pin", EXPERT_CASES)
+def test_experts_fp8(N, E, k, H, I, pin, nan_empty):
+    _, _, q13, s13, q2, s2 = make_experts(E, H, I, seed=E + H)
+    w, ids = make_routing(N, E, k, seed=N, pin=pin)
+    x = torch.randn(N, H, generator=torch.Generator().manual_seed(7)).bfloat16()
+    out = moe_experts_fp8(x, w, ids, q13, s13, q2, s2)
+    ref = moe_experts_fp8_reference(x, w, ids, q13, s13, q2, s2)
+    if N <= DECODE_MAX_TOKENS:
+        # Decode keeps activations in bf16: only the three bf16 roundings of the BF16 path.
+        assert_close(out, ref, bf16_bound(3), "fp8 decode vs dequantised reference")
+    else:
+        # Prefill rounds x and h to e4m3 (each at most FP8_U relative), then y and out to bf16.
+        bound = math.sqrt(2 * FP8_U ** 2 + 2 * BF16_U ** 2)
+        assert_close(out, ref, bound, "fp8 prefill vs dequantised reference")
+        # With the same activation quantisation simulated, only the two bf16 roundings remain.
+        sim = moe_experts_fp8_reference(x, w, ids, q13, s13, q2, s2, quant_act=True)
+        assert_close(out, sim, bf16_bound(2), "fp8 prefill vs quantisation-simulated reference")
+
+
+@pytest.mark.parametrize("decode", [True, False], ids=["decode", "prefill"])
+def test_experts_fp8_regimes_agree_with_op(decode, nan_empty):
+    """Either regime on the same 20 tokens against `qwen35::moe_experts_fp8` itself."""
+    E, H, I, N, k = 16, 256, 128, 20, 4
+    _, _, q13, s13, q2, s2 = make_experts(E, H, I, seed=4)
+    w, ids = make_routing(N, E, k, seed=5)
+    x = torch.randn(N, H, generator=torch.Generator().manual_seed(6)).bfloat16()
+    ref = torch.ops.qwen35.moe_experts_fp8(x.float(), w, ids, q13, s13, q2, s2)
+    out = moe_experts_triton(x, w, ids, q13, q2, s13, s2, decode=decode)
+    bound = bf16_bound(3) if decode else math.sqrt(2 * FP8_U ** 2 + 2 * BF16_U ** 2)
+    assert_close(out, ref, bound, f"fp8 {'decode' if decode else 'prefill'} vs qwen35::moe_experts_fp8")
+
+
+# -- export ----------------------------------------------------------------------------------------
+def test_ops_trace_under_export():
+    class MoE(torch.nn.Module):
+        def forward(self, x, logits, w13, w2, q13, s13, q2, s2):
+            w, ids = torch.ops.qwen35_triton.moe_router(logits, 2)
+            y = torch.ops.qwen35_triton.moe_experts(x, w, ids, w13, w2)
+            return y + torch.ops.qwen35_triton.moe_experts_fp8(x, w, ids, q13, s13, q2, s2)
+
+    E, H, I, N = 8, 128, 128, 4
+    w13, w2, q13, s13, q2, s2 = make_experts(E, H, I, seed=0)
+    args = (torch.randn(N, H).bfloat16(), torch.randn(N, E), w13, w2, q13, s13, q2, s2)
+    ep = torch.export.export(MoE(), args)
+    targets = [str(n.target) for n in ep.graph.nodes if n.op == "call_function"]
+    for op in ("moe_router", "moe_experts", "moe_experts_fp8"):
+        assert sum(t == f"qwen35_triton.{op}.default" for t in targets) == 1, (op, targets)
+
+
+# -- real size (device) ----------------------------------------------------------------------------
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("N", [1, 8, 64, 300, 2048])
+def test_real_size_cuda(N):
+    E, H, I, k, dev = 512, 4096, 1024, 10, "cuda"
+    w13, w2, q13, s13, q2, s2 = make_experts(E, H, I, seed=0, dev=dev)
+    logits = torch.randn(N, E, device=dev, generator=torch.Generator(device=dev).manual_seed(N))
+    w, ids = moe_router(logits, k)
+    w_ref, _ = moe_router_reference(logits, k)
+    assert torch.equal(ids, lowest_index_topk(torch.softmax(logits, -1), k))
+    assert_close(w, w_ref, FP32_BOUND, "router weights")
+    x = torch.randn(N, H, device=dev).bfloat16()
+    ref = moe_experts_reference(x, w, ids, w13, w2, dtype=torch.float32)
+    assert_close(moe_experts(x, w, ids, w13, w2), ref, bf16_bound(3), "bf16 experts")
+    ref8 = moe_experts_fp8_reference(x, w, ids, q13, s13, q2, s2, dtype=torch.float32)
+    bound = bf16_bound(3) if N <= DECODE_MAX_TOKENS else math.sqrt(2 * FP8_U ** 2 + 2 * BF16_U ** 2)
+    assert_close(moe_experts_fp8(x, w, ids, q13, s13, q2, s2), ref8, bound, "fp8 experts")
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_router_ties_match_cuda_topk():
+    logits = torch.zeros(3, 512, device="cuda")
+    logits[1, 100:130] = 4.0
+    logits[2, [400, 3, 200]] = 4.0
+    _, ids = moe_router(logits, 10)
+    _, ids_ref = torch.topk(torch.softmax(logits, -1), 10)
+    assert torch.equal(ids.sort(-1).values, ids_ref.sort(-1).values), (ids, ids_ref)
