@@ -248,10 +248,9 @@ def prepare_chunk_indices(cu_seqlens: Tensor, chunk_size: int = BT) -> Tensor:
     return torch.tensor(idx, dtype=torch.int32, device=cu_seqlens.device).reshape(-1, 2)
 
 
-def _fwd_block_v(V: int) -> tuple[int, int]:
-    """(BV, num_warps) of the sequential kernel: small BV keeps S in registers and gives more programs."""
-    BV = min(V, 32)
-    return BV, 4
+# Launch configs, (BV, num_warps, num_stages); module-level so bench/gdn.py --tune can try others.
+WY_CONFIG = (64, 4, 1)
+FWD_CONFIG = (32, 4, 2)
 
 
 def _check(q: Tensor, k: Tensor, v: Tensor, g: Tensor, beta: Tensor) -> None:
@@ -295,16 +294,17 @@ def chunk_gated_delta_rule_fwd(
     ht = torch.empty(N, HV, K, V, dtype=torch.float32, device=q.device) if output_final_state else None
     wrap_triton(chunk_gdn_wy_kernel)[grid1](
         k, v, g, beta, w, u, gc, cu_seqlens, chunk_indices, T,
-        H=H, HV=HV, K=K, V=V, BT=BT, BC=BC, BK=K, BV=min(V, 64), IS_VARLEN=is_varlen,
-        num_warps=4,
+        H=H, HV=HV, K=K, V=V, BT=BT, BC=BC, BK=K, BV=min(V, WY_CONFIG[0]), IS_VARLEN=is_varlen,
+        num_warps=WY_CONFIG[1], num_stages=WY_CONFIG[2],
     )
-    BV, nw = _fwd_block_v(V)
+    # small BV: S [K, BV] stays in registers and a single sequence still gives HV * V / BV programs
+    BV, nw, ns = min(V, FWD_CONFIG[0]), FWD_CONFIG[1], FWD_CONFIG[2]
     h0 = initial_state.contiguous() if initial_state is not None else None
     wrap_triton(chunk_gdn_fwd_kernel)[(triton.cdiv(V, BV), N * HV)](
         q, k, w, u, gc, o, h0, ht, cu_seqlens, scale, T,
         H=H, HV=HV, K=K, V=V, BT=BT, BK=K, BV=BV,
         USE_H0=h0 is not None, STORE_HT=ht is not None, IS_VARLEN=is_varlen,
-        num_warps=nw,
+        num_warps=nw, num_stages=ns,
     )
     return o, ht
 

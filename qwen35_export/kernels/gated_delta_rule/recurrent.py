@@ -65,10 +65,14 @@ def fused_recurrent_gdn_kernel(
         tl.store(ht + (slot_out * HV + i_h) * K * V + tile, S, mask=mkv & (tile * 0 + slot_out >= 0))
 
 
+# (BV, num_warps) below and from N * HV programs-worth of work up; bench/gdn.py --tune overrides it
+RECURRENT_CONFIG = {0: (16, 2), 1024: (32, 4)}
+
+
 def recurrent_blocks(N: int, HV: int, V: int) -> tuple[int, int]:
     """(BV, num_warps): small batches split V finer so that enough programs stream the state."""
-    BV = 16 if N * HV < 1024 else 32
-    return min(BV, V), 2 if BV == 16 else 4
+    BV, nw = next(c for lo, c in sorted(RECURRENT_CONFIG.items(), reverse=True) if N * HV >= lo)
+    return min(BV, V), nw
 
 
 def fused_recurrent_gated_delta_rule_fwd(
