@@ -87,13 +87,15 @@ class CheckpointReader:
         self._handles: dict[str, object] = {}
         self._dtypes: dict[str, str] = {}
         self._shapes: dict[str, list[int]] = {}
+        held: dict[str, set[str]] = {}  # file -> tensor names its header lists
         for fname in sorted(set(self.weight_map.values())):
             header = _read_header(self.path / fname)
+            held[fname] = set(header) - {"__metadata__"}
             for name, meta in header.items():
                 if name != "__metadata__":
                     self._dtypes[name] = meta.get("dtype", "?")
                     self._shapes[name] = meta.get("shape", [])
-        missing = [n for n in self.weight_map if n not in self._shapes]
+        missing = [n for n, f in self.weight_map.items() if n not in held[f]]
         if missing:
             raise CheckpointError(f"{self.path}: the index maps {len(missing)} tensors to shards that do not hold "
                                   f"them, e.g. '{missing[0]}' -> {self.weight_map[missing[0]]}")
@@ -197,8 +199,13 @@ class CheckpointReader:
         return w, s
 
     def _quantized_in_file(self, full_key: str) -> bool:
-        """Whether the checkpoint stores this weight as FP8 (follows the file, not the spec's list)."""
-        return self.config.fp8 is not None and self._dtypes.get(full_key) == "F8_E4M3"
+        """Whether the checkpoint stores this weight as FP8 (follows the file, not the spec's list).
+
+        A weight with a `_scale_inv` beside it counts as FP8 whatever its dtype, so that a non-FP8 tensor
+        there is reported as a dtype mismatch instead of being read with its scale silently dropped.
+        """
+        return self.config.fp8 is not None and (self._dtypes.get(full_key) == "F8_E4M3"
+                                                or full_key + "_scale_inv" in self.weight_map)
 
     def _load_weight(self, key: str, shape: tuple[int, ...], dtype: torch.dtype,
                      keep_fp8: bool) -> dict[str, Tensor]:
