@@ -69,6 +69,9 @@ def test_fp8_linear_traces_under_export():
 def test_fp8_linear_real_size_cuda(R):
     w, s = make_linear(16384, 4096, seed=0, dev="cuda")  # q_proj-sized at 397B geometry
     x = torch.randn(R, 4096, device="cuda").bfloat16()
+    q, qs = quantize_act(x)
+    q_ref, qs_ref = quantize_act_reference(x)
+    assert torch.equal(q.view(torch.uint8), q_ref.view(torch.uint8)) and torch.equal(qs, qs_ref)
     y = fp8_linear(x, w, s)
     sim = fp8_linear_reference(x, w, s, quant_act=True, dtype=torch.float32)
     assert_close(y, sim, BF16_U, "fp8_linear vs simulated")

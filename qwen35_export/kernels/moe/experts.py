@@ -30,14 +30,15 @@ from .configs import DECODE_MAX_TOKENS, get_config
 @triton.jit
 def _tile(slots_ptr, tile_expert_ptr, num_padded_ptr, M, num_tiles_m, num_cols,
           BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl.constexpr):
-    """This program's tile: (live, expert, padded rows, their slots, row mask, column offsets, mask)."""
+    """This program's tile: (dead, expert, padded rows, their slots, row mask, column offsets, mask, pid_n);
+    dead tiles lie past the last expert's padded rows (the grid is sized for the worst case)."""
     pid_m, pid_n = grouped_tile(tl.program_id(0), num_tiles_m, tl.cdiv(num_cols, BLOCK_N), GROUP_M)
-    live = pid_m * BLOCK_M < tl.load(num_padded_ptr)
+    dead = pid_m * BLOCK_M >= tl.load(num_padded_ptr)
     e = tl.load(tile_expert_ptr + pid_m).to(tl.int64)
     offs_p = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     slot = tl.load(slots_ptr + offs_p)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    return live, e, offs_p, slot, slot < M, offs_n, offs_n < num_cols, pid_n
+    return dead, e, offs_p, slot, slot < M, offs_n, offs_n < num_cols, pid_n
 
 
 @triton.jit
@@ -46,9 +47,9 @@ def _gate_up_kernel(x_ptr, xs_ptr, w_ptr, ws_ptr, h_ptr, hs_ptr, slots_ptr, tile
                     stride_xm, stride_xsm, stride_we, stride_wn, stride_wse, stride_wsn, stride_hm, stride_hsm,
                     A_FP8: tl.constexpr, B_FP8: tl.constexpr, OUT_FP8: tl.constexpr, UPCAST: tl.constexpr,
                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr):
-    live, e, offs_p, slot, row_ok, offs_n, n_ok, pid_n = _tile(
+    dead, e, offs_p, slot, row_ok, offs_n, n_ok, pid_n = _tile(
         slots_ptr, tile_expert_ptr, num_padded_ptr, M, num_tiles_m, I, BLOCK_M, BLOCK_N, GROUP_M)
-    if not live:  # past the last expert's padded tiles
+    if dead:
         return
     tok = (slot // top_k).to(tl.int64)
     offs_k = tl.arange(0, BLOCK_K)
@@ -98,9 +99,9 @@ def _down_kernel(h_ptr, hs_ptr, w_ptr, ws_ptr, y_ptr, tw_ptr, slots_ptr, tile_ex
                  stride_hm, stride_hsm, stride_we, stride_wn, stride_wse, stride_wsn, stride_ym,
                  A_FP8: tl.constexpr, B_FP8: tl.constexpr, UPCAST: tl.constexpr,
                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr):
-    live, e, offs_p, slot, row_ok, offs_n, n_ok, _ = _tile(
+    dead, e, offs_p, slot, row_ok, offs_n, n_ok, _ = _tile(
         slots_ptr, tile_expert_ptr, num_padded_ptr, M, num_tiles_m, H, BLOCK_M, BLOCK_N, GROUP_M)
-    if not live:
+    if dead:
         return
     offs_k = tl.arange(0, BLOCK_K)
     a_ptrs = h_ptr + offs_p[:, None].to(tl.int64) * stride_hm + offs_k[None, :]

@@ -1,0 +1,253 @@
+"""One MoE layer at 397B geometry (H 4096, I 1024, E 512, top-10 + gated shared expert) on the GPU.
+
+Side by side, on the same routing: transformers' loop over experts (eager), `torch._grouped_mm` (BF16),
+`torch._scaled_grouped_mm` (FP8, row-wise scales, weights re-quantised row-wise for it), and our Triton
+experts in BF16 and in FP8 with the checkpoint's 128x128 block scales. The shared expert rides along as
+expert 512 with weight sigmoid(x @ w_sg.T) (k = 11 slots per token) for every method.
+
+    python bench/moe.py --out DIR [--tokens 1 8 64 512 4096 16384] [--tune] [--tests-only-quick]
+
+Reports us, TFLOPS, % of the HBM roofline on the bytes of the touched experts (decode) and % of dense peak
+(prefill) into DIR/moe.{json,md,png}. `--tune` times a few tile configs of our kernels per token count
+first and writes the winners as config tables (DIR/E=...json) to commit into kernels/moe/configs/.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+import triton
+from triton.testing import do_bench, do_bench_cudagraph
+
+from qwen35_export.checkpoint.fp8 import quantize_fp8_block
+from qwen35_export.kernels.moe import moe_experts_reference, moe_experts_triton, moe_router_triton
+from qwen35_export.kernels.moe.configs import DECODE_MAX_TOKENS, default_config
+
+H, I, E, K = 4096, 1024, 512, 10
+HBM_TBS = 3.35  # H100 SXM datasheet
+PEAK = {"bf16": 989.0, "fp8": 1979.0}  # dense TFLOPS, H100 SXM
+
+
+def make_layer(dev: str = "cuda") -> dict:
+    """Random bf16 experts (+ the shared expert as expert E), their block-fp8 and row-wise-fp8 forms."""
+    g = torch.Generator(device=dev).manual_seed(0)
+    w13 = torch.randn(E + 1, 2 * I, H, generator=g, device=dev, dtype=torch.bfloat16) * H ** -0.5
+    w2 = torch.randn(E + 1, H, I, generator=g, device=dev, dtype=torch.bfloat16) * I ** -0.5
+    q13, s13 = (torch.cat(t) for t in zip(*(quantize_fp8_block(c) for c in w13.split(64))))
+    q2, s2 = (torch.cat(t) for t in zip(*(quantize_fp8_block(c) for c in w2.split(64))))
+
+    def rowwise(w):  # [E, N, K] -> fp8 [E, N, K], scale [E, N] (one per output column of x @ w.T)
+        qs, ss = [], []
+        for c in w.split(64):  # chunks: fp32 temporaries of all experts would take 17 GB
+            s = (c.float().abs().amax(-1) / 448.0).clamp(min=1e-12)
+            qs.append((c.float() / s[..., None]).to(torch.float8_e4m3fn))
+            ss.append(s)
+        return torch.cat(qs), torch.cat(ss)
+
+    r13, rs13 = rowwise(w13)
+    r2, rs2 = rowwise(w2)
+    gate = torch.randn(E, H, generator=g, device=dev, dtype=torch.bfloat16) * H ** -0.5
+    shared_gate = torch.randn(1, H, generator=g, device=dev, dtype=torch.bfloat16) * H ** -0.5
+    return dict(w13=w13, w2=w2, q13=q13, s13=s13, q2=q2, s2=s2, r13=r13, rs13=rs13, r2=r2, rs2=rs2,
+                gate=gate, shared_gate=shared_gate)
+
+
+def route(L: dict, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Router (our kernel) + the shared expert as slot k: (weights [T, K+1] fp32, ids [T, K+1])."""
+    w, ids = moe_router_triton(x @ L["gate"].T, K)
+    ws = torch.sigmoid((x @ L["shared_gate"].T).float())  # [T, 1]
+    return torch.cat([w, ws], 1), torch.cat([ids, torch.full_like(ids[:, :1], E)], 1)
+
+
+def loop_moe(L, x, w, ids):
+    """transformers' form: a Python loop over the experts that got tokens, bf16 index_add."""
+    out = torch.zeros_like(x)
+    for e in torch.unique(ids).tolist():
+        tok, slot = torch.nonzero(ids == e, as_tuple=True)
+        gu = F.linear(x[tok], L["w13"][e])
+        h = F.silu(gu[:, :I]) * gu[:, I:]
+        out.index_add_(0, tok, F.linear(h, L["w2"][e]) * w[tok, slot, None].to(x.dtype))
+    return out
+
+
+def _sorted(ids: torch.Tensor):
+    flat = ids.reshape(-1)
+    order = torch.sort(flat, stable=True).indices
+    counts = torch.zeros(E + 1, dtype=torch.int32, device=ids.device).scatter_add_(
+        0, flat, torch.ones_like(flat, dtype=torch.int32))
+    return order, torch.cumsum(counts, 0, dtype=torch.int32)
+
+
+def grouped_mm_moe(L, x, w, ids):
+    order, offs = _sorted(ids)
+    tok = order // ids.shape[1]
+    gu = torch._grouped_mm(x[tok], L["w13"].transpose(1, 2), offs=offs)  # [M, 2I]
+    h = F.silu(gu[:, :I]) * gu[:, I:]
+    y = torch._grouped_mm(h, L["w2"].transpose(1, 2), offs=offs)  # [M, H]
+    y = y.float() * w.reshape(-1)[order, None]
+    return torch.zeros(x.shape, dtype=torch.float32, device=x.device).index_add_(0, tok, y).to(x.dtype)
+
+
+def _q_rows(a):
+    s = (a.float().abs().amax(-1) / 448.0).clamp(min=1e-12)
+    return (a.float() / s[:, None]).to(torch.float8_e4m3fn), s
+
+
+def scaled_grouped_mm_moe(L, x, w, ids):
+    order, offs = _sorted(ids)
+    tok = order // ids.shape[1]
+    xq, xs = _q_rows(x[tok])
+    gu = torch._scaled_grouped_mm(xq, L["r13"].transpose(1, 2), xs, L["rs13"], offs=offs, out_dtype=torch.bfloat16)
+    hq, hs = _q_rows(F.silu(gu[:, :I]) * gu[:, I:])
+    y = torch._scaled_grouped_mm(hq, L["r2"].transpose(1, 2), hs, L["rs2"], offs=offs, out_dtype=torch.bfloat16)
+    y = y.float() * w.reshape(-1)[order, None]
+    return torch.zeros(x.shape, dtype=torch.float32, device=x.device).index_add_(0, tok, y).to(x.dtype)
+
+
+def ours_bf16(L, x, w, ids, config=None):
+    return moe_experts_triton(x, w, ids, L["w13"], L["w2"], config=config)
+
+
+def ours_fp8(L, x, w, ids, config=None):
+    return moe_experts_triton(x, w, ids, L["q13"], L["q2"], L["s13"], L["s2"], config=config)
+
+
+METHODS = {"loop_bf16": (loop_moe, "bf16"), "grouped_mm_bf16": (grouped_mm_moe, "bf16"),
+           "scaled_grouped_mm_fp8": (scaled_grouped_mm_moe, "fp8"), "ours_bf16": (ours_bf16, "bf16"),
+           "ours_fp8": (ours_fp8, "fp8")}
+
+
+def bench_ms(fn, graph: bool = True) -> float:
+    """Median ms; CUDA-graph replays where the function captures (no host syncs), else eager."""
+    fn()
+    torch.cuda.synchronize()
+    if graph:
+        try:
+            return do_bench_cudagraph(fn, rep=50, return_mode="median")
+        except Exception:
+            torch.cuda.synchronize()
+    return do_bench(fn, warmup=10, rep=50, return_mode="median")
+
+
+def candidates(T: int, dtype: str) -> list[dict]:
+    """A few tile configs around the default (tuning is offline: the winners are stored, not searched)."""
+    base = default_config(T, E + 1, K + 1, dtype, T <= DECODE_MAX_TOKENS)
+    out = [base]
+    if T <= DECODE_MAX_TOKENS:
+        for bn, w, s in [(32, 4, 4), (128, 4, 3), (64, 4, 5), (32, 2, 6)]:
+            t = dict(BLOCK_N=bn, BLOCK_K=128, GROUP_M=1, num_warps=w, num_stages=s)
+            out.append({"BLOCK_M": 16, "gate_up": dict(t), "down": dict(t)})
+    else:
+        bm = base["BLOCK_M"]
+        for bm2, st, w in [(bm, 4, 4), (min(128, bm * 2), 3, 8), (max(16, bm // 2), 4, 4)]:
+            c = json.loads(json.dumps(base))
+            c["BLOCK_M"] = bm2
+            c["gate_up"].update(num_stages=st, num_warps=w)
+            c["down"].update(num_warps=w)
+            out.append(c)
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--out", type=Path, required=True)
+    ap.add_argument("--tokens", type=int, nargs="+", default=[1, 8, 64, 512, 4096, 16384])
+    ap.add_argument("--tune", action="store_true")
+    ap.add_argument("--loop-max", type=int, default=512, help="skip the eager loop above this many tokens")
+    args = ap.parse_args()
+    args.out.mkdir(parents=True, exist_ok=True)
+    dev = torch.cuda.get_device_name()
+    t0 = time.time()
+    L = make_layer()
+    print(f"{dev}: layer made in {time.time() - t0:.0f}s", flush=True)
+    rows, tables = [], {"bf16": {}, "fp8": {}}
+    for T in args.tokens:
+        x = torch.randn(T, H, device="cuda", dtype=torch.bfloat16)
+        w, ids = route(L, x)
+        n_exp = int(torch.unique(ids).numel())
+        M = T * (K + 1)
+        flops = 2 * M * 3 * H * I
+        ref = moe_experts_reference(x, w, ids, L["w13"], L["w2"], dtype=torch.float32)
+        router_ms = bench_ms(lambda: moe_router_triton(x @ L["gate"].T, K))
+        for name, (fn, dtype) in METHODS.items():
+            if name == "loop_bf16" and T > args.loop_max:
+                continue
+            kw = {}
+            if args.tune and name.startswith("ours"):
+                best = None
+                for cfg in candidates(T, dtype):
+                    try:
+                        ms = bench_ms(lambda: fn(L, x, w, ids, config=cfg))
+                    except Exception as exc:  # a config that does not compile (shared memory) is skipped
+                        print(f"  T={T} {name} {cfg}: {type(exc).__name__}", flush=True)
+                        continue
+                    if best is None or ms < best[0]:
+                        best = (ms, cfg)
+                tables[dtype][T] = best[1]
+                kw = {"config": best[1]}
+            try:
+                out = fn(L, x, w, ids, **kw)
+                err = ((out.float() - ref).norm() / ref.norm()).item()
+                ms = bench_ms(lambda: fn(L, x, w, ids, **kw), graph=name != "loop_bf16")
+            except Exception as exc:
+                print(f"T={T} {name}: {type(exc).__name__}: {str(exc)[:200]}", flush=True)
+                continue
+            wbytes = n_exp * 3 * H * I * (1 if dtype == "fp8" else 2)
+            tflops = flops / ms / 1e9
+            rows.append(dict(T=T, method=name, us=ms * 1e3, tflops=tflops, experts_touched=n_exp,
+                             weight_bytes=wbytes, hbm_pct=100 * wbytes / (ms * 1e-3) / (HBM_TBS * 1e12),
+                             peak_pct=100 * tflops / PEAK[dtype], rel_err_vs_fp32=err, router_us=router_ms * 1e3))
+            r = rows[-1]
+            print(f"T={T:6d} {name:22s} {r['us']:10.1f} us {tflops:7.1f} TFLOPS  HBM {r['hbm_pct']:5.1f}%  "
+                  f"peak {r['peak_pct']:5.1f}%  err {err:.2e}", flush=True)
+        del ref
+    write(args.out, dev, rows, tables if args.tune else None)
+
+
+def write(out: Path, dev: str, rows: list[dict], tables: dict | None) -> None:
+    meta = dict(device=dev, torch=torch.__version__, triton=triton.__version__, H=H, I=I, E=E, k=K,
+                shared_expert=True, hbm_tbs=HBM_TBS, peak_tflops=PEAK,
+                note="weights random; shared expert = expert 512 (11 slots/token); CUDA-graph medians "
+                     "except loop_bf16 (eager); hbm_pct counts touched experts' weight bytes only")
+    (out / "moe.json").write_text(json.dumps(dict(meta=meta, rows=rows), indent=1))
+    lines = [f"# MoE layer, 397B geometry, {dev}", "", f"torch {torch.__version__}, triton {triton.__version__}; "
+             + meta["note"], "", "| T | method | us | TFLOPS | experts | % HBM roofline | % dense peak | rel err |",
+             "|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        lines.append(f"| {r['T']} | {r['method']} | {r['us']:.1f} | {r['tflops']:.1f} | {r['experts_touched']} | "
+                     f"{r['hbm_pct']:.1f} | {r['peak_pct']:.1f} | {r['rel_err_vs_fp32']:.1e} |")
+    (out / "moe.md").write_text("\n".join(lines) + "\n")
+    if tables:
+        for dtype, tab in tables.items():
+            for e in (E, E + 1):  # routed experts alone, and with the shared expert appended
+                (out / f"E={e},N={I},device=H100,dtype={dtype}.json").write_text(
+                    json.dumps({str(t): c for t, c in tab.items()}, indent=1))
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+        fig, ax = plt.subplots(1, 2, figsize=(12, 4.5))
+        for m in METHODS:
+            rs = [r for r in rows if r["method"] == m]
+            if rs:
+                ax[0].loglog([r["T"] for r in rs], [r["us"] for r in rs], "o-", label=m)
+                ax[1].semilogx([r["T"] for r in rs],
+                               [r["hbm_pct"] if r["T"] <= DECODE_MAX_TOKENS else r["peak_pct"] for r in rs],
+                               "o-", label=m)
+        ax[0].set(xlabel="tokens", ylabel="us per layer", title=f"MoE layer, {dev}")
+        ax[1].set(xlabel="tokens", ylabel="% HBM roofline (T<=64) / % dense peak (T>64)")
+        ax[0].legend(fontsize=8)
+        fig.tight_layout()
+        fig.savefig(out / "moe.png", dpi=110)
+    except ImportError:
+        pass
+
+
+if __name__ == "__main__":
+    main()
