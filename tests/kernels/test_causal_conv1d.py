@@ -1,0 +1,100 @@
+"""Causal conv1d kernels (padded op, varlen prefill, decode update) against the fp64 reference.
+
+Error bounds (relative RMS): the kernels sum W = 4 products in fp32 and apply SiLU in fp32, so fp32
+results sit at ~1e-7 (bound 1e-6); bf16 outputs carry one final rounding (2^-9 relative at most,
+bound 5e-3). Final conv states are copies of inputs: they must match exactly.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from gdn_compare import DEVICE, assert_close
+from qwen35_export.kernels.causal_conv1d import (
+    causal_conv1d_update, causal_conv1d_varlen, naive_causal_conv1d)
+
+
+def bound(dtype: torch.dtype) -> float:
+    return 5e-3 if dtype == torch.bfloat16 else 1e-6
+
+
+def make(shape, dtype, gen):
+    return torch.randn(*shape, generator=gen).to(dtype).to(DEVICE)
+
+
+@pytest.mark.parametrize("T,B,C,dtype", [
+    pytest.param(1, 3, 200, torch.bfloat16, id="T1-B3-C200-bf16"),
+    pytest.param(2, 1, 64, torch.float32, id="T2-B1-C64-fp32"),
+    pytest.param(63, 3, 130, torch.float32, id="T63-B3-C130-fp32"),
+    pytest.param(64, 1, 256, torch.bfloat16, id="T64-B1-C256-bf16"),
+    pytest.param(65, 3, 200, torch.bfloat16, id="T65-B3-C200-bf16"),
+    pytest.param(200, 1, 100, torch.float32, id="T200-B1-C100-fp32"),
+])
+def test_op_matches_reference_ops(T, B, C, dtype, poison_empty):
+    """`qwen35_triton::causal_conv1d` equals `qwen35::causal_conv1d`, right-padded rows included
+    (lengths shorter than W-1 take part of the final state from the initial state)."""
+    import qwen35_export.kernels.causal_conv1d.op  # noqa: F401  (registers the op)
+    import qwen35_export.model.ops  # noqa: F401
+
+    gen = torch.Generator().manual_seed(T + B)
+    x, w, s = make((B, T, C), dtype, gen), make((C, 4), dtype, gen), make((B, C, 3), dtype, gen)
+    lengths = torch.tensor([T, max(1, T // 2), 1][:B], dtype=torch.int64, device=DEVICE)
+    y, st = torch.ops.qwen35_triton.causal_conv1d(x, w, s, lengths)
+    ry, rst = naive_causal_conv1d(x, w, s, lengths=lengths)
+    assert y.dtype == dtype and st.dtype == s.dtype
+    assert_close("y", y, ry, bound(dtype))
+    assert torch.equal(st, rst.to(dtype)), "final conv state is a copy of inputs: must be exact"
+    y2, st2 = torch.ops.qwen35.causal_conv1d(x, w, s, lengths)
+    assert_close("y vs qwen35 op", y, y2.double(), bound(dtype))
+    assert torch.equal(st, st2)
+
+
+@pytest.mark.parametrize("lens,dtype,use_state", [
+    pytest.param([1, 2, 63, 64, 65, 200], torch.float32, True, id="lens1-2-63-64-65-200-fp32"),
+    pytest.param([130, 3], torch.bfloat16, True, id="lens130-3-bf16"),
+    pytest.param([5, 70], torch.float32, False, id="lens5-70-nostate"),
+])
+def test_varlen_matches_reference(lens, dtype, use_state, poison_empty):
+    gen = torch.Generator().manual_seed(len(lens))
+    C = 96
+    x, w = make((sum(lens), C), dtype, gen), make((C, 4), dtype, gen)
+    cu = torch.tensor([0] + torch.tensor(lens).cumsum(0).tolist(), dtype=torch.int32, device=DEVICE)
+    st = make((len(lens), C, 3), dtype, gen) if use_state else None
+    st0 = st.clone() if use_state else None
+    y, _ = causal_conv1d_varlen(x, w, cu, st)
+    ry, rst = naive_causal_conv1d(x[None], w, st0, cu_seqlens=cu)
+    assert_close("y", y, ry[0], bound(dtype))
+    if use_state:
+        assert torch.equal(st, rst.to(dtype))
+
+
+@pytest.mark.parametrize("T,dtype", [(1, torch.float32), (3, torch.bfloat16)])
+def test_update_pool_matches_reference(T, dtype, poison_empty):
+    """Decode update: pool rows at the slots shift in place, a -1 slot and other rows stay untouched."""
+    gen = torch.Generator().manual_seed(T)
+    B, C = 3, 200
+    x, w = make((B, T, C), dtype, gen), make((C, 4), dtype, gen)
+    pool = make((6, C, 3), dtype, gen)
+    slot = torch.tensor([4, -1, 0], device=DEVICE)
+    pool0 = pool.clone()
+    y = causal_conv1d_update(x, w, pool, slot)
+    ry, rst = naive_causal_conv1d(x[[0, 2]], w, pool0[[4, 0]])
+    assert_close("y", y[[0, 2]], ry, bound(dtype))
+    assert torch.equal(pool[[4, 0]], rst.to(dtype))
+    assert torch.equal(pool[[1, 2, 3, 5]], pool0[[1, 2, 3, 5]])
+
+
+def test_prefill_then_update_equals_longer_prefill():
+    """Prefill(T) then one decode step equals prefill(T+1), output and state."""
+    gen = torch.Generator().manual_seed(0)
+    T, C = 65, 64
+    x, w, s = make((1, T + 1, C), torch.float32, gen), make((C, 4), torch.float32, gen), make((1, C, 3), torch.float32, gen)
+    cu = torch.tensor([0, T + 1], device=DEVICE)
+    st_full = s.clone()
+    y_full, _ = causal_conv1d_varlen(x[0], w, cu, st_full)
+    st = s.clone()
+    causal_conv1d_varlen(x[0, :T], w, torch.tensor([0, T], device=DEVICE), st)
+    y_last = causal_conv1d_update(x[0, T:], w, st)
+    assert_close("y of token T", y_last, y_full[T:], 1e-6)
+    assert torch.equal(st, st_full)

@@ -1,0 +1,211 @@
+"""Gated delta rule kernels (chunked prefill, recurrent decode, torch op) against the fp64 naive reference.
+
+Runs the Triton kernels on the CPU through the interpreter (conftest.py); small head dims keep it fast.
+Error bounds (relative RMS, see gdn_compare.assert_close), from the precision of each path:
+- fp32 inputs: every product in fp32 (the interpreter's fp32 dot is exact fp32): observed ~1e-6 at
+  T <= 200, bound 2e-5. On a GPU fp32 dots run in tf32 (10-bit mantissa): bound 5e-3.
+- bf16 inputs, chunked: the dot operands (normalised k, the (I+L)^-1 blocks, w, u, v_new, the state S)
+  are rounded to bf16 (2^-9 relative each) on the way to o, and o is stored in bf16: observed 3e-3 to
+  5e-3, bound 1.2e-2.
+- recurrent: all math in fp32 on bf16-exact inputs; o stored in v's dtype: bound 1e-5 for the fp32
+  state and fp32 o, 5e-3 (one bf16 rounding, 2^-9 relative at most) for bf16 o.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from gdn_compare import DEVICE, ON_GPU, assert_close, needs_cuda
+from qwen35_export.kernels.gated_delta_rule import (
+    chunk_gated_delta_rule, fused_recurrent_gated_delta_rule, naive_gated_delta_rule)
+
+FP32_BOUND = 5e-3 if ON_GPU else 2e-5
+BF16_BOUND = 1.2e-2
+
+
+def bound(dtype: torch.dtype) -> float:
+    return BF16_BOUND if dtype == torch.bfloat16 else FP32_BOUND
+
+
+def make_inputs(B: int, T: int, H: int, HV: int, K: int, V: int, dtype: torch.dtype, seed: int = 0,
+                N: int | None = None, h0: bool = True):
+    """Random inputs: fresh draws per case; g = logsigmoid(randn) <= 0, beta in [0, 1)."""
+    gen = torch.Generator().manual_seed(seed)
+    q = torch.randn(B, T, H, K, generator=gen).to(dtype)
+    k = torch.randn(B, T, H, K, generator=gen).to(dtype)
+    v = torch.randn(B, T, HV, V, generator=gen).to(dtype)
+    g = F.logsigmoid(torch.randn(B, T, HV, generator=gen))
+    beta = torch.rand(B, T, HV, generator=gen)
+    state = torch.randn(N or B, HV, K, V, generator=gen) if h0 else None
+    to = lambda x: None if x is None else x.to(DEVICE)  # noqa: E731
+    return tuple(to(x) for x in (q, k, v, g, beta, state))
+
+
+CHUNK_CASES = [
+    # (B, T, H, HV, K, V, dtype, h0)
+    pytest.param(1, 1, 1, 1, 32, 32, torch.float32, False, id="T1-B1-HV1-fp32-h0zero"),
+    pytest.param(3, 2, 2, 4, 32, 32, torch.bfloat16, True, id="T2-B3-HV4-bf16"),
+    pytest.param(1, 63, 1, 2, 32, 32, torch.float32, True, id="T63-B1-HV2-fp32"),
+    pytest.param(3, 64, 2, 2, 32, 32, torch.bfloat16, False, id="T64-B3-HV2-bf16-h0zero"),
+    pytest.param(1, 65, 2, 8, 32, 64, torch.bfloat16, True, id="T65-B1-HV8-HK2-V64-bf16"),
+    pytest.param(3, 65, 1, 1, 32, 32, torch.float32, True, id="T65-B3-HV1-fp32"),
+    pytest.param(1, 200, 2, 4, 32, 32, torch.float32, True, id="T200-B1-HV4-fp32"),
+    pytest.param(3, 200, 3, 3, 32, 32, torch.bfloat16, True, id="T200-B3-HV3-bf16"),
+    pytest.param(1, 130, 1, 2, 128, 128, torch.bfloat16, True, id="T130-B1-HV2-K128-bf16"),
+]
+
+
+@pytest.mark.parametrize("B,T,H,HV,K,V,dtype,h0", CHUNK_CASES)
+def test_chunk_matches_reference(B, T, H, HV, K, V, dtype, h0, poison_empty):
+    q, k, v, g, beta, state = make_inputs(B, T, H, HV, K, V, dtype, seed=T * 7 + B)
+    o, ht = chunk_gated_delta_rule(q, k, v, g, beta, initial_state=state)
+    ro, rh = naive_gated_delta_rule(q, k, v, g, beta, state)
+    assert o.dtype == v.dtype and ht.dtype == torch.float32
+    assert_close("o", o, ro, bound(dtype))
+    assert_close("ht", ht, rh, bound(dtype))
+
+
+VARLEN_CASES = [
+    pytest.param([1, 63, 64, 65, 200, 7], 2, 4, torch.bfloat16, True, id="lens1-63-64-65-200-7-HV4-bf16"),
+    pytest.param([130, 2, 64], 1, 1, torch.float32, True, id="lens130-2-64-HV1-fp32"),
+    pytest.param([5, 128, 1], 2, 2, torch.float32, False, id="lens5-128-1-HV2-fp32-h0zero"),
+]
+
+
+@pytest.mark.parametrize("lens,H,HV,dtype,h0", VARLEN_CASES)
+def test_chunk_varlen_matches_reference(lens, H, HV, dtype, h0, poison_empty):
+    T = sum(lens)
+    q, k, v, g, beta, state = make_inputs(1, T, H, HV, 32, 32, dtype, seed=len(lens), N=len(lens), h0=h0)
+    cu = torch.tensor([0] + torch.tensor(lens).cumsum(0).tolist(), dtype=torch.int32, device=DEVICE)
+    o, ht = chunk_gated_delta_rule(q, k, v, g, beta, initial_state=state, cu_seqlens=cu)
+    ro, rh = naive_gated_delta_rule(q, k, v, g, beta, state, cu_seqlens=cu)
+    assert_close("o", o, ro, bound(dtype))
+    assert_close("ht", ht, rh, bound(dtype))
+
+
+@pytest.mark.parametrize("split", [64, 100], ids=["at-chunk-boundary", "mid-chunk"])
+def test_chunk_split_prefill_equals_one_call(split):
+    """Prefill of 200 tokens in two calls (state carried) equals one call: bitwise when the split falls on
+    a chunk boundary (same chunks, fp32 state stored and reloaded exactly), to fp32 rounding elsewhere."""
+    q, k, v, g, beta, state = make_inputs(2, 200, 2, 4, 32, 32, torch.float32, seed=5)
+    o, ht = chunk_gated_delta_rule(q, k, v, g, beta, initial_state=state)
+    a, b = slice(0, split), slice(split, 200)
+    o1, h1 = chunk_gated_delta_rule(q[:, a], k[:, a], v[:, a], g[:, a], beta[:, a], initial_state=state)
+    o2, h2 = chunk_gated_delta_rule(q[:, b], k[:, b], v[:, b], g[:, b], beta[:, b], initial_state=h1)
+    o12 = torch.cat([o1, o2], dim=1)
+    if split % 64 == 0:
+        assert torch.equal(o12, o) and torch.equal(h2, ht)
+    else:
+        assert_close("o split", o12, o, FP32_BOUND)
+        assert_close("ht split", h2, ht, FP32_BOUND)
+
+
+@pytest.mark.parametrize("T", [63, 64, 130])
+def test_prefill_then_decode_equals_longer_prefill(T):
+    """Prefill(T) then one recurrent decode step equals prefill(T+1): output of the new token and state."""
+    q, k, v, g, beta, state = make_inputs(3, T + 1, 2, 4, 32, 32, torch.float32, seed=T)
+    o, ht = chunk_gated_delta_rule(q, k, v, g, beta, initial_state=state)
+    p = slice(0, T)
+    _, hp = chunk_gated_delta_rule(q[:, p], k[:, p], v[:, p], g[:, p], beta[:, p], initial_state=state)
+    d = slice(T, T + 1)
+    od, hd = fused_recurrent_gated_delta_rule(q[:, d], k[:, d], v[:, d], g[:, d], beta[:, d], initial_state=hp)
+    assert_close("o of token T", od, o[:, d], FP32_BOUND)
+    assert_close("state after T+1", hd, ht, FP32_BOUND)
+
+
+RECURRENT_CASES = [
+    pytest.param(1, 1, 1, 1, torch.float32, id="T1-B1-HV1-fp32"),
+    pytest.param(3, 1, 2, 4, torch.bfloat16, id="T1-B3-HV4-bf16"),
+    pytest.param(3, 2, 1, 2, torch.float32, id="T2-B3-HV2-fp32"),
+    pytest.param(1, 8, 2, 4, torch.bfloat16, id="T8-B1-HV4-bf16"),
+]
+
+
+@pytest.mark.parametrize("B,T,H,HV,dtype", RECURRENT_CASES)
+def test_recurrent_pool_matches_reference(B, T, H, HV, dtype, poison_empty):
+    """State pool updated in place at the slots, other rows untouched, -1 rows skipped; per-step states."""
+    K = V = 32
+    q, k, v, g, beta, _ = make_inputs(B, T, H, HV, K, V, dtype, seed=B * 10 + T, h0=False)
+    gen = torch.Generator().manual_seed(1)
+    pool = torch.randn(B + 4, HV, K, V, generator=gen).to(DEVICE)
+    slot = torch.randperm(B + 4, generator=gen)[:B].to(DEVICE)
+    if B > 1:
+        slot[1] = -1  # a padding row of a fixed-size batch
+    live = (slot >= 0).nonzero().flatten()
+    pool0 = pool.clone()
+    o, ht, hs = fused_recurrent_gated_delta_rule(q, k, v, g, beta, state_pool=pool, slot_idx=slot, keep_steps=True)
+    assert ht is None
+    ro, rh, rs = naive_gated_delta_rule(q[live], k[live], v[live], g[live], beta[live], pool0[slot[live]],
+                                        keep_steps=True)
+    assert_close("o", o[live], ro, 5e-3 if dtype == torch.bfloat16 else 1e-5)
+    assert_close("pool at slots", pool[slot[live]], rh, 1e-5)
+    assert_close("per-step states", hs[live], rs, 1e-5)
+    untouched = torch.ones(B + 4, dtype=torch.bool, device=DEVICE)
+    untouched[slot[live]] = False
+    assert torch.equal(pool[untouched], pool0[untouched])
+
+
+def test_recurrent_initial_state_api(poison_empty):
+    q, k, v, g, beta, state = make_inputs(2, 3, 2, 2, 32, 32, torch.float32, seed=3)
+    o, ht = fused_recurrent_gated_delta_rule(q, k, v, g, beta, initial_state=state)
+    ro, rh = naive_gated_delta_rule(q, k, v, g, beta, state)
+    assert_close("o", o, ro, 1e-5)
+    assert_close("ht", ht, rh, 1e-5)
+
+
+@pytest.mark.parametrize("T", [1, 8, 9, 70], ids=["T1-recurrent", "T8-recurrent", "T9-chunk", "T70-chunk"])
+def test_triton_op_matches_reference_op(T, poison_empty):
+    """`qwen35_triton::gated_delta_rule` equals `qwen35::gated_delta_rule` on the padded layout, padding
+    tokens (g = 0, beta = 0) included: both paths of the op's dispatch."""
+    import qwen35_export.kernels.gated_delta_rule.op  # noqa: F401  (registers the op)
+    import qwen35_export.model.ops  # noqa: F401
+
+    B = 3
+    q, k, v, g, beta, state = make_inputs(B, T, 2, 4, 32, 32, torch.float32, seed=T)
+    lengths = [T, max(1, T - 5), 1]
+    for b, L in enumerate(lengths):
+        g[b, L:] = 0
+        beta[b, L:] = 0
+    o, ht = torch.ops.qwen35_triton.gated_delta_rule(q, k, v, g, beta, state)
+    ro, rh = torch.ops.qwen35.gated_delta_rule(q, k, v, g, beta, state)
+    assert_close("o", o, ro, FP32_BOUND)
+    assert_close("ht", ht, rh, FP32_BOUND)
+    # padding left the state of the short rows where their last real token put it
+    _, h1 = naive_gated_delta_rule(q[2:, :1], k[2:, :1], v[2:, :1], g[2:, :1], beta[2:, :1], state[2:])
+    assert_close("ht of a 1-token row", ht[2:], h1, FP32_BOUND)
+
+
+def test_triton_op_exports():
+    """torch.export traces the op through its fake kernel (dynamic T), keeping it as one node."""
+    import qwen35_export.kernels.gated_delta_rule.op  # noqa: F401
+
+    class M(torch.nn.Module):
+        def forward(self, q, k, v, g, beta, h0):
+            return torch.ops.qwen35_triton.gated_delta_rule(q, k, v, g, beta, h0)
+
+    args = make_inputs(2, 16, 2, 4, 32, 32, torch.bfloat16)
+    T = torch.export.Dim("T", min=2, max=4096)
+    ep = torch.export.export(M(), args, dynamic_shapes=({1: T}, {1: T}, {1: T}, {1: T}, {1: T}, None))
+    nodes = [n for n in ep.graph.nodes if n.target == torch.ops.qwen35_triton.gated_delta_rule.default]
+    assert len(nodes) == 1
+    o_meta = nodes[0].meta["val"][0]
+    assert o_meta.dtype == torch.bfloat16 and o_meta.shape[2:] == (4, 32)
+
+
+@needs_cuda
+def test_state_error_does_not_grow_with_T():
+    """T = 8192 on the device, 397B heads: the final-state error against fp64 stays flat as T grows
+    (decay forgets old rounding); a growing error would mean state drift. bench/gdn.py reports the same."""
+    q, k, v, g, beta, _ = make_inputs(1, 8192, 16, 64, 128, 128, torch.bfloat16, h0=False)
+    q, k, v, g, beta = (x.cuda() for x in (q, k, v, g, beta))
+    h = torch.zeros(1, 64, 128, 128, dtype=torch.float64, device="cuda")
+    errs, prev = [], 0
+    for m in (1024, 2048, 4096, 8192):
+        s = slice(prev, m)
+        _, h = naive_gated_delta_rule(q[:, s], k[:, s], v[:, s], g[:, s], beta[:, s], h)
+        _, ht = chunk_gated_delta_rule(q[:, :m], k[:, :m], v[:, :m], g[:, :m], beta[:, :m])
+        errs.append(assert_close(f"ht at T={m}", ht, h, BF16_BOUND))
+        prev = m
+    assert errs[-1] <= 1.5 * errs[0], f"state error grows with T: {errs}"
