@@ -16,6 +16,7 @@ from qwen35_export.kernels.moe import (DECODE_MAX_TOKENS, align_block_size, moe_
                                        moe_experts_fp8_reference, moe_experts_reference, moe_experts_triton,
                                        moe_router, moe_router_reference)
 import qwen35_export.model.ops  # noqa: F401  (registers the qwen35:: reference ops)
+from qwen35_export.kernels.moe import align
 
 BF16_U = 2.0 ** -8  # unit roundoff of bf16 (8 significant bits): one RNE rounding errs by at most this, relative
 FP8_U = 2.0 ** -4  # unit roundoff of e4m3 (4 significant bits)
@@ -117,9 +118,12 @@ def test_router_ties(nan_empty):
 
 # -- tile map --------------------------------------------------------------------------------------
 @pytest.mark.parametrize("N,E,k,bm", [(1, 512, 10, 16), (65, 8, 2, 16), (40, 4, 3, 64), (7, 16, 1, 32)])
-def test_align_tile_map(N, E, k, bm):
+def test_align_tile_map(N, E, k, bm, monkeypatch):
     _, ids = make_routing(N, E, k, seed=N + E, pin=1 if E == 4 else None)
-    slots, tile_e, num_padded = align_block_size(ids, E, bm)
+    slots, tile_e, num_padded = align_block_size(ids, E, bm)  # the one-program Triton path (small M)
+    monkeypatch.setattr(align, "SMALL_M", 0)
+    for got, want in zip((slots, tile_e, num_padded), align_block_size(ids, E, bm)):  # the torch-ops path
+        assert torch.equal(got, want), "the two tile-map paths disagree"
     M = N * k
     n_pad = int(num_padded)
     assert n_pad % bm == 0 and slots.shape[0] % bm == 0 and n_pad <= slots.shape[0]

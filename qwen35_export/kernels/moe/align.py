@@ -1,14 +1,45 @@
-"""Sort token slots by expert into BLOCK_M-padded tiles (vLLM's `moe_align_block_size`), in torch ops.
+"""Sort token slots by expert into BLOCK_M-padded tiles (vLLM's `moe_align_block_size`).
 
 Static shapes only (no `.item()`, no data-dependent sizes), so it traces under torch.export and captures
 in CUDA graphs: the tile map is sized for the worst case and tiles past `num_padded` are skipped by the
 GEMM kernels. A slot is `token * k + j`, the j-th expert of a token; padding slots hold `M = N * k`.
+Up to `SMALL_M` slots (decode) one Triton program does it all in one launch (launches dominate there);
+beyond, a dozen torch ops (bandwidth-bound, negligible beside prefill GEMMs). Both give identical maps.
 """
 
 from __future__ import annotations
 
 import torch
+import triton
+import triton.language as tl
 from torch import Tensor
+from torch.library import wrap_triton
+
+SMALL_M = 4096
+
+
+@triton.jit
+def _align_kernel(ids_ptr, slots_ptr, tile_expert_ptr, num_padded_ptr, M, E, P, num_tiles,
+                  TILE: tl.constexpr, BLOCK: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_T: tl.constexpr):
+    offs = tl.arange(0, BLOCK)
+    e = tl.load(ids_ptr + offs, mask=offs < M, other=E).to(tl.int32)  # padding lands in spare bin E
+    eo = tl.arange(0, BLOCK_E)
+    counts = tl.where(eo < E, tl.histogram(e, BLOCK_E), 0)
+    padded = (counts + TILE - 1) // TILE * TILE
+    pad_end = tl.cumsum(padded, 0)
+    shift = pad_end - padded - (tl.cumsum(counts, 0) - counts)  # padded start - sorted start, per expert
+    key = tl.sort(e * BLOCK + offs)  # expert-major, slot order inside an expert (stable)
+    se = key // BLOCK
+    pos = tl.gather(shift, tl.minimum(se, BLOCK_E - 1), 0) + offs  # offs is now the sorted index
+    for p0 in range(0, P, BLOCK):
+        tl.store(slots_ptr + p0 + offs, M, mask=p0 + offs < P)
+    tl.debug_barrier()  # one CTA: the padding fill above lands before the real slots below
+    tl.store(slots_ptr + pos, key % BLOCK, mask=se < E)
+    for t0 in range(0, num_tiles, BLOCK_T):
+        t = t0 + tl.arange(0, BLOCK_T)
+        before = tl.sum((pad_end[None, :] <= (t * TILE)[:, None]).to(tl.int32), axis=1)  # [BLOCK_T]
+        tl.store(tile_expert_ptr + t, tl.minimum(before, E), mask=t < num_tiles)
+    tl.store(num_padded_ptr, tl.sum(padded, 0))
 
 
 def max_padded(M: int, E: int, block_m: int) -> int:
@@ -26,6 +57,15 @@ def align_block_size(ids: Tensor, E: int, block_m: int) -> tuple[Tensor, Tensor,
     M = flat.numel()
     dev = ids.device
     P = -(-max_padded(M, E, block_m) // block_m) * block_m
+    if 0 < M <= SMALL_M:
+        slots = torch.empty(P, dtype=torch.int32, device=dev)
+        tile_expert = torch.empty(P // block_m, dtype=torch.int32, device=dev)
+        num_padded = torch.empty(1, dtype=torch.int32, device=dev)
+        block_e = triton.next_power_of_2(E + 1)
+        wrap_triton(_align_kernel)[(1,)](flat, slots, tile_expert, num_padded, M, E, P, P // block_m,
+                                         TILE=block_m, BLOCK=triton.next_power_of_2(M), BLOCK_E=block_e,
+                                         BLOCK_T=max(1, 8192 // block_e), num_warps=8)
+        return slots, tile_expert, num_padded
     counts = torch.zeros(E, dtype=torch.int64, device=dev).scatter_add_(0, flat, torch.ones_like(flat))
     padded = (counts + block_m - 1) // block_m * block_m
     pad_end = torch.cumsum(padded, 0)  # [E]
