@@ -52,7 +52,8 @@ def cmd_build(a: argparse.Namespace) -> int:
     from .exporter.build import BuildSettings, build_engine
 
     settings = BuildSettings(target=a.target, dtype=a.dtype, max_batch=a.max_batch, max_seq_len=a.max_seq_len,
-                             dump_graphs=a.dump_graphs, force=a.force, backend=a.backend)
+                             dump_graphs=a.dump_graphs, force=a.force, backend=a.backend,
+                             kernels=a.kernels)
     if a.backend == "aoti":
         build_engine(a.checkpoint, a.out, settings)
     else:
@@ -126,6 +127,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--max-batch", type=int, default=8)
     s.add_argument("--max-seq-len", type=int, default=512)
     s.add_argument("--out", required=True, type=Path)
+    s.add_argument("--kernels", default="auto", choices=["auto", "triton", "reference"],
+                   help="implementations of the custom ops (auto: Triton on GPU targets, references on cpu)")
     s.add_argument("--dump-graphs", action="store_true")
     s.add_argument("--force", action="store_true", help="replace an existing engine directory")
     s.add_argument("--validate", action="store_true", help="run a short validate and record it in the manifest")

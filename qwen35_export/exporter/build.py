@@ -44,6 +44,9 @@ class BuildSettings:
     dump_graphs: bool = False
     force: bool = False
     backend: str = "aoti"
+    # Which implementation replaces the qwen35:: reference ops: "auto" (Triton on GPU targets, reference on
+    # cpu), "triton" (fail if a kernel is missing), "reference" (keep the torch references everywhere).
+    kernels: str = "auto"
     progress: bool = True
 
 
@@ -83,6 +86,21 @@ def _prepare_layer(w: dict[str, torch.Tensor], dtype: str, act: torch.dtype) -> 
                 else v.to(act)).contiguous() for k, v in w.items()}
 
 
+def _select_kernels(settings: BuildSettings) -> dict[str, object]:
+    if settings.kernels not in ("auto", "triton", "reference"):
+        raise BuildError(f"--kernels: expected auto, triton or reference, found {settings.kernels!r}")
+    if settings.kernels == "reference" or (settings.kernels == "auto" and settings.target == "cpu"):
+        return {}
+    impls = triton_implementations()
+    if settings.kernels == "triton":
+        need = {"causal_conv1d", "gated_delta_rule", "moe_router", "moe_experts"}
+        need |= {"moe_experts_fp8", "fp8_linear"} if settings.dtype == "fp8" else set()
+        missing = sorted(need - set(impls))
+        if missing:
+            raise BuildError(f"--kernels triton: no Triton implementation registered for {missing}")
+    return impls
+
+
 def build_engine(checkpoint: str | Path, out: str | Path, settings: BuildSettings) -> Path:
     """Build an engine directory at `out` from the checkpoint directory `checkpoint`."""
     out = Path(out)
@@ -106,7 +124,7 @@ def build_engine(checkpoint: str | Path, out: str | Path, settings: BuildSetting
     if dtype == "fp8" and cfg.moe_intermediate_size % 128:
         raise BuildError(f"--dtype fp8 needs moe_intermediate_size to be a multiple of 128, found "
                          f"{cfg.moe_intermediate_size}")
-    impls = triton_implementations() if settings.target != "cpu" else {}
+    impls = _select_kernels(settings)
     shapes = C.CaptureShapes(settings.max_batch, settings.max_seq_len)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.building-", dir=out.parent))

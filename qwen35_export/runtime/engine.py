@@ -7,6 +7,7 @@ step as a CUDA graph per batch bucket on GPUs, and samples.
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterator
@@ -71,7 +72,11 @@ class Engine:
         self.cfg = _config_from_manifest(man.model_config)
         self.act_dtype = getattr(torch, man.act_dtype)
         self.max_batch, self.max_seq_len = man.max_batch, man.max_seq_len
+        self.load_seconds: dict[str, float] = {}
+        t0 = time.perf_counter()
         self.graphs = {name: load_package(engine_dir / g.file, device) for name, g in man.graphs.items()}
+        self.load_seconds["graphs"] = time.perf_counter() - t0
+        t0 = time.perf_counter()
         glob = load_file(str(engine_dir / man.globals_file), device=str(device))
         self.globals = glob
         self.layer_weights: list[list[Tensor]] = []
@@ -83,6 +88,7 @@ class Engine:
             if missing:
                 raise EngineError(f"{engine_dir / rel}: tensor '{missing[0]}' missing (the graph expects it)")
             self.layer_weights.append([w[n] for n in names])
+        self.load_seconds["weights"] = time.perf_counter() - t0
         self._alloc_pools()
         self.tokenizer = self._load_tokenizer()
         self.use_cuda_graphs = use_cuda_graphs and device.type == "cuda"
@@ -186,7 +192,17 @@ class Engine:
         B = tokens.shape[0]
         nb = self._bucket(B)
         if nb not in self._cuda_graphs:
-            self._capture(nb)
+            try:
+                self._capture(nb)
+            except RuntimeError as e:
+                # An op that syncs with the host (a reference op through the proxy executor) cannot be
+                # captured: run this engine eagerly from now on, and say so once.
+                import warnings
+
+                warnings.warn(f"CUDA graph capture failed ({str(e).splitlines()[0][:200]}); decoding eagerly")
+                torch.cuda.synchronize()
+                self.use_cuda_graphs = False
+                return self._decode_eager(tokens, s)
         graph, tok_buf, out = self._cuda_graphs[nb]
         tok_buf.zero_()
         tok_buf[:B].copy_(tokens)
@@ -197,18 +213,23 @@ class Engine:
         tok = torch.zeros(nb, dtype=torch.int64, device=self.device)
         s = self.slots(nb)
         # Snapshot the slots: warm-up and capture run the step for real and would advance the state.
-        saved = [t.clone() for t in (*s.conv, *s.rec, *s.k, *s.v, s.lengths)]
-        stream = torch.cuda.Stream()
-        stream.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(stream):
-            for _ in range(2):
-                self._decode_eager(tok, s)
-        torch.cuda.current_stream().wait_stream(stream)
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            out = self._decode_eager(tok, s)
-        for t, v in zip((*s.conv, *s.rec, *s.k, *s.v, s.lengths), saved):
-            t.copy_(v)
+        state = (*s.conv, *s.rec, *s.k, *s.v, s.lengths)
+        saved = [t.clone() for t in state]
+        try:
+            stream = torch.cuda.Stream()
+            stream.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(stream):
+                for _ in range(2):
+                    self._decode_eager(tok, s)
+            torch.cuda.current_stream().wait_stream(stream)
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph):
+                out = self._decode_eager(tok, s)
+        finally:
+            # Restore even when capture fails: the real sequences' states must not have moved.
+            torch.cuda.synchronize()
+            for t, v in zip(state, saved):
+                t.copy_(v)
         self._cuda_graphs[nb] = (graph, tok, out)
 
     # -- generation ------------------------------------------------------------------------------------
