@@ -1,0 +1,67 @@
+"""The CLI's checkpoint commands, run in-process through `qwen35_export.cli.main`."""
+
+from __future__ import annotations
+
+import re
+
+import torch
+
+from qwen35_export.checkpoint.reader import load_model_weights
+from qwen35_export.cli import main
+from qwen35_export.model.model import Qwen35Model
+
+
+def run_cli(capsys, *argv: str) -> str:
+    capsys.readouterr()
+    assert main(list(argv)) == 0
+    return capsys.readouterr().out
+
+
+def test_init_checkpoint_info_generate(tmp_path, capsys) -> None:
+    out = tmp_path / "tiny-bf16"
+    assert "wrote random tiny checkpoint (bf16)" in run_cli(capsys, "init-checkpoint", "--preset", "tiny",
+                                                            "--dtype", "bf16", "--out", str(out))
+    assert (out / "config.json").is_file() and (out / "model.safetensors").is_file()
+
+    info = run_cli(capsys, "info", str(out))
+    assert "model_type   qwen3_5_moe (prefix 'model.language_model.'), 1 safetensors file(s)" in info
+    assert "geometry     H=256 layers=8 vocab=1024" in info
+    assert "layers       gggAgggA" in info
+    assert "experts stored fused" in info
+    assert re.search(r"dtypes\s+BF16: \d+, F32: 6", info)  # A_log of the 6 GDN layers stays fp32
+    assert "fp8          no" in info
+    assert "not used" not in info  # the tiny preset has no MTP layer
+
+    gen = run_cli(capsys, "generate", str(out), "--token-ids", "5,6,7", "--max-new-tokens", "6")
+    m = re.fullmatch(r"reference greedy tokens: ([\d,]+)\n", gen)
+    assert m, gen
+    tokens = [int(t) for t in m.group(1).split(",")]
+    assert len(tokens) == 6 and all(0 <= t < 1024 for t in tokens)
+    model = Qwen35Model(load_model_weights(out, torch.float32, progress=False))
+    assert tokens == model.generate_greedy([[5, 6, 7]], 6)[0]
+
+
+def test_info_fp8_and_text_only(tmp_path, capsys, tiny_ckpt_fp8) -> None:
+    info = run_cli(capsys, "info", str(tiny_ckpt_fp8))
+    assert "experts stored per_expert" in info
+    m = re.search(r"fp8          yes: (\d+) tensors float8_e4m3fn with 128x128 block scales", info)
+    assert m and int(m.group(1)) > 8 * 16 * 3
+    assert re.search(r"not used     \d+ tensors under 'mtp\.' \(MTP head; not used yet\)", info)
+
+    out = tmp_path / "text"
+    run_cli(capsys, "init-checkpoint", "--dtype", "fp8", "--text-only", "--expert-layout", "fused", "--out",
+            str(out))
+    info = run_cli(capsys, "info", str(out))
+    assert "model_type   qwen3_5_moe_text (prefix 'model.')" in info
+    assert "experts stored fused" in info and "fp8          yes" in info
+
+
+def test_init_checkpoint_refuses_to_overwrite(tmp_path, capsys) -> None:
+    out = tmp_path / "x"
+    out.mkdir()
+    (out / "mine.txt").write_text("keep")
+    capsys.readouterr()
+    assert main(["init-checkpoint", "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and "not empty" in err
+    assert (out / "mine.txt").read_text() == "keep"
