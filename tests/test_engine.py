@@ -1,0 +1,179 @@
+"""The engine path on the cpu target: build -> load -> generate equals the reference; atomic builds;
+manifest checks; bad input."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from qwen35_export.checkpoint.reader import load_model_weights
+from qwen35_export.cli import main as cli_main
+from qwen35_export.errors import BuildError, EngineError, InputError
+from qwen35_export.exporter.build import BuildSettings, build_engine
+from qwen35_export.model.model import Qwen35Model
+from qwen35_export.runtime.engine import Engine
+from qwen35_export.runtime.sampling import SamplingParams
+
+PROMPTS = [[5, 6, 7, 8, 9, 10, 11, 12, 13], [3], [100, 200, 300, 400]]  # unequal lengths, one of 1 token
+GEN = 32
+
+
+@pytest.fixture(scope="module")
+def engine(cpu_engine_fp32: Path) -> Engine:
+    return Engine.load(cpu_engine_fp32)
+
+
+@pytest.fixture(scope="module")
+def reference(engine_ckpt_fp32: Path) -> Qwen35Model:
+    return Qwen35Model(load_model_weights(engine_ckpt_fp32, torch.float32, progress=False))
+
+
+def test_greedy_tokens_identical_to_reference(engine: Engine, reference: Qwen35Model) -> None:
+    out = engine.generate(PROMPTS, SamplingParams(max_new_tokens=GEN))
+    ref = reference.generate_greedy(PROMPTS, GEN)
+    assert [len(o) for o in out] == [GEN] * 3
+    assert out == ref
+
+
+def test_prefill_logits_match_reference(engine: Engine, reference: Qwen35Model) -> None:
+    ids = torch.tensor([[5, 6, 7, 8, 9], [3, 0, 0, 0, 0]])
+    lengths = torch.tensor([5, 1])
+    logits = engine.prefill(ids, lengths, engine.reset(2), all_logits=True)
+    ref, _ = reference.prefill(ids, lengths, reference.init_state(2, engine.max_seq_len))
+    for b, n in enumerate(lengths.tolist()):
+        err = (logits[b, :n] - ref[b, :n]).abs().max().item()
+        assert err <= 1e-4 * ref[b, :n].abs().max().item(), f"row {b}: max |dlogit| {err}"
+
+
+def test_load_in_fresh_process(cpu_engine_fp32: Path, reference: Qwen35Model) -> None:
+    """Users load engines in a new process: no state from the build may be needed."""
+    code = ("import json,sys; from qwen35_export.runtime.engine import Engine;"
+            "from qwen35_export.runtime.sampling import SamplingParams;"
+            f"e=Engine.load({str(cpu_engine_fp32)!r});"
+            f"print(json.dumps(e.generate({PROMPTS[:2]!r}, SamplingParams(max_new_tokens=4))))")
+    p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0, p.stderr[-2000:]
+    out = json.loads(p.stdout.strip().splitlines()[-1])
+    assert out == reference.generate_greedy(PROMPTS[:2], 4)
+
+
+def test_sampling_modes(engine: Engine, reference: Qwen35Model) -> None:
+    greedy = engine.generate(PROMPTS[:1], SamplingParams(max_new_tokens=6))
+    assert engine.generate(PROMPTS[:1], SamplingParams(max_new_tokens=6, temperature=1.0, top_k=1)) == greedy
+    assert engine.generate(PROMPTS[:1], SamplingParams(max_new_tokens=6, temperature=1.0, top_p=1e-6)) == greedy
+    a = engine.generate(PROMPTS[:1], SamplingParams(max_new_tokens=8, temperature=1.5, seed=7))
+    b = engine.generate(PROMPTS[:1], SamplingParams(max_new_tokens=8, temperature=1.5, seed=7))
+    c = engine.generate(PROMPTS[:1], SamplingParams(max_new_tokens=8, temperature=1.5, seed=8))
+    assert a == b and a != c
+
+
+def test_stop_tokens(engine: Engine) -> None:
+    greedy = engine.generate(PROMPTS[:1], SamplingParams(max_new_tokens=8))[0]
+    stop = greedy[3]
+    out = engine.generate(PROMPTS[:1], SamplingParams(max_new_tokens=8, stop_token_ids=(stop,)))[0]
+    assert out == greedy[: greedy.index(stop) + 1]
+
+
+@pytest.mark.parametrize("prompts,new,match", [
+    ([[]], 4, "empty"),
+    ([[1, 2, 5000]], 4, "out of range"),
+    ([[1] * 60], 8, "max sequence length"),
+    ([[1]] * 5, 4, "max batch"),
+])
+def test_bad_input(engine: Engine, prompts, new, match) -> None:
+    with pytest.raises(InputError, match=match):
+        engine.generate(prompts, SamplingParams(max_new_tokens=new))
+
+
+def test_manifest_records_build(cpu_engine_fp32: Path) -> None:
+    m = json.loads((cpu_engine_fp32 / "manifest.json").read_text())
+    assert m["target"] == "cpu" and m["dtype"] == "fp32" and m["format_version"] == 1
+    assert set(m["graphs"]) == {"gdn_prefill", "gdn_decode", "attn_prefill", "attn_decode", "embed", "final"}
+    assert all(len(f["sha256"]) == 64 for f in m["files"].values())
+    assert "torch" in m["versions"] and m["model_config"]["num_hidden_layers"] == 8
+    # --dump-graphs wrote each graph before and after each pass
+    assert (cpu_engine_fp32 / "graphs_dump" / "gdn_prefill.0.substitute_custom_ops.before.txt").is_file()
+
+
+def _copy(src: Path, dst: Path) -> Path:
+    shutil.copytree(src, dst)
+    return dst
+
+
+def test_manifest_version_mismatch(cpu_engine_fp32: Path, tmp_path: Path) -> None:
+    d = _copy(cpu_engine_fp32, tmp_path / "e")
+    m = json.loads((d / "manifest.json").read_text())
+    m["format_version"] = 99
+    (d / "manifest.json").write_text(json.dumps(m))
+    with pytest.raises(EngineError, match="format_version: expected 1, found 99"):
+        Engine.load(d)
+
+
+def test_corrupt_weight_file_detected(cpu_engine_fp32: Path, tmp_path: Path) -> None:
+    d = _copy(cpu_engine_fp32, tmp_path / "e")
+    f = d / "weights" / "layer_002.safetensors"
+    b = bytearray(f.read_bytes())
+    b[-1] ^= 0xFF
+    f.write_bytes(bytes(b))
+    with pytest.raises(EngineError, match="layer_002.safetensors: sha256 does not match"):
+        Engine.load(d)
+
+
+def test_missing_file_detected(cpu_engine_fp32: Path, tmp_path: Path) -> None:
+    d = _copy(cpu_engine_fp32, tmp_path / "e")
+    (d / "graphs" / "attn_decode.pt2").unlink()
+    with pytest.raises(EngineError, match="graphs/attn_decode.pt2' listed in the manifest is missing"):
+        Engine.load(d)
+
+
+def test_target_mismatch_named(cpu_engine_fp32: Path) -> None:
+    with pytest.raises(EngineError, match="built for target cpu; cannot run on cuda"):
+        Engine.load(cpu_engine_fp32, device="cuda")
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message on a machine without a GPU")
+def test_gpu_target_without_gpu_fails_before_writing(engine_ckpt_fp32: Path, tmp_path: Path) -> None:
+    out = tmp_path / "eng"
+    with pytest.raises(BuildError, match="--target h100 needs an NVIDIA GPU"):
+        build_engine(engine_ckpt_fp32, out, BuildSettings(target="h100", progress=False))
+    assert not out.exists() and list(tmp_path.iterdir()) == []
+
+
+def test_existing_engine_never_replaced_without_force(cpu_engine_fp32: Path, engine_ckpt_fp32: Path) -> None:
+    before = (cpu_engine_fp32 / "manifest.json").read_bytes()
+    with pytest.raises(BuildError, match="already exists; pass --force"):
+        build_engine(engine_ckpt_fp32, cpu_engine_fp32, BuildSettings(target="cpu", progress=False))
+    assert (cpu_engine_fp32 / "manifest.json").read_bytes() == before
+
+
+def test_failed_build_leaves_nothing(engine_ckpt_fp32: Path, tmp_path: Path, monkeypatch) -> None:
+    """A build interrupted in the compile stage removes its temp dir, and an existing engine survives."""
+    out = tmp_path / "eng"
+    out.mkdir()
+    (out / "manifest.json").write_text("{}")  # stands for a previous engine the user has
+
+    def boom(*a, **k):
+        raise KeyboardInterrupt("interrupted during compile")
+
+    monkeypatch.setattr(torch._inductor, "aoti_compile_and_package", boom)
+    with pytest.raises(KeyboardInterrupt):
+        build_engine(engine_ckpt_fp32, out, BuildSettings(target="cpu", force=True, progress=False))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["eng"]
+    assert (out / "manifest.json").read_text() == "{}"
+
+
+def test_cli_run_and_inspect(cpu_engine_fp32: Path, capsys) -> None:
+    assert cli_main(["run", str(cpu_engine_fp32), "--token-ids", "5,6,7", "--max-new-tokens", "4"]) == 0
+    out = capsys.readouterr()
+    assert len(out.out.split()) == 4 and "tokens/s" in out.err
+    assert cli_main(["inspect", str(cpu_engine_fp32)]) == 0
+    text = capsys.readouterr().out
+    assert "gggAgggA" in text and "gdn_prefill" in text and "reference ops" in text
+    assert cli_main(["run", str(cpu_engine_fp32), "--prompt", "hello"]) == 2
+    assert "no tokenizer.json" in capsys.readouterr().err
