@@ -26,8 +26,10 @@ import triton
 from triton.testing import do_bench, do_bench_cudagraph
 
 from qwen35_export.checkpoint.fp8 import quantize_fp8_block
-from qwen35_export.kernels.moe import moe_experts_reference, moe_experts_triton, moe_router_triton
-from qwen35_export.kernels.moe.configs import DECODE_MAX_TOKENS, default_config
+from qwen35_export.kernels.fp8_linear import quantize_act
+from qwen35_export.kernels.moe import align_block_size, moe_experts_reference, moe_experts_triton, moe_router_triton
+from qwen35_export.kernels.moe.configs import DECODE_MAX_TOKENS, default_config, device_tag, get_config
+from qwen35_export.kernels.moe.experts import combine, down, gate_up
 
 H, I, E, K = 4096, 1024, 512, 10
 HBM_TBS = 3.35  # H100 SXM datasheet
@@ -135,23 +137,46 @@ def bench_ms(fn, graph: bool = True) -> float:
     return do_bench(fn, warmup=10, rep=50, return_mode="median")
 
 
+def _cfg(bm, gu, dn) -> dict:
+    keys = ("BLOCK_N", "BLOCK_K", "GROUP_M", "num_warps", "num_stages")
+    return {"BLOCK_M": bm, "gate_up": dict(zip(keys, gu)), "down": dict(zip(keys, dn))}
+
+
 def candidates(T: int, dtype: str) -> list[dict]:
-    """A few tile configs around the default (tuning is offline: the winners are stored, not searched)."""
-    base = default_config(T, E + 1, K + 1, dtype, T <= DECODE_MAX_TOKENS)
-    out = [base]
-    if T <= DECODE_MAX_TOKENS:
-        for bn, w, s in [(32, 4, 4), (128, 4, 3), (64, 4, 5), (32, 2, 6)]:
-            t = dict(BLOCK_N=bn, BLOCK_K=128, GROUP_M=1, num_warps=w, num_stages=s)
-            out.append({"BLOCK_M": 16, "gate_up": dict(t), "down": dict(t)})
+    """A few tile configs around the default (tuning is offline: the winners are stored, not searched).
+    Tuples are (BLOCK_N, BLOCK_K, GROUP_M, num_warps, num_stages)."""
+    decode = T <= DECODE_MAX_TOKENS
+    base = default_config(T, E + 1, K + 1, dtype, decode)
+    if decode:  # thin weight slices: enough programs to fill 132 SMs even at T = 1 (11 experts)
+        bk = 128
+        return [base] + [_cfg(16, (g, bk, 1, w, s), (d, bk, 1, w, s))
+                         for g, d, w, s in [(16, 32, 2, 4), (32, 32, 4, 4), (16, 64, 4, 4), (32, 64, 2, 5)]]
+    bm = base["BLOCK_M"]
+    bms = [bm, bm // 2 if bm == 128 else bm * 2]
+    if dtype == "fp8":  # gate_up BLOCK_N is 128: one activation scale group per program
+        tiles = [((128, 128, 8, 8, 3), (128, 128, 8, 8, 4)), ((128, 128, 8, 4, 3), (128, 128, 8, 4, 4)),
+                 ((128, 128, 8, 8, 2), (256, 128, 8, 8, 3))]
     else:
-        bm = base["BLOCK_M"]
-        for bm2, st, w in [(bm, 4, 4), (min(128, bm * 2), 3, 8), (max(16, bm // 2), 4, 4)]:
-            c = json.loads(json.dumps(base))
-            c["BLOCK_M"] = bm2
-            c["gate_up"].update(num_stages=st, num_warps=w)
-            c["down"].update(num_warps=w)
-            out.append(c)
-    return out
+        tiles = [((64, 64, 8, 8, 4), (128, 64, 8, 8, 4)), ((128, 64, 8, 8, 3), (128, 64, 8, 8, 3)),
+                 ((64, 64, 8, 4, 4), (128, 64, 8, 4, 4))]
+    return [base] + [_cfg(bm, gu, dn) for bm in bms for gu, dn in tiles]
+
+
+def breakdown(L: dict, x, w, ids, fp8: bool, cfg: dict) -> dict:
+    """us per phase of our experts op (align, gate_up incl. x quantisation, down, combine)."""
+    quant = fp8 and x.shape[0] > DECODE_MAX_TOKENS
+    w13, w2 = (L["q13"], L["q2"]) if fp8 else (L["w13"], L["w2"])
+    s13, s2 = (L["s13"], L["s2"]) if fp8 else (None, None)
+    tiles = align_block_size(ids, E + 1, cfg["BLOCK_M"])
+    h, hs = gate_up(x, tiles, ids.shape[1], w13, s13, cfg, quant)
+    y = down(h, hs, w, tiles, w2, s2, cfg, quant, x.dtype)
+    t = {"align": bench_ms(lambda: align_block_size(ids, E + 1, cfg["BLOCK_M"])),
+         "gate_up": bench_ms(lambda: gate_up(x, tiles, ids.shape[1], w13, s13, cfg, quant)),
+         "down": bench_ms(lambda: down(h, hs, w, tiles, w2, s2, cfg, quant, x.dtype)),
+         "combine": bench_ms(lambda: combine(y, x.shape[0], ids.shape[1]))}
+    if quant:
+        t["quant_x"] = bench_ms(lambda: quantize_act(x))
+    return {k: v * 1e3 for k, v in t.items()}
 
 
 def main() -> None:
@@ -166,7 +191,7 @@ def main() -> None:
     t0 = time.time()
     L = make_layer()
     print(f"{dev}: layer made in {time.time() - t0:.0f}s", flush=True)
-    rows, tables = [], {"bf16": {}, "fp8": {}}
+    rows, tables, breakdowns = [], {"bf16": {}, "fp8": {}}, []
     for T in args.tokens:
         x = torch.randn(T, H, device="cuda", dtype=torch.bfloat16)
         w, ids = route(L, x)
@@ -187,6 +212,7 @@ def main() -> None:
                     except Exception as exc:  # a config that does not compile (shared memory) is skipped
                         print(f"  T={T} {name} {cfg}: {type(exc).__name__}", flush=True)
                         continue
+                    print(f"  tune T={T} {name}: {ms * 1e3:9.1f} us  {json.dumps(cfg)}", flush=True)
                     if best is None or ms < best[0]:
                         best = (ms, cfg)
                 tables[dtype][T] = best[1]
@@ -207,26 +233,39 @@ def main() -> None:
             print(f"T={T:6d} {name:22s} {r['us']:10.1f} us {tflops:7.1f} TFLOPS  HBM {r['hbm_pct']:5.1f}%  "
                   f"peak {r['peak_pct']:5.1f}%  err {err:.2e}", flush=True)
         del ref
-    write(args.out, dev, rows, tables if args.tune else None)
+        for dtype in ("bf16", "fp8"):
+            cfg = tables[dtype].get(T) or get_config(E + 1, I, T, x.device, dtype, K + 1, T <= DECODE_MAX_TOKENS)
+            phases = breakdown(L, x, w, ids, dtype == "fp8", cfg)
+            breakdowns.append(dict(T=T, dtype=dtype, config=cfg, us=phases))
+            print(f"T={T:6d} ours_{dtype} phases (us): " + ", ".join(f"{k} {v:.1f}" for k, v in phases.items()),
+                  flush=True)
+        write(args.out, dev, rows, tables if args.tune else None, breakdowns)  # after each T: a cut run keeps data
 
 
-def write(out: Path, dev: str, rows: list[dict], tables: dict | None) -> None:
+def write(out: Path, dev: str, rows: list[dict], tables: dict | None, breakdowns: list[dict]) -> None:
     meta = dict(device=dev, torch=torch.__version__, triton=triton.__version__, H=H, I=I, E=E, k=K,
                 shared_expert=True, hbm_tbs=HBM_TBS, peak_tflops=PEAK,
                 note="weights random; shared expert = expert 512 (11 slots/token); CUDA-graph medians "
                      "except loop_bf16 (eager); hbm_pct counts touched experts' weight bytes only")
-    (out / "moe.json").write_text(json.dumps(dict(meta=meta, rows=rows), indent=1))
+    (out / "moe.json").write_text(json.dumps(dict(meta=meta, rows=rows, phases=breakdowns), indent=1))
     lines = [f"# MoE layer, 397B geometry, {dev}", "", f"torch {torch.__version__}, triton {triton.__version__}; "
              + meta["note"], "", "| T | method | us | TFLOPS | experts | % HBM roofline | % dense peak | rel err |",
              "|---|---|---|---|---|---|---|---|"]
     for r in rows:
         lines.append(f"| {r['T']} | {r['method']} | {r['us']:.1f} | {r['tflops']:.1f} | {r['experts_touched']} | "
                      f"{r['hbm_pct']:.1f} | {r['peak_pct']:.1f} | {r['rel_err_vs_fp32']:.1e} |")
+    lines += ["", "Our kernels by phase (us, CUDA-graph medians, each phase alone):", "",
+              "| T | dtype | BLOCK_M | align | quant x | gate_up (incl. quant x) | down | combine |",
+              "|---|---|---|---|---|---|---|---|"]
+    for b in breakdowns:
+        u = b["us"]
+        lines.append(f"| {b['T']} | {b['dtype']} | {b['config']['BLOCK_M']} | {u['align']:.1f} | "
+                     f"{u.get('quant_x', 0):.1f} | {u['gate_up']:.1f} | {u['down']:.1f} | {u['combine']:.1f} |")
     (out / "moe.md").write_text("\n".join(lines) + "\n")
     if tables:
         for dtype, tab in tables.items():
             for e in (E, E + 1):  # routed experts alone, and with the shared expert appended
-                (out / f"E={e},N={I},device=H100,dtype={dtype}.json").write_text(
+                (out / f"E={e},N={I},device={device_tag(torch.device('cuda'))},dtype={dtype}.json").write_text(
                     json.dumps({str(t): c for t, c in tab.items()}, indent=1))
     try:
         import matplotlib

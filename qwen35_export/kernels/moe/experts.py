@@ -146,6 +146,73 @@ def _launch_opts(c: dict) -> dict:
     return {k: c[k] for k in ("BLOCK_N", "BLOCK_K", "GROUP_M", "num_warps", "num_stages")}
 
 
+def gate_up(x: Tensor, tiles: tuple[Tensor, Tensor, Tensor], k: int, w_gate_up: Tensor,
+            w_gate_up_scale: Tensor | None, cfg: dict, quant: bool) -> tuple[Tensor, Tensor]:
+    """h = silu(gate) * up at the padded rows of `tiles` (align_block_size's output) -> (h [P, I], scales).
+
+    `quant`: x is quantised first and h comes out e4m3 with scales [P, I/128]; else h is in x's dtype
+    (the scales tensor is then h itself, unused)."""
+    slots, tile_expert, num_padded = tiles
+    N, H = x.shape
+    I = w_gate_up.shape[1] // 2
+    P, bm, c = slots.shape[0], cfg["BLOCK_M"], cfg["gate_up"]
+    fp8 = w_gate_up_scale is not None
+    if quant:
+        xa, xs = quantize_act(x)  # [N, H] fp8, [N, ceil(H/128)]
+        h = torch.empty(P, I, dtype=torch.float8_e4m3fn, device=x.device)
+        hs = torch.empty(P, I // 128, dtype=torch.float32, device=x.device)
+    else:
+        xa, xs = x, x  # xs unused: A_FP8 is off
+        h = torch.empty(P, I, dtype=x.dtype, device=x.device)
+        hs = h
+    ws = w_gate_up_scale if fp8 else w_gate_up  # unused when B_FP8 is off
+    grid = (P // bm * triton.cdiv(I, c["BLOCK_N"]),)
+    wrap_triton(_gate_up_kernel)[grid](
+        xa, xs, w_gate_up, ws, h, hs, slots, tile_expert, num_padded, N * k, H, I, k, P // bm,
+        xa.stride(0), xs.stride(0), w_gate_up.stride(0), w_gate_up.stride(1), ws.stride(0), ws.stride(1),
+        h.stride(0), hs.stride(0), A_FP8=quant, B_FP8=fp8, OUT_FP8=quant, UPCAST=INTERPRET, BLOCK_M=bm,
+        **_launch_opts(c))
+    return h, hs
+
+
+def down(h: Tensor, hs: Tensor, weights: Tensor, tiles: tuple[Tensor, Tensor, Tensor], w_down: Tensor,
+         w_down_scale: Tensor | None, cfg: dict, quant: bool, dtype: torch.dtype) -> Tensor:
+    """y [N*k, H]: each slot's expert output times its routing weight, in `dtype`."""
+    slots, tile_expert, num_padded = tiles
+    M = weights.numel()
+    H, I = w_down.shape[1], w_down.shape[2]
+    P, bm, c = slots.shape[0], cfg["BLOCK_M"], cfg["down"]
+    ws = w_down_scale if w_down_scale is not None else w_down
+    # One weighted row per (token, expert) slot; x's dtype keeps it at half the bytes of fp32 for bf16
+    # models, and the combine sums the k rows in fp32.
+    y = torch.empty(M, H, dtype=dtype, device=h.device)
+    grid = (P // bm * triton.cdiv(H, c["BLOCK_N"]),)
+    wrap_triton(_down_kernel)[grid](
+        h, hs, w_down, ws, y, weights, slots, tile_expert, num_padded, M, H, I, P // bm,
+        h.stride(0), hs.stride(0), w_down.stride(0), w_down.stride(1), ws.stride(0), ws.stride(1), y.stride(0),
+        A_FP8=quant, B_FP8=w_down_scale is not None, UPCAST=INTERPRET, BLOCK_M=bm, **_launch_opts(c))
+    return y
+
+
+def combine(y: Tensor, N: int, k: int) -> Tensor:
+    """out [N, H] = sum over each token's k slot rows of y [N*k, H], accumulated in fp32."""
+    H = y.shape[1]
+    out = torch.empty(N, H, dtype=y.dtype, device=y.device)
+    block_h = min(1024, triton.next_power_of_2(H))
+    wrap_triton(_combine_kernel)[(N, triton.cdiv(H, block_h))](y, out, H, TOP_K=k, BLOCK_H=block_h, num_warps=4)
+    return out
+
+
+def check_config(cfg: dict, fp8: bool, quant: bool, I: int) -> None:
+    gu, dn = cfg["gate_up"], cfg["down"]
+    if fp8 and (128 % gu["BLOCK_K"] or 128 % dn["BLOCK_K"]):
+        raise ValueError(f"moe_experts_fp8: BLOCK_K must divide the 128 scale block, got {cfg}")
+    if quant and gu["BLOCK_N"] != 128:
+        raise ValueError(f"moe_experts_fp8: prefill quantises h per 128 columns, gate_up BLOCK_N must be 128: {cfg}")
+    if fp8 and I % 128:
+        raise ValueError(f"moe_experts_fp8: I must be a multiple of 128 (scale blocks split gate/up), got {I}")
+
+
 def moe_experts_triton(x: Tensor, weights: Tensor, ids: Tensor, w_gate_up: Tensor, w_down: Tensor,
                        w_gate_up_scale: Tensor | None = None, w_down_scale: Tensor | None = None,
                        config: dict | None = None, decode: bool | None = None) -> Tensor:
@@ -155,56 +222,19 @@ def moe_experts_triton(x: Tensor, weights: Tensor, ids: Tensor, w_gate_up: Tenso
     [E, ceil(H/128), I/128]. `decode` (default: N <= DECODE_MAX_TOKENS) picks the regime; `config`
     overrides the stored tile table (see configs.py).
     """
-    N, H = x.shape
+    N, _ = x.shape
     k = ids.shape[1]
-    E, I2, _ = w_gate_up.shape
-    I = I2 // 2
+    E, I = w_gate_up.shape[0], w_gate_up.shape[1] // 2
     fp8 = w_gate_up_scale is not None
-    out = torch.empty_like(x)
     if N == 0:
-        return out
+        return torch.empty_like(x)
     decode = N <= DECODE_MAX_TOKENS if decode is None else decode
     cfg = config or get_config(E, I, N, x.device, "fp8" if fp8 else "bf16", k, decode)
     quant = fp8 and not decode
-    gu, dn, bm = cfg["gate_up"], cfg["down"], cfg["BLOCK_M"]
-    if fp8 and (128 % gu["BLOCK_K"] or 128 % dn["BLOCK_K"]):
-        raise ValueError(f"moe_experts_fp8: BLOCK_K must divide the 128 scale block, got {cfg}")
-    if quant and gu["BLOCK_N"] != 128:
-        raise ValueError(f"moe_experts_fp8: prefill quantises h per 128 columns, gate_up BLOCK_N must be 128: {cfg}")
-    if fp8 and I % 128:
-        raise ValueError(f"moe_experts_fp8: I must be a multiple of 128 (scale blocks split gate/up), got {I}")
-    x = x.contiguous()
-    w_gate_up, w_down = w_gate_up.contiguous(), w_down.contiguous()
-    tw = weights.contiguous()
-    dev = x.device
-    M = N * k
-    slots, tile_expert, num_padded = align_block_size(ids, E, bm)
-    P = slots.shape[0]
-    if quant:
-        xa, xs = quantize_act(x)  # [N, H] fp8, [N, ceil(H/128)]
-        h = torch.empty(P, I, dtype=torch.float8_e4m3fn, device=dev)
-        hs = torch.empty(P, I // 128, dtype=torch.float32, device=dev)
-    else:
-        xa, xs = x, x  # xs unused: A_FP8 is off
-        h = torch.empty(P, I, dtype=x.dtype, device=dev)
-        hs = h
-    ws13 = w_gate_up_scale.contiguous() if fp8 else w_gate_up  # unused when B_FP8 is off
-    ws2 = w_down_scale.contiguous() if fp8 else w_down
-    num_tiles_m = P // bm
-    grid = (num_tiles_m * triton.cdiv(I, gu["BLOCK_N"]),)
-    wrap_triton(_gate_up_kernel)[grid](
-        xa, xs, w_gate_up, ws13, h, hs, slots, tile_expert, num_padded, M, H, I, k, num_tiles_m,
-        xa.stride(0), xs.stride(0), w_gate_up.stride(0), w_gate_up.stride(1), ws13.stride(0), ws13.stride(1),
-        h.stride(0), hs.stride(0), A_FP8=quant, B_FP8=fp8, OUT_FP8=quant, UPCAST=INTERPRET, BLOCK_M=bm,
-        **_launch_opts(gu))
-    # y holds one weighted row per (token, expert) slot; x's dtype keeps it at half the bytes of fp32 for
-    # bf16 models, and the combine sums the k rows in fp32.
-    y = torch.empty(M, H, dtype=x.dtype, device=dev)
-    grid = (num_tiles_m * triton.cdiv(H, dn["BLOCK_N"]),)
-    wrap_triton(_down_kernel)[grid](
-        h, hs, w_down, ws2, y, tw, slots, tile_expert, num_padded, M, H, I, num_tiles_m,
-        h.stride(0), hs.stride(0), w_down.stride(0), w_down.stride(1), ws2.stride(0), ws2.stride(1), y.stride(0),
-        A_FP8=quant, B_FP8=fp8, UPCAST=INTERPRET, BLOCK_M=bm, **_launch_opts(dn))
-    block_h = min(1024, triton.next_power_of_2(H))
-    wrap_triton(_combine_kernel)[(N, triton.cdiv(H, block_h))](y, out, H, TOP_K=k, BLOCK_H=block_h, num_warps=4)
-    return out
+    check_config(cfg, fp8, quant, I)
+    s13 = w_gate_up_scale.contiguous() if fp8 else None
+    s2 = w_down_scale.contiguous() if fp8 else None
+    tiles = align_block_size(ids, E, cfg["BLOCK_M"])
+    h, hs = gate_up(x.contiguous(), tiles, k, w_gate_up.contiguous(), s13, cfg, quant)
+    y = down(h, hs, weights.contiguous(), tiles, w_down.contiguous(), s2, cfg, quant, x.dtype)
+    return combine(y, N, k)
