@@ -93,9 +93,20 @@ def cmd_bench(a: argparse.Namespace) -> int:
     return bench_cli(a)
 
 
+def cmd_quickstart(a: argparse.Namespace) -> int:
+    from .quickstart import quickstart
+
+    return quickstart(a.workdir, a.target)
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="qwen35-export", description=__doc__)
     sub = p.add_subparsers(dest="cmd", required=True)
+
+    s = sub.add_parser("quickstart", help="the main job on the built-in tiny checkpoint: write, build, run, validate")
+    s.add_argument("--workdir", type=Path, default=Path("qwen35-quickstart"))
+    s.add_argument("--target", default="cpu", choices=["cpu", "h100", "h200"])
+    s.set_defaults(fn=cmd_quickstart)
 
     s = sub.add_parser("init-checkpoint", help="write a random checkpoint in the shipped HF layout")
     s.add_argument("--preset", default="tiny", choices=["tiny", "35b-a3b", "122b-a10b", "397b-a17b"])
