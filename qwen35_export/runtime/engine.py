@@ -80,6 +80,7 @@ class Engine:
         glob = load_file(str(engine_dir / man.globals_file), device=str(device))
         self.globals = glob
         self.layer_weights: list[list[Tensor]] = []
+        self.layer_weight_names: list[list[str]] = []
         for i, rel in enumerate(man.layer_files):
             w = load_file(str(engine_dir / rel), device=str(device))
             kind = "gdn" if self.cfg.layer_types[i] == LINEAR_ATTENTION else "attn"
@@ -88,6 +89,7 @@ class Engine:
             if missing:
                 raise EngineError(f"{engine_dir / rel}: tensor '{missing[0]}' missing (the graph expects it)")
             self.layer_weights.append([w[n] for n in names])
+            self.layer_weight_names.append(names)
         self.load_seconds["weights"] = time.perf_counter() - t0
         self._alloc_pools()
         self.tokenizer = self._load_tokenizer()
