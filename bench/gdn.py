@@ -84,7 +84,7 @@ def check() -> dict:
     res: dict = {}
     # varlen batch mixing awkward lengths, random initial state, fp64 oracle
     lens = [1, 63, 64, 65, 200, 1000, 7]
-    cu = torch.tensor([0] + list(torch.tensor(lens).cumsum(0)), device="cuda")
+    cu = torch.tensor([0] + torch.tensor(lens).cumsum(0).tolist(), device="cuda")
     q, k, v, g, beta = inputs(sum(lens), seed=1)
     h0 = torch.randn(len(lens), HV, K, V, device="cuda") * 0.1
     o, ht = chunk_gated_delta_rule(q, k, v, g, beta, initial_state=h0, cu_seqlens=cu)
@@ -145,7 +145,7 @@ def time_ours() -> dict:
         h0 = torch.zeros(1, HV, K, V, device="cuda")
         out["prefill"][str(T)] = bench(lambda: chunk_gated_delta_rule(q, k, v, g, beta, initial_state=h0))
     q, k, v, g, beta = inputs(sum(VARLEN))
-    cu = torch.tensor([0] + list(torch.tensor(VARLEN).cumsum(0)), device="cuda")
+    cu = torch.tensor([0] + torch.tensor(VARLEN).cumsum(0).tolist(), device="cuda")
     from qwen35_export.kernels.gated_delta_rule import prepare_chunk_indices
     ci = prepare_chunk_indices(cu)
     h0 = torch.zeros(len(VARLEN), HV, K, V, device="cuda")
@@ -208,7 +208,7 @@ def time_fla() -> dict:
             o2, h2 = chunk_gated_delta_rule(q, k, v, g, beta, initial_state=h0)
             out["agree"]["prefill_8192"] = {"o": rel(o2, o1), "ht": rel(h2, h1)}
     q, k, v, g, beta = inputs(sum(VARLEN))
-    cu = torch.tensor([0] + list(torch.tensor(VARLEN).cumsum(0)), device="cuda")
+    cu = torch.tensor([0] + torch.tensor(VARLEN).cumsum(0).tolist(), device="cuda")
     h0 = torch.zeros(len(VARLEN), HV, K, V, device="cuda")
     out["prefill"]["8x4096"] = bench(lambda: fla_chunk(q, k, v, g, beta, initial_state=h0, output_final_state=True,
                                                        use_qk_l2norm_in_kernel=True, cu_seqlens=cu))

@@ -21,6 +21,8 @@ from gdn_compare import DEVICE, ON_GPU, assert_close, needs_cuda
 from qwen35_export.kernels.gated_delta_rule import (
     chunk_gated_delta_rule, fused_recurrent_gated_delta_rule, naive_gated_delta_rule)
 
+from qwen35_export.kernels.gated_delta_rule import chunk as chunk_mod
+
 FP32_BOUND = 5e-3 if ON_GPU else 2e-5
 BF16_BOUND = 1.2e-2
 
@@ -57,8 +59,15 @@ CHUNK_CASES = [
 ]
 
 
+@pytest.fixture(params=["fused", "split"])
+def fwd_mode(request, monkeypatch):
+    """Both second stages of the chunked kernel: one sequential kernel, or sequential states + parallel o."""
+    monkeypatch.setattr(chunk_mod, "FWD_MODE", request.param)
+    return request.param
+
+
 @pytest.mark.parametrize("B,T,H,HV,K,V,dtype,h0", CHUNK_CASES)
-def test_chunk_matches_reference(B, T, H, HV, K, V, dtype, h0, poison_empty):
+def test_chunk_matches_reference(B, T, H, HV, K, V, dtype, h0, fwd_mode, poison_empty):
     q, k, v, g, beta, state = make_inputs(B, T, H, HV, K, V, dtype, seed=T * 7 + B)
     o, ht = chunk_gated_delta_rule(q, k, v, g, beta, initial_state=state)
     ro, rh = naive_gated_delta_rule(q, k, v, g, beta, state)
@@ -75,7 +84,7 @@ VARLEN_CASES = [
 
 
 @pytest.mark.parametrize("lens,H,HV,dtype,h0", VARLEN_CASES)
-def test_chunk_varlen_matches_reference(lens, H, HV, dtype, h0, poison_empty):
+def test_chunk_varlen_matches_reference(lens, H, HV, dtype, h0, fwd_mode, poison_empty):
     T = sum(lens)
     q, k, v, g, beta, state = make_inputs(1, T, H, HV, 32, 32, dtype, seed=len(lens), N=len(lens), h0=h0)
     cu = torch.tensor([0] + torch.tensor(lens).cumsum(0).tolist(), dtype=torch.int32, device=DEVICE)
@@ -86,7 +95,7 @@ def test_chunk_varlen_matches_reference(lens, H, HV, dtype, h0, poison_empty):
 
 
 @pytest.mark.parametrize("split", [64, 100], ids=["at-chunk-boundary", "mid-chunk"])
-def test_chunk_split_prefill_equals_one_call(split):
+def test_chunk_split_prefill_equals_one_call(split, fwd_mode):
     """Prefill of 200 tokens in two calls (state carried) equals one call: bitwise when the split falls on
     a chunk boundary (same chunks, fp32 state stored and reloaded exactly), to fp32 rounding elsewhere."""
     q, k, v, g, beta, state = make_inputs(2, 200, 2, 4, 32, 32, torch.float32, seed=5)

@@ -66,16 +66,16 @@ def causal_conv1d_fwd_kernel(
                 L = Tn
             o_j = tl.arange(0, WP)
             mj = o_j[:, None] < W - 1
-            s = L - (W - 1) + o_j  # the last W-1 positions of the first L tokens
-            b_x = tl.load(x + (bos + s[:, None]) * C + cols[None, :],
-                          mask=(s[:, None] >= 0) & mj & mc[None, :], other=0.).to(tl.float32)
+            p = L - (W - 1) + o_j  # the last W-1 positions of the first L tokens
+            f_x = tl.load(x + (bos + p[:, None]) * C + cols[None, :],
+                          mask=(p[:, None] >= 0) & mj & mc[None, :], other=0.).to(tl.float32)
             if USE_S0:
-                b_s = tl.load(s0 + (slot_in * C + cols[None, :]) * (W - 1) + (s[:, None] + (W - 1)),
-                              mask=(s[:, None] < 0) & mj & mc[None, :] & (s[:, None] * 0 + slot_in >= 0),
+                f_s = tl.load(s0 + (slot_in * C + cols[None, :]) * (W - 1) + (p[:, None] + (W - 1)),
+                              mask=(p[:, None] < 0) & mj & mc[None, :] & (p[:, None] * 0 + slot_in >= 0),
                               other=0.).to(tl.float32)
-                b_x += b_s
+                f_x += f_s
             # loads above complete before this store (data dependence), so in-place pools are safe
-            tl.store(st + (slot_out * C + cols[None, :]) * (W - 1) + o_j[:, None], b_x.to(st.dtype.element_ty),
+            tl.store(st + (slot_out * C + cols[None, :]) * (W - 1) + o_j[:, None], f_x.to(st.dtype.element_ty),
                      mask=mj & mc[None, :] & (o_j[:, None] * 0 + slot_out >= 0))
 
 

@@ -241,6 +241,101 @@ def chunk_gdn_fwd_kernel(
         tl.store(ht + s_off, S, mask=mkv)
 
 
+@triton.jit
+def chunk_gdn_h_kernel(
+    k, w, u, gc, h, vn, h0, ht, cu_seqlens, chunk_offsets, T,
+    H: tl.constexpr, HV: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
+    BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
+    USE_H0: tl.constexpr, STORE_HT: tl.constexpr, IS_VARLEN: tl.constexpr,
+):
+    """Split mode, the sequential half: per chunk store S (input dtype) and v_new, then advance S.
+
+    Only the two dependent products (w S, k^T v_new) stay on the serial path; the outputs are left to
+    chunk_gdn_o_kernel, which runs over all chunks in parallel.
+    """
+    i_v, i_nh = tl.program_id(0), tl.program_id(1)
+    i_n, i_h = i_nh // HV, i_nh % HV
+    i_hk = i_h // (HV // H)
+    bos, Tn = _seq_bounds(cu_seqlens, i_n, T, IS_VARLEN)
+    if IS_VARLEN:
+        boh = tl.load(chunk_offsets + i_n).to(tl.int64)
+    else:
+        boh = i_n.to(tl.int64) * tl.cdiv(T, BT)
+    DT = w.dtype.element_ty
+    o_t = tl.arange(0, BT)
+    o_k = tl.arange(0, BK)
+    cols = i_v * BV + tl.arange(0, BV)
+    mkv = (o_k[:, None] < K) & (cols[None, :] < V)
+    s_tile = o_k[:, None] * V + cols[None, :]
+    s_off = i_nh.to(tl.int64) * K * V + s_tile
+    if USE_H0:
+        S = tl.load(h0 + s_off, mask=mkv, other=0.).to(tl.float32)
+    else:
+        S = tl.zeros([BK, BV], dtype=tl.float32)
+    k_base = k + bos * H * K + i_hk * K
+    w_base = w + bos * HV * K + i_h * K
+    u_base = u + bos * HV * V + i_h * V
+    vn_base = vn + bos * HV * V + i_h * V
+    g_base = gc + bos * HV + i_h
+    for i_t in range(0, tl.cdiv(Tn, BT)):
+        rows = i_t * BT + o_t
+        mr = rows < Tn
+        r64 = rows[:, None].to(tl.int64)
+        mrv = mr[:, None] & (cols[None, :] < V)
+        b_S = S.to(DT)
+        tl.store(h + ((boh + i_t) * HV + i_h) * K * V + s_tile, b_S, mask=mkv)
+        b_w = tl.load(w_base + r64 * HV * K + o_k[None, :], mask=mr[:, None] & (o_k[None, :] < K), other=0.)
+        b_u = tl.load(u_base + r64 * HV * V + cols[None, :], mask=mrv, other=0.)
+        b_vn = (b_u.to(tl.float32) - tl.dot(b_w, b_S)).to(DT)  # [BT, BV]
+        tl.store(vn_base + r64 * HV * V + cols[None, :], b_vn, mask=mrv)
+        b_k = _load_rows_l2norm(k_base, rows, Tn, H * K, K, BK)
+        b_g = tl.load(g_base + rows.to(tl.int64) * HV, mask=mr, other=0.)
+        g_last = tl.load(g_base + (tl.minimum(i_t * BT + BT, Tn) - 1).to(tl.int64) * HV)
+        b_kd = (b_k * tl.exp(g_last - b_g)[:, None]).to(DT)  # [BT, BK]
+        S = S * tl.exp(g_last) + tl.dot(tl.trans(b_kd), b_vn)
+    if STORE_HT:
+        tl.store(ht + s_off, S, mask=mkv)
+
+
+@triton.jit
+def chunk_gdn_o_kernel(
+    q, k, vn, h, gc, o, cu_seqlens, chunk_indices, scale, T,
+    H: tl.constexpr, HV: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
+    BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, IS_VARLEN: tl.constexpr,
+):
+    """Split mode, the parallel half: o = (q exp(gc)) S_chunk + tril(q k^T exp(gc_i - gc_j)) v_new."""
+    i_v, i_t, i_bh = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    i_b, i_h = i_bh // HV, i_bh % HV
+    i_hk = i_h // (HV // H)
+    i_c = i_t  # global chunk index, the row of h
+    if IS_VARLEN:
+        i_n = tl.load(chunk_indices + i_t * 2).to(tl.int32)
+        i_t = tl.load(chunk_indices + i_t * 2 + 1).to(tl.int32)
+    else:
+        i_n = i_b
+        i_c = i_b * tl.cdiv(T, BT) + i_t
+    bos, Tn = _seq_bounds(cu_seqlens, i_n, T, IS_VARLEN)
+    DT = vn.dtype.element_ty
+    o_t = tl.arange(0, BT)
+    o_k = tl.arange(0, BK)
+    cols = i_v * BV + tl.arange(0, BV)
+    rows = i_t * BT + o_t
+    mr = rows < Tn
+    r64 = rows[:, None].to(tl.int64)
+    mrv = mr[:, None] & (cols[None, :] < V)
+    b_q = (_load_rows_l2norm(q + bos * H * K + i_hk * K, rows, Tn, H * K, K, BK) * scale)
+    b_k = _load_rows_l2norm(k + bos * H * K + i_hk * K, rows, Tn, H * K, K, BK).to(DT)
+    b_g = tl.load(gc + bos * HV + i_h + rows.to(tl.int64) * HV, mask=mr, other=0.)
+    b_S = tl.load(h + (i_c.to(tl.int64) * HV + i_h) * K * V + o_k[:, None] * V + cols[None, :],
+                  mask=(o_k[:, None] < K) & (cols[None, :] < V), other=0.)
+    b_vn = tl.load(vn + bos * HV * V + i_h * V + r64 * HV * V + cols[None, :], mask=mrv, other=0.)
+    causal = o_t[:, None] >= o_t[None, :]
+    A = tl.dot(b_q.to(DT), tl.trans(b_k))  # [BT, BT]
+    A = tl.where(causal, A * tl.exp(tl.where(causal, b_g[:, None] - b_g[None, :], 0.)), 0.)
+    b_o = tl.dot((b_q * tl.exp(b_g)[:, None]).to(DT), b_S) + tl.dot(A.to(DT), b_vn)
+    tl.store(o + bos * HV * V + i_h * V + r64 * HV * V + cols[None, :], b_o.to(o.dtype.element_ty), mask=mrv)
+
+
 def prepare_chunk_indices(cu_seqlens: Tensor, chunk_size: int = BT) -> Tensor:
     """[NT_total, 2] int32 (sequence, chunk within it) for every chunk of a packed batch (host sync)."""
     lens = (cu_seqlens[1:] - cu_seqlens[:-1]).tolist()
@@ -248,9 +343,14 @@ def prepare_chunk_indices(cu_seqlens: Tensor, chunk_size: int = BT) -> Tensor:
     return torch.tensor(idx, dtype=torch.int32, device=cu_seqlens.device).reshape(-1, 2)
 
 
-# Launch configs, (BV, num_warps, num_stages); module-level so bench/gdn.py --tune can try others.
+# Launch configs, (BV, num_warps, num_stages), and the mode of the second stage: "fused" (one sequential
+# kernel writes o) or "split" (sequential states + parallel outputs). Module-level so that
+# bench/gdn.py --tune can try others; the defaults are the fastest measured there (bench/results/gdn.md).
 WY_CONFIG = (64, 4, 1)
-FWD_CONFIG = (32, 4, 2)
+FWD_CONFIG = (64, 8, 3)
+FWD_MODE = "fused"
+H_CONFIG = (64, 4, 2)
+O_CONFIG = (64, 4, 2)
 
 
 def _check(q: Tensor, k: Tensor, v: Tensor, g: Tensor, beta: Tensor) -> None:
@@ -297,9 +397,34 @@ def chunk_gated_delta_rule_fwd(
         H=H, HV=HV, K=K, V=V, BT=BT, BC=BC, BK=K, BV=min(V, WY_CONFIG[0]), IS_VARLEN=is_varlen,
         num_warps=WY_CONFIG[1], num_stages=WY_CONFIG[2],
     )
+    h0 = initial_state.contiguous() if initial_state is not None else None
+    if FWD_MODE == "split":
+        if is_varlen:
+            n_chunks = triton.cdiv(cu_seqlens[1:] - cu_seqlens[:-1], BT)
+            chunk_offsets = torch.cat([n_chunks.new_zeros(1), n_chunks.cumsum(0)])
+            NT_total = chunk_indices.shape[0]
+            grid_o = (triton.cdiv(V, O_CONFIG[0]), NT_total, HV)
+        else:
+            chunk_offsets = None
+            NT_total = B * triton.cdiv(T, BT)
+            grid_o = (triton.cdiv(V, O_CONFIG[0]), triton.cdiv(T, BT), B * HV)
+        h = torch.empty(NT_total, HV, K, V, dtype=dt, device=q.device)
+        vn = torch.empty(B, T, HV, V, dtype=dt, device=q.device)
+        BV, nw, ns = min(V, H_CONFIG[0]), H_CONFIG[1], H_CONFIG[2]
+        wrap_triton(chunk_gdn_h_kernel)[(triton.cdiv(V, BV), N * HV)](
+            k, w, u, gc, h, vn, h0, ht, cu_seqlens, chunk_offsets, T,
+            H=H, HV=HV, K=K, V=V, BT=BT, BK=K, BV=BV,
+            USE_H0=h0 is not None, STORE_HT=ht is not None, IS_VARLEN=is_varlen,
+            num_warps=nw, num_stages=ns,
+        )
+        wrap_triton(chunk_gdn_o_kernel)[grid_o](
+            q, k, vn, h, gc, o, cu_seqlens, chunk_indices, scale, T,
+            H=H, HV=HV, K=K, V=V, BT=BT, BK=K, BV=min(V, O_CONFIG[0]), IS_VARLEN=is_varlen,
+            num_warps=O_CONFIG[1], num_stages=O_CONFIG[2],
+        )
+        return o, ht
     # small BV: S [K, BV] stays in registers and a single sequence still gives HV * V / BV programs
     BV, nw, ns = min(V, FWD_CONFIG[0]), FWD_CONFIG[1], FWD_CONFIG[2]
-    h0 = initial_state.contiguous() if initial_state is not None else None
     wrap_triton(chunk_gdn_fwd_kernel)[(triton.cdiv(V, BV), N * HV)](
         q, k, w, u, gc, o, h0, ht, cu_seqlens, scale, T,
         H=H, HV=HV, K=K, V=V, BT=BT, BK=K, BV=BV,
