@@ -1,9 +1,9 @@
 """Gated DeltaNet kernels on the device: correctness at real sizes, then timings against fla-core and torch.
 
 397B geometry: HK 16, HV 64, K = V = 128. Usage (on a CUDA machine, fla-core importable for the peer):
-    python bench/gdn.py --out DIR            # check + bench, writes gdn.json, gdn.md, gdn.png into DIR
+    python bench/gdn.py --out DIR            # check, tune, bench; writes gdn.json, gdn.md, gdn.png into DIR
     python bench/gdn.py --check-only
-fla runs in its own subprocess (`--peer fla`): it once crashed the process on its first grouped-head call.
+fla runs in its own subprocesses (`--peer prefill|decode`): it once crashed the process on a first call.
 Decode is timed as CUDA-graph replays (what the runtime does), prefill as eager calls; medians of
 triton.testing.do_bench. HBM roofline: 3.35 TB/s (H100 SXM datasheet).
 """
@@ -192,90 +192,134 @@ def time_torch_reference() -> dict:
     return out
 
 
-def time_fla() -> dict:
-    """Peer timings; run in its own process (see module docstring)."""
+def time_fla(part: str) -> None:
+    """Peer timings, printed one item a line (run in its own process, see the module docstring)."""
+    import fla
     from fla.ops.gated_delta_rule import chunk_gated_delta_rule as fla_chunk
     from fla.ops.gated_delta_rule import fused_recurrent_gated_delta_rule as fla_rec
-    out: dict = {"prefill": {}, "decode": {}, "decode_eager": {}, "agree": {}}
-    for T in PREFILL_T:
-        q, k, v, g, beta = inputs(T)
-        h0 = torch.zeros(1, HV, K, V, device="cuda")
-        f = lambda: fla_chunk(q, k, v, g, beta, initial_state=h0, output_final_state=True,  # noqa: E731
-                              use_qk_l2norm_in_kernel=True)
-        out["prefill"][str(T)] = bench(f)
-        if T == 8192:
-            o1, h1 = f()
-            o2, h2 = chunk_gated_delta_rule(q, k, v, g, beta, initial_state=h0)
-            out["agree"]["prefill_8192"] = {"o": rel(o2, o1), "ht": rel(h2, h1)}
-    q, k, v, g, beta = inputs(sum(VARLEN))
-    cu = torch.tensor([0] + torch.tensor(VARLEN).cumsum(0).tolist(), device="cuda")
-    h0 = torch.zeros(len(VARLEN), HV, K, V, device="cuda")
-    out["prefill"]["8x4096"] = bench(lambda: fla_chunk(q, k, v, g, beta, initial_state=h0, output_final_state=True,
-                                                       use_qk_l2norm_in_kernel=True, cu_seqlens=cu))
+
+    def emit(sec: str, key: str, val) -> None:
+        print("FLA_ITEM " + json.dumps([sec, key, val]), flush=True)
+
+    emit("meta", "version", getattr(fla, "__version__", "?"))
+    if part == "prefill":
+        for T in PREFILL_T:
+            q, k, v, g, beta = inputs(T)
+            h0 = torch.zeros(1, HV, K, V, device="cuda")
+            f = lambda: fla_chunk(q, k, v, g, beta, initial_state=h0, output_final_state=True,  # noqa: E731
+                                  use_qk_l2norm_in_kernel=True)
+            emit("prefill", str(T), bench(f))
+            if T == 8192:
+                o1, h1 = f()
+                o2, h2 = chunk_gated_delta_rule(q, k, v, g, beta, initial_state=h0)
+                emit("agree", "prefill_8192", {"o": rel(o2, o1), "ht": rel(h2, h1)})
+        q, k, v, g, beta = inputs(sum(VARLEN))
+        cu = torch.tensor([0] + torch.tensor(VARLEN).cumsum(0).tolist(), device="cuda")
+        h0 = torch.zeros(len(VARLEN), HV, K, V, device="cuda")
+        emit("prefill", "8x4096", bench(lambda: fla_chunk(q, k, v, g, beta, initial_state=h0, output_final_state=True,
+                                                          use_qk_l2norm_in_kernel=True, cu_seqlens=cu)))
+        return
     for B in DECODE_B:
         q, k, v, g, beta = inputs(1, B)
         h0 = torch.randn(B, HV, K, V, device="cuda") * 0.01
         f = lambda: fla_rec(q, k, v, g, beta, initial_state=h0, output_final_state=True,  # noqa: E731
                             use_qk_l2norm_in_kernel=True)
-        out["decode_eager"][str(B)] = bench(f)
+        emit("decode_eager", str(B), bench(f))
         try:
-            out["decode"][str(B)] = bench_graph(f)
-        except Exception as e:  # noqa: BLE001 - report, keep the eager number
-            out["decode"][str(B)] = None
-            out.setdefault("errors", []).append(f"graph B={B}: {e!r}"[:300])
+            emit("decode", str(B), bench_graph(f))
+        except Exception as e:  # noqa: BLE001 - keep the eager number, say why the graph one is missing
+            emit("graph_errors", str(B), repr(e)[:300])
         if B == 64:
             o1, h1 = f()
             o2, h2 = fused_recurrent_gated_delta_rule(q, k, v, g, beta, initial_state=h0)
-            out["agree"]["decode_64"] = {"o": rel(o2, o1), "ht": rel(h2, h1)}
-    return out
+            emit("agree", "decode_64", {"o": rel(o2, o1), "ht": rel(h2, h1)})
 
 
 def tune() -> dict:
-    """Try launch configs of the prefill kernels (T = 8192) and the decode kernel (B = 1, 64, 256)."""
-    from qwen35_export.kernels.gated_delta_rule import chunk as chunk_mod
-    from qwen35_export.kernels.gated_delta_rule import recurrent as rec_mod
-    out: dict = {"fwd": {}, "wy": {}, "decode": {}}
+    """Try launch configs at T = 8192 (both second-stage modes) and for decode; apply the fastest."""
+    from qwen35_export.kernels.gated_delta_rule import chunk as cm
+    from qwen35_export.kernels.gated_delta_rule import recurrent as rm
+    out: dict = {"prefill_8192": {}, "decode": {}}
     q, k, v, g, beta = inputs(8192)
-    base_fwd, base_wy = chunk_mod.FWD_CONFIG, chunk_mod.WY_CONFIG
-    for cfg in [(32, 4, 1), (32, 4, 2), (32, 4, 3), (32, 8, 2), (64, 4, 2), (64, 8, 2), (64, 8, 3), (16, 4, 2)]:
-        chunk_mod.FWD_CONFIG = cfg
+
+    def try_cfg(name: str, **attrs) -> None:
+        old = {a: getattr(cm, a) for a in attrs}
+        for a, val in attrs.items():
+            setattr(cm, a, val)
         try:
-            out["fwd"][str(cfg)] = bench(lambda: chunk_gated_delta_rule(q, k, v, g, beta))
+            out["prefill_8192"][name] = bench(lambda: chunk_gated_delta_rule(q, k, v, g, beta))
         except Exception as e:  # noqa: BLE001 - e.g. out of shared memory: report and go on
-            out["fwd"][str(cfg)] = repr(e)[:200]
-    chunk_mod.FWD_CONFIG = base_fwd
-    for cfg in [(64, 4, 1), (64, 8, 1), (128, 4, 1), (128, 8, 1), (32, 4, 1), (64, 4, 2)]:
-        chunk_mod.WY_CONFIG = cfg
-        try:
-            out["wy"][str(cfg)] = bench(lambda: chunk_gated_delta_rule(q, k, v, g, beta))
-        except Exception as e:  # noqa: BLE001
-            out["wy"][str(cfg)] = repr(e)[:200]
-    chunk_mod.WY_CONFIG = base_wy
-    base_rec = dict(rec_mod.RECURRENT_CONFIG)
-    for B in (1, 64, 256):
+            out["prefill_8192"][name] = repr(e)[:200]
+        for a, val in old.items():
+            setattr(cm, a, val)
+
+    cands = [dict(FWD_MODE="fused", FWD_CONFIG=fw) for fw in [(64, 8, 3), (64, 8, 2), (64, 4, 2)]]
+    cands += [dict(FWD_MODE="split", H_CONFIG=hc, O_CONFIG=oc)
+              for hc in [(64, 4, 2), (64, 8, 2), (32, 4, 2)] for oc in [(64, 4, 2), (128, 8, 2)]]
+    for c in cands:
+        try_cfg(json.dumps(c), **c)
+    ok = {n: t for n, t in out["prefill_8192"].items() if isinstance(t, float)}
+    best = json.loads(min(ok, key=ok.get))
+    best_t = ok[json.dumps(best)]
+    for a, val in best.items():
+        setattr(cm, a, tuple(val) if isinstance(val, list) else val)
+    c = dict(WY_CONFIG=(128, 4, 1))
+    try_cfg(json.dumps(c), **c)
+    t_wy = out["prefill_8192"][json.dumps(c)]
+    if isinstance(t_wy, float) and t_wy < best_t:
+        cm.WY_CONFIG = (128, 4, 1)
+        best.update(c)
+    out["chosen_prefill"] = best
+    chosen = {}
+    for B in DECODE_B:
         q, k, v, g, beta = inputs(1, B)
         pool = torch.randn(B, HV, K, V, device="cuda") * 0.01
         slot = torch.arange(B, device="cuda")
-        for cfg in [(8, 1), (16, 1), (16, 2), (16, 4), (32, 2), (32, 4), (32, 8), (64, 4), (64, 8)]:
-            rec_mod.RECURRENT_CONFIG = {0: cfg}
-            out["decode"][f"B{B} {cfg}"] = bench_graph(
+        res = {}
+        for cfg in [(16, 1), (16, 2), (32, 2), (32, 4), (64, 4)]:
+            rm.RECURRENT_CONFIG = {0: cfg}
+            res[cfg] = bench_graph(
                 lambda: fused_recurrent_gated_delta_rule(q, k, v, g, beta, state_pool=pool, slot_idx=slot))
-    rec_mod.RECURRENT_CONFIG = base_rec
+            out["decode"][f"B{B} {cfg}"] = res[cfg]
+        chosen[B * HV] = min(res, key=res.get)
+    chosen[0] = chosen[min(chosen)]
+    rm.RECURRENT_CONFIG = chosen
+    out["chosen_decode"] = {str(kk): vv for kk, vv in chosen.items()}
     return out
 
 
-def run_peer(timeout: int = 300) -> dict:
-    with subprocess.Popen([sys.executable, __file__, "--peer", "fla"], stdout=subprocess.PIPE,
-                          stderr=subprocess.PIPE, text=True) as p:
-        try:
-            so, se = p.communicate(timeout=timeout)
-        except subprocess.TimeoutExpired:
-            p.kill()
-            return {"error": "fla timed out"}
-    for line in so.splitlines()[::-1]:
-        if line.startswith("FLA_JSON "):
-            return json.loads(line[len("FLA_JSON "):])
-    return {"error": f"fla exited {p.returncode}: {se[-1500:]}"}
+def breakdown(T: int = 8192) -> dict:
+    """CUDA time per kernel of one prefill call (torch profiler), to see which stage to work on next."""
+    from torch.profiler import ProfilerActivity, profile
+    q, k, v, g, beta = inputs(T)
+    for _ in range(3):
+        chunk_gated_delta_rule(q, k, v, g, beta)
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(5):
+            chunk_gated_delta_rule(q, k, v, g, beta)
+        torch.cuda.synchronize()
+    return {e.key[:60]: e.device_time_total / 5 / 1e3 for e in prof.key_averages() if e.device_time_total > 0}
+
+
+def run_peer(part: str, timeout: int = 240) -> dict:
+    """fla in a fresh process; results stream back line by line so a crash keeps what was measured."""
+    got: dict = {}
+    err = None
+    try:
+        p = subprocess.run([sys.executable, __file__, "--peer", part], capture_output=True, text=True,
+                           timeout=timeout)
+        so, rc, se = p.stdout, p.returncode, p.stderr
+    except subprocess.TimeoutExpired as e:
+        so, rc, se = (e.stdout or b"").decode() if isinstance(e.stdout, bytes) else (e.stdout or ""), -1, "timeout"
+    for line in so.splitlines():
+        if line.startswith("FLA_ITEM "):
+            sec, key, val = json.loads(line[len("FLA_ITEM "):])
+            got.setdefault(sec, {})[key] = val
+    if rc != 0:
+        err = f"fla {part} exited {rc}: {se[-800:]}"
+        got.setdefault("errors", []).append(err)
+    return got
 
 
 def report(res: dict, out_dir: Path) -> str:
@@ -313,8 +357,16 @@ def report(res: dict, out_dir: Path) -> str:
         n = int(key.split("N")[1])
         byts = n * HV * (2 + 2 + 4 + 4) if key.startswith("gate") else n * HV * V * 2 * 3
         lines.append(f"| {key} | {ms * 1e3:.1f} | {byts / ms / 1e9 / HBM * 100:.0f}% |")
-    lines += ["", "## Correctness on the device (relative RMS error vs fp64 step-by-step reference)", "",
-              "```", json.dumps(res.get("check", {}), indent=1), json.dumps(fla.get("agree", {}), indent=1), "```"]
+    tune_res = res.get("tune", {})
+    lines += ["", "## Launch configs", "", f"Prefill (chosen at T = 8192 among {len(tune_res.get('prefill_8192', {}))} "
+              f"tried, see gdn.json): `{json.dumps(tune_res.get('chosen_prefill'))}`; decode by N*HV: "
+              f"`{json.dumps(tune_res.get('chosen_decode'))}`.", "",
+              "CUDA time per kernel of one T = 8192 prefill (ms): `" + json.dumps(
+                  {k_: round(v_, 3) for k_, v_ in res.get("breakdown_8192", {}).items()}) + "`",
+              "", "## Correctness on the device (relative RMS error vs fp64 step-by-step reference)", "",
+              "```", json.dumps(res.get("check", {}), indent=1),
+              "fla vs ours: " + json.dumps(fla.get("agree", {}), indent=1),
+              "fla errors: " + json.dumps(fla.get("errors", [])), "```"]
     md = "\n".join(lines) + "\n"
     (out_dir / "gdn.md").write_text(md)
     return md
@@ -349,51 +401,65 @@ def plot(res: dict, out_dir: Path) -> None:
     fig.savefig(out_dir / "gdn.png", dpi=110)
 
 
+def save(res: dict, out_dir: Path) -> None:
+    (out_dir / "gdn.json").write_text(json.dumps(res, indent=1, default=str))
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", default="bench/results")
     ap.add_argument("--check-only", action="store_true")
-    ap.add_argument("--peer", choices=["fla"])
+    ap.add_argument("--no-tune", action="store_true", help="keep the launch configs in the code")
+    ap.add_argument("--peer", choices=["prefill", "decode"], help="internal: time fla in this process")
     ap.add_argument("--no-peer", action="store_true")
-    ap.add_argument("--tune", action="store_true", help="check, try launch configs, time fla; no report")
     args = ap.parse_args()
-    if args.peer == "fla":
-        import fla
-        r = time_fla()
-        r["version"] = getattr(fla, "__version__", "?")
-        print("FLA_JSON " + json.dumps(r), flush=True)
+    if args.peer:
+        time_fla(args.peer)
         return
     out_dir = Path(args.out)
     out_dir.mkdir(parents=True, exist_ok=True)
     import triton
     res = {"device": torch.cuda.get_device_name(), "torch_version": torch.__version__,
-           "triton_version": triton.__version__, "time": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}
+           "triton_version": triton.__version__, "time": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+           "command": "python3 bench/gdn.py " + " ".join(sys.argv[1:])}
     t0 = time.time()
     res["check"] = check()
-    print("check", json.dumps(res["check"], indent=1), f"({time.time() - t0:.0f} s)", flush=True)
+    print("check", json.dumps(res["check"]), f"({time.time() - t0:.0f} s)", flush=True)
+    save(res, out_dir)
     if args.check_only:
         return
-    if args.tune:
-        r = tune()
-        print("tune", json.dumps(r, indent=1), flush=True)
-        (out_dir / "gdn_tune.json").write_text(json.dumps({"check": res["check"], "tune": r}, indent=1))
-        if not args.no_peer:
-            f = run_peer()
-            print("fla", json.dumps(f), flush=True)
-            (out_dir / "gdn_tune_fla.json").write_text(json.dumps(f, indent=1))
-        return
+    if not args.no_tune:
+        res["tune"] = tune()
+        print("tune", json.dumps(res["tune"]), f"({time.time() - t0:.0f} s)", flush=True)
+        save(res, out_dir)
+    res["breakdown_8192"] = breakdown()
+    print("breakdown", json.dumps(res["breakdown_8192"]), flush=True)
     res["ours"] = time_ours()
-    print("ours", json.dumps(res["ours"]), flush=True)
+    print("ours", json.dumps(res["ours"]), f"({time.time() - t0:.0f} s)", flush=True)
+    save(res, out_dir)
     if not args.no_peer:
-        res["fla"] = run_peer()
-        print("fla", json.dumps(res["fla"]), flush=True)
+        fla: dict = {}
+        for part in ("prefill", "decode"):
+            got = run_peer(part)
+            if part == "decode" and "errors" in got and not got.get("decode"):
+                got = run_peer(part)  # fla's recurrent kernel has crashed on a first call before: retry once
+            for sec, d in got.items():
+                if isinstance(d, dict):
+                    fla.setdefault(sec, {}).update(d)
+                else:
+                    fla.setdefault(sec, []).extend(d)
+        fla["version"] = fla.get("meta", {}).get("version", "?")
+        res["fla"] = fla
+        print("fla", json.dumps(fla), f"({time.time() - t0:.0f} s)", flush=True)
+        save(res, out_dir)
     res["torch"] = time_torch_reference()
-    (out_dir / "gdn.json").write_text(json.dumps(res, indent=1))
+    save(res, out_dir)
     print(report(res, out_dir))
     try:
         plot(res, out_dir)
     except Exception as e:  # noqa: BLE001 - the table and JSON matter more than the picture
         print("plot failed:", e)
+    print(f"total {time.time() - t0:.0f} s")
 
 
 if __name__ == "__main__":

@@ -66,12 +66,13 @@ def fused_recurrent_gdn_kernel(
 
 
 # (BV, num_warps) below and from N * HV programs-worth of work up; bench/gdn.py --tune overrides it
-RECURRENT_CONFIG = {0: (16, 2), 1024: (32, 4)}
+RECURRENT_CONFIG = {0: (16, 1), 1024: (64, 4)}
 
 
 def recurrent_blocks(N: int, HV: int, V: int) -> tuple[int, int]:
     """(BV, num_warps): small batches split V finer so that enough programs stream the state."""
-    BV, nw = next(c for lo, c in sorted(RECURRENT_CONFIG.items(), reverse=True) if N * HV >= lo)
+    items = sorted(RECURRENT_CONFIG.items())
+    BV, nw = next((c for lo, c in reversed(items) if N * HV >= lo), items[0][1])
     return min(BV, V), nw
 
 
