@@ -1,0 +1,155 @@
+"""`qwen35-export validate`: run an engine and an fp32 reference on the same prompts and check them
+layer by layer and end to end against the precision's bounds (thresholds.py)."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import time
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+from ..checkpoint.reader import load_model_weights
+from ..config import LINEAR_ATTENTION, param_counts
+from ..errors import InputError
+from ..exporter.manifest import Manifest
+from ..model.model import Qwen35Model
+from ..runtime.engine import Engine
+from .checks import largest_jumps, layer_checks, layer_metrics, logit_checks
+from .result import ValidationResult
+from .thresholds import thresholds_for
+from .trace import EngineRunner, ModelRunner, RowTrace, routing_from_engine_inputs, trace
+
+REFERENCES = ("ours", "transformers")
+
+
+def load_prompts(path: str | Path) -> list[list[int]]:
+    """One prompt per non-empty line, comma-separated token ids."""
+    prompts = []
+    for n, line in enumerate(Path(path).read_text().splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            prompts.append([int(t) for t in line.split(",") if t.strip()])
+        except ValueError:
+            raise InputError(f"{path}:{n}: expected comma-separated token ids, found {line[:60]!r}") from None
+    if not prompts:
+        raise InputError(f"{path}: no prompts (one per line, comma-separated token ids)")
+    return prompts
+
+
+def random_prompts(n: int, vocab: int, max_len: int, seed: int = 0) -> list[list[int]]:
+    """n prompts of unequal lengths up to max_len (so batches carry right padding)."""
+    if n < 1 or max_len < 1:
+        raise InputError(f"--random {n}: need at least one prompt of at least one token (max length {max_len})")
+    g = torch.Generator().manual_seed(seed)
+    lengths = [max(1, round(max_len * (n - k) / n)) for k in range(n)]
+    return [torch.randint(0, vocab, (t,), generator=g).tolist() for t in lengths]
+
+
+def reference_device(engine: Engine) -> torch.device:
+    """The engine's GPU when the fp32 reference weights fit in its free memory (with 25% for activations),
+    else the CPU."""
+    if engine.device.type != "cuda":
+        return torch.device("cpu")
+    need = param_counts(engine.cfg).total * 4 * 1.25
+    free, _ = torch.cuda.mem_get_info(engine.device)
+    return engine.device if need < free else torch.device("cpu")
+
+
+def validate(engine: str | Path | Engine, checkpoint: str | Path, reference: str = "ours",
+             prompts: list[list[int]] | None = None, random_n: int = 3, gen: int = 16,
+             report_dir: str | Path | None = None, device: str | None = None,
+             progress: bool = True) -> ValidationResult:
+    """Compare `engine` (a directory or a loaded Engine) with the fp32 reference built from `checkpoint`."""
+    t0 = time.perf_counter()
+    if reference not in REFERENCES:
+        raise InputError(f"--reference: expected one of {REFERENCES}, found {reference!r}")
+    if gen < 1:
+        raise InputError(f"--gen: expected >= 1, found {gen}")
+    eng = engine if isinstance(engine, Engine) else Engine.load(engine, device)
+    cfg = eng.cfg
+    th = thresholds_for(eng.manifest.dtype)
+    if prompts is None:
+        prompts = random_prompts(random_n, cfg.vocab_size, min(eng.max_seq_len - gen, 32))
+    eng.check_prompts(prompts, gen)
+    kinds = ["gdn" if t == LINEAR_ATTENTION else "attn" for t in cfg.layer_types]
+
+    ref_dev = reference_device(eng)
+    model = hf = None
+    if reference == "ours":
+        model = Qwen35Model(load_model_weights(checkpoint, torch.float32, device=ref_dev, progress=progress))
+    else:
+        from .hf_reference import load_hf
+
+        hf = load_hf(checkpoint, ref_dev)
+    eng_rows: list[RowTrace] = []
+    ref_rows: list[RowTrace] = []
+    routing: list = []
+    batches = [prompts[i:i + eng.max_batch] for i in range(0, len(prompts), eng.max_batch)]
+    for batch in tqdm(batches, desc="validate batches", disable=not progress or len(batches) < 2):
+        if model is not None:
+            ref = trace(ModelRunner(model, eng.max_seq_len), batch, gen, routing=True, desc="reference decode")
+        else:
+            from .hf_reference import hf_trace
+
+            ref = hf_trace(hf, batch, gen, cfg.num_hidden_layers)
+        got = trace(EngineRunner(eng), batch, gen, teacher=[r.teacher for r in ref], desc="engine decode")
+        if model is not None:
+            routing += routing_from_engine_inputs(model, ref, got)
+        ref_rows += ref
+        eng_rows += got
+    skipped = [] if model is not None else [
+        "GDN state and routing checks (they need our reference's explicit state and router; use --reference ours)"]
+
+    layers = layer_metrics(eng_rows, ref_rows, kinds, cfg.gdn_layers, routing if model is not None else None)
+    checks = layer_checks(layers, th)
+    lchecks, _ = logit_checks(eng_rows, ref_rows, th)
+    result = ValidationResult(engine=str(eng.dir), precision=eng.manifest.dtype, reference=reference,
+                              prompt_lengths=[len(p) for p in prompts], gen=gen, checks=checks + lchecks,
+                              layers=layers, largest_jump=largest_jumps(layers), skipped=skipped)
+    result.seconds = time.perf_counter() - t0
+    if report_dir is not None:
+        from .report import write_report
+
+        write_report(result, report_dir, th)
+    return result
+
+
+def validate_cli(args: argparse.Namespace) -> int:
+    """`qwen35-export validate`: print the summary table; exit 0 only when every check passes."""
+    prompts = load_prompts(args.prompts) if args.prompts else None
+    r = validate(args.engine, args.checkpoint, reference=args.reference, prompts=prompts, random_n=args.random,
+                 gen=args.gen, report_dir=args.report, device=args.device)
+    print(r.summary())
+    if args.report:
+        print(f"report: {args.report}/validation.{{json,md,png}}")
+    return 0 if r.passed else 1
+
+
+def record_in_manifest(engine_dir: str | Path, result: ValidationResult) -> None:
+    """Write the result into manifest.json's `validation` field, atomically (temp file + rename).
+    manifest.json is not among the hashed `files`, so recording leaves the engine loadable."""
+    engine_dir = Path(engine_dir)
+    man = Manifest.load(engine_dir)
+    man.validation = {
+        "passed": result.passed, "summary": result.headline(), "precision": result.precision,
+        "reference": result.reference, "first_bad_layer": result.first_bad_layer,
+        "prompt_lengths": result.prompt_lengths, "gen": result.gen, "seconds": round(result.seconds, 1),
+        "checks": {c.name: {"value": c.value, "op": c.op, "bound": c.bound, "passed": c.passed,
+                            "layer": c.layer} for c in result.checks},
+        "when": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+    }
+    tmp = engine_dir / f".manifest.json.{os.getpid()}.tmp"
+    man.save(tmp)
+    os.replace(tmp, engine_dir / "manifest.json")
+
+
+def validate_after_build(engine_dir: str | Path, checkpoint: str | Path) -> int:
+    """`build --validate`: a short validate (2 prompts, 8 tokens), recorded in the manifest; exit code."""
+    r = validate(engine_dir, checkpoint, random_n=2, gen=8, progress=False)
+    record_in_manifest(engine_dir, r)
+    print(r.summary())
+    return 0 if r.passed else 1

@@ -1,0 +1,59 @@
+"""`qwen35-export validate` on the good engine (exit 0, report files) and `build --validate` recording
+into the manifest."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+
+from qwen35_export.cli import main as cli_main
+from qwen35_export.runtime.engine import Engine
+from qwen35_export.validate.run import validate_after_build
+
+
+def test_cli_validate_writes_report(cpu_engine_fp32: Path, engine_ckpt_fp32: Path, tmp_path: Path,
+                                    capsys: pytest.CaptureFixture) -> None:
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("5,6,7,8,9,10\n\n300, 2, 99\n")
+    rc = cli_main(["validate", str(cpu_engine_fp32), "--checkpoint", str(engine_ckpt_fp32), "--prompts",
+                   str(prompts), "--gen", "3", "--report", str(tmp_path / "rep")])
+    out = capsys.readouterr().out
+    assert rc == 0, out
+    assert "PASS" in out and "prefill hidden rel_l2" in out
+    d = json.loads((tmp_path / "rep" / "validation.json").read_text())
+    assert d["passed"] is True and d["prompt_lengths"] == [6, 3] and len(d["layers"]) == 8
+    assert d["thresholds"]["hidden_rel_l2"] == 1e-4
+    assert "| 3 | attn |" in (tmp_path / "rep" / "validation.md").read_text()
+    assert (tmp_path / "rep" / "validation.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_cli_validate_bad_prompts_file(cpu_engine_fp32: Path, engine_ckpt_fp32: Path, tmp_path: Path) -> None:
+    bad = tmp_path / "p.txt"
+    bad.write_text("1,2,x\n")
+    assert cli_main(["validate", str(cpu_engine_fp32), "--checkpoint", str(engine_ckpt_fp32),
+                     "--prompts", str(bad)]) == 2
+
+
+def test_validate_after_build_records_in_manifest(cpu_engine_fp32: Path, engine_ckpt_fp32: Path,
+                                                  tmp_path: Path) -> None:
+    eng = shutil.copytree(cpu_engine_fp32, tmp_path / "engine")
+    assert validate_after_build(eng, engine_ckpt_fp32) == 0
+    v = json.loads((eng / "manifest.json").read_text())["validation"]
+    assert v["passed"] is True and v["precision"] == "fp32" and v["first_bad_layer"] is None
+    assert v["summary"].startswith("PASS") and v["checks"]["prefill hidden rel_l2 (max)"]["passed"]
+    assert not list(eng.glob(".manifest.json.*")), "temp file of the atomic rewrite left behind"
+    Engine.load(eng)  # still loads: the manifest is not among the hashed files
+
+
+def test_build_validate_flag_calls_validate(cpu_engine_fp32: Path, engine_ckpt_fp32: Path, tmp_path: Path,
+                                            monkeypatch: pytest.MonkeyPatch) -> None:
+    """`build --validate` wiring, without a second one-minute compile: the build is a copy of the fixture."""
+    import qwen35_export.exporter.build as build
+
+    monkeypatch.setattr(build, "build_engine", lambda ckpt, out, settings: shutil.copytree(cpu_engine_fp32, out))
+    out = tmp_path / "built"
+    assert cli_main(["build", str(engine_ckpt_fp32), "--target", "cpu", "--out", str(out), "--validate"]) == 0
+    assert json.loads((out / "manifest.json").read_text())["validation"]["passed"] is True
