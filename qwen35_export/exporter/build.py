@@ -13,7 +13,7 @@ import shutil
 import sys
 import tempfile
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import torch
@@ -28,6 +28,8 @@ from ..graph.pipeline import run_passes
 from ..graph.quantize_fp8 import dequantize_all, quantize_layer_fp8
 from ..graph.substitute_custom_ops import triton_implementations
 from . import capture as C
+from ..parallel.capture import manifest_entry, save_layer_shards, sharded_capture
+from ..parallel.plan import ParallelPlan
 from .manifest import FORMAT_VERSION, TARGET_SM, GraphEntry, Manifest, sha256_file
 
 TARGETS = ("h100", "h200", "cpu")
@@ -47,7 +49,12 @@ class BuildSettings:
     # Which implementation replaces the qwen35:: reference ops: "auto" (Triton on GPU targets, reference on
     # cpu), "triton" (fail if a kernel is missing), "reference" (keep the torch references everywhere).
     kernels: str = "auto"
+    # Graphs compiled at once, each in its own process (0: one per 4 CPU cores, at most one per graph).
+    jobs: int = 0
     progress: bool = True
+    # Ranks of a sharded engine (parallel/plan.py): attention/GDN heads split over tp, experts over ep.
+    tp: int = 1
+    ep: int = 1
 
 
 def check_target(target: str) -> torch.device:
@@ -101,6 +108,50 @@ def _select_kernels(settings: BuildSettings) -> dict[str, object]:
     return impls
 
 
+def _compile_all(eps: dict[str, tuple], tmp: Path, settings: BuildSettings, kernels: bool) -> None:
+    """AOTInductor-compile every graph; in parallel worker processes when jobs > 1 (C++ and Triton
+    compiles are single-threaded per graph, and a GPU build machine has the cores to spare)."""
+    jobs = settings.jobs or max(1, min(len(eps), (os.cpu_count() or 1) // 4))
+    bar = tqdm(total=len(eps), desc="compile (AOTInductor)", disable=not settings.progress)
+    if jobs <= 1:
+        for ep, entry in eps.values():
+            torch._inductor.aoti_compile_and_package(ep, package_path=str(tmp / entry.file))
+            bar.update()
+        bar.close()
+        return
+    import subprocess
+    from concurrent.futures import ThreadPoolExecutor
+
+    saved = tmp / "exported"
+    saved.mkdir()
+
+    for name, (ep, _) in eps.items():  # torch.export.save is not thread-safe: save first, one by one
+        torch.export.save(ep, str(saved / f"{name}.pt2"))
+
+    def one(item: tuple[str, tuple]) -> None:
+        name, (_, entry) = item
+        src = saved / f"{name}.pt2"
+        cmd = [sys.executable, "-m", "qwen35_export.exporter.compile_worker", str(src), str(tmp / entry.file)]
+        p = subprocess.run(cmd + (["--kernels"] if kernels else []), capture_output=True, text=True)
+        if p.returncode != 0:
+            raise BuildError(f"compiling graph '{name}' failed:\n{p.stderr[-4000:]}")
+        bar.update()
+
+    with ThreadPoolExecutor(jobs) as pool:
+        list(pool.map(one, eps.items()))
+    bar.close()
+    shutil.rmtree(saved)
+
+
+def _parallel_plan(settings: BuildSettings, cfg) -> "ParallelPlan | None":
+    """The plan of a sharded build (None for one rank), checked against the model geometry."""
+    if settings.tp == 1 and settings.ep == 1:
+        return None
+    plan = ParallelPlan(settings.tp, settings.ep)
+    plan.check(cfg)
+    return plan
+
+
 def build_engine(checkpoint: str | Path, out: str | Path, settings: BuildSettings) -> Path:
     """Build an engine directory at `out` from the checkpoint directory `checkpoint`."""
     out = Path(out)
@@ -125,6 +176,10 @@ def build_engine(checkpoint: str | Path, out: str | Path, settings: BuildSetting
         raise BuildError(f"--dtype fp8 needs moe_intermediate_size to be a multiple of 128, found "
                          f"{cfg.moe_intermediate_size}")
     impls = _select_kernels(settings)
+    plan = _parallel_plan(settings, cfg)
+    if plan is not None:  # compile workers hold no process group, which graphs with collectives need
+        settings = replace(settings, jobs=1)
+    rank_files: list[list[str]] = [[] for _ in range(plan.world_size if plan else 0)]
     shapes = C.CaptureShapes(settings.max_batch, settings.max_seq_len)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.building-", dir=out.parent))
@@ -139,12 +194,15 @@ def build_engine(checkpoint: str | Path, out: str | Path, settings: BuildSetting
         examples: dict[str, dict[str, torch.Tensor]] = {}
         for i in tqdm(range(cfg.num_hidden_layers), desc="weights", disable=not settings.progress):
             w = _prepare_layer(reader.load_layer(i, act, keep_fp8=(dtype == "fp8")), dtype, act)
+            if plan is not None:  # every rank's file written; rank 0's shard is the capture example
+                w = save_layer_shards(w, cfg, plan, i, tmp, rank_files)
             kind = C.GDN if cfg.layer_types[i] == LINEAR_ATTENTION else C.ATTN
             if kind not in examples:
                 examples[kind] = {k: v.to(device) for k, v in w.items()}
-            rel = f"weights/layer_{i:03d}.safetensors"
-            save_file(w, str(tmp / rel))
-            layer_files.append(rel)
+            if plan is None:
+                rel = f"weights/layer_{i:03d}.safetensors"
+                save_file(w, str(tmp / rel))
+                layer_files.append(rel)
             del w
         reader.close()
         times["weights"] = time.time() - t0
@@ -154,9 +212,9 @@ def build_engine(checkpoint: str | Path, out: str | Path, settings: BuildSetting
         dump = tmp / "graphs_dump" if settings.dump_graphs else None
         eps: dict[str, tuple] = {}
         jobs = [(f"{k}_{p}", k, p) for k in (C.GDN, C.ATTN) if k in examples for p in (C.PREFILL, C.DECODE)]
+        capture = {C.GDN: C.capture_gdn, C.ATTN: C.capture_attention} if plan is None else sharded_capture(plan)
         for name, kind, phase in tqdm(jobs, desc="capture", disable=not settings.progress):
-            fn = C.capture_gdn if kind == C.GDN else C.capture_attention
-            ep, names = fn(cfg, examples[kind], phase, shapes, act, device)
+            ep, names = capture[kind](cfg, examples[kind], phase, shapes, act, device)
             ep, recs = run_passes(ep, name, impls, dump)
             eps[name] = (ep, GraphEntry(f"graphs/{name}.pt2", kind, phase, names,
                                         {k: v for r in recs for k, v in r.changes.items()}))
@@ -170,8 +228,7 @@ def build_engine(checkpoint: str | Path, out: str | Path, settings: BuildSetting
         # 3. compile
         t0 = time.time()
         (tmp / "graphs").mkdir()
-        for name, (ep, entry) in tqdm(eps.items(), desc="compile (AOTInductor)", disable=not settings.progress):
-            torch._inductor.aoti_compile_and_package(ep, package_path=str(tmp / entry.file))
+        _compile_all(eps, tmp, settings, bool(impls))
         times["compile"] = time.time() - t0
 
         # 4. tokenizer files, manifest
@@ -201,7 +258,8 @@ def build_engine(checkpoint: str | Path, out: str | Path, settings: BuildSetting
             max_seq_len=settings.max_seq_len, graphs={k: e for k, (_, e) in eps.items()},
             layer_files=layer_files, globals_file="weights/globals.safetensors",
             passes=(["quantize_fp8 (weights, before capture)"] if dtype == "fp8" else []) + ["substitute_custom_ops"],
-            files=files, build_seconds=times, tokenizer_files=tok)
+            files=files, build_seconds=times, tokenizer_files=tok,
+            parallel=manifest_entry(plan, rank_files) if plan is not None else None)
         times["total"] = time.time() - t_all
         man.save(tmp / "manifest.json")
 
