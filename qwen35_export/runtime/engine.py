@@ -20,6 +20,7 @@ from ..config import LINEAR_ATTENTION, Qwen35Config
 from ..errors import EngineError, InputError
 from ..exporter.manifest import TARGET_SM, Manifest
 from .aoti_loader import load_package
+from .ort_session import load_onnx_graph
 from .sampling import SamplingParams, sample
 
 LayerHook = Callable[[int, Tensor], None]
@@ -74,7 +75,8 @@ class Engine:
         self.max_batch, self.max_seq_len = man.max_batch, man.max_seq_len
         self.load_seconds: dict[str, float] = {}
         t0 = time.perf_counter()
-        self.graphs = {name: load_package(engine_dir / g.file, device) for name, g in man.graphs.items()}
+        load_graph = load_onnx_graph if man.backend == "onnxruntime" else load_package
+        self.graphs = {name: load_graph(engine_dir / g.file, device) for name, g in man.graphs.items()}
         self.load_seconds["graphs"] = time.perf_counter() - t0
         t0 = time.perf_counter()
         glob = load_file(str(engine_dir / man.globals_file), device=str(device))

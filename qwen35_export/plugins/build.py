@@ -1,0 +1,189 @@
+"""`build --backend onnxruntime|tensorrt`: checkpoint -> engine directory, the same layout as the AOTI build.
+
+Weights stream one layer at a time into `weights/` exactly as exporter/build.py writes them (so the
+runtime binds them the same way), one ONNX graph per (layer kind, phase) plus embed/final goes to
+`graphs/*.onnx`, and for TensorRT each graph is then compiled to `graphs/*.engine`. The directory is
+built in a temp dir beside `out` and renamed into place at the end, so a failed build leaves nothing.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import sys
+import tempfile
+import time
+from dataclasses import asdict
+from pathlib import Path
+from typing import Callable
+
+import torch
+from safetensors.torch import save_file
+from tqdm import tqdm
+
+from .. import __version__
+from ..checkpoint.reader import CheckpointReader
+from ..config import LINEAR_ATTENTION, Qwen35Config
+from ..errors import BuildError
+from ..exporter import capture as C
+from ..exporter.build import _TOKENIZER_FILES, TARGETS, BuildSettings, _prepare_layer, _resolve_dtype
+from ..exporter.manifest import FORMAT_VERSION, TARGET_SM, GraphEntry, Manifest, sha256_file
+from .onnx import export as X
+
+BACKENDS = ("onnxruntime", "tensorrt")
+
+# Compiles the ONNX graphs in `graphs_dir` in place for a backend; returns {graph name: file relative to
+# the engine dir} for graphs it replaced, and extra version strings for the manifest.
+Compiler = Callable[[Path, Path, dict[str, GraphEntry], Qwen35Config, BuildSettings],
+                    tuple[dict[str, str], dict[str, str]]]
+
+
+def _check(checkpoint: str | Path, out: Path, settings: BuildSettings) -> CheckpointReader:
+    """Every check that can fail before anything is written."""
+    if settings.backend not in BACKENDS:
+        raise BuildError(f"--backend: build_backend_engine builds {BACKENDS}, found {settings.backend!r}")
+    if settings.target not in TARGETS:
+        raise BuildError(f"--target: expected one of {TARGETS}, found {settings.target!r}")
+    if settings.backend == "tensorrt" and settings.target == "cpu":
+        raise BuildError("--backend tensorrt: TensorRT engines run on NVIDIA GPUs; use --target h100 or h200")
+    if out.exists() and not settings.force:
+        raise BuildError(f"{out}: already exists; pass --force to replace it (the old engine is kept until the "
+                         "new one is complete)")
+    if settings.max_batch < 1 or settings.max_seq_len < 2:
+        raise BuildError(f"--max-batch >= 1 and --max-seq-len >= 2 expected, found {settings.max_batch}, "
+                         f"{settings.max_seq_len}")
+    reader = CheckpointReader(checkpoint)
+    if settings.max_seq_len > reader.config.max_position_embeddings:
+        raise BuildError(f"--max-seq-len {settings.max_seq_len} exceeds max_position_embeddings "
+                         f"{reader.config.max_position_embeddings} of {checkpoint}/config.json")
+    return reader
+
+
+def _write_weights(reader: CheckpointReader, tmp: Path, dtype: str, act: torch.dtype,
+                   progress: bool) -> tuple[dict[str, torch.Tensor], list[str], dict[str, dict[str, torch.Tensor]]]:
+    """Stream the weights into `tmp/weights/`; returns (globals, layer files, first layer of each kind)."""
+    cfg = reader.config
+    (tmp / "weights").mkdir()
+    glob = {k: v.to(act) for k, v in reader.load_globals(act).items()}
+    save_file(glob, str(tmp / "weights" / "globals.safetensors"))
+    files: list[str] = []
+    examples: dict[str, dict[str, torch.Tensor]] = {}
+    for i in tqdm(range(cfg.num_hidden_layers), desc="weights", disable=not progress):
+        w = _prepare_layer(reader.load_layer(i, act, keep_fp8=(dtype == "fp8")), dtype, act)
+        examples.setdefault(C.GDN if cfg.layer_types[i] == LINEAR_ATTENTION else C.ATTN, w)
+        rel = f"weights/layer_{i:03d}.safetensors"
+        save_file(w, str(tmp / rel))
+        files.append(rel)
+    return glob, files, examples
+
+
+def _export_graphs(cfg: Qwen35Config, glob: dict[str, torch.Tensor], examples: dict[str, dict[str, torch.Tensor]],
+                   shapes: C.CaptureShapes, act: torch.dtype, graphs_dir: Path, progress: bool) -> dict[str, GraphEntry]:
+    """One ONNX file per graph in `graphs_dir`; returns the manifest entries (weight input order)."""
+    graphs_dir.mkdir()
+    entries: dict[str, GraphEntry] = {}
+    jobs = [(k, p) for k in (C.GDN, C.ATTN) if k in examples for p in (C.PREFILL, C.DECODE)]
+    for kind, phase in tqdm(jobs, desc="export (ONNX)", disable=not progress):
+        name = f"{kind}_{phase}"
+        model, names = X.export_layer(cfg, kind, phase, examples[kind], shapes, act)
+        X.save_model(model, graphs_dir / f"{name}.onnx")
+        subs = {n.op_type: 0 for n in model.graph.node if n.domain == "qwen35"}
+        for n in model.graph.node:
+            if n.domain == "qwen35":
+                subs[n.op_type] += 1
+        entries[name] = GraphEntry(f"graphs/{name}.onnx", kind, phase, names, subs)
+    X.save_model(X.export_embed(cfg, glob["embed_tokens.weight"], shapes), graphs_dir / "embed.onnx")
+    entries["embed"] = GraphEntry("graphs/embed.onnx", C.EMBED, "any", ["embed_tokens.weight"])
+    X.save_model(X.export_final(cfg, glob["norm.weight"], glob["lm_head.weight"], shapes, act),
+                 graphs_dir / "final.onnx")
+    entries["final"] = GraphEntry("graphs/final.onnx", C.FINAL, "any", ["norm.weight", "lm_head.weight"])
+    return entries
+
+
+def _finish(tmp: Path, out: Path, checkpoint: str | Path, man: Manifest) -> None:
+    """Tokenizer files, file hashes, manifest; then swap `tmp` into `out` (an old engine goes last)."""
+    for f in _TOKENIZER_FILES:
+        src = Path(checkpoint) / f
+        if src.is_file():
+            shutil.copy2(src, tmp / f)
+            man.tokenizer_files.append(f)
+    man.files = {str(p.relative_to(tmp)): {"sha256": sha256_file(p), "bytes": p.stat().st_size}
+                 for p in sorted(tmp.rglob("*")) if p.is_file()}
+    man.save(tmp / "manifest.json")
+    if out.exists():
+        old = out.with_name(f".{out.name}.old-{os.getpid()}")
+        os.replace(out, old)
+        os.replace(tmp, out)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.replace(tmp, out)
+
+
+def _tensorrt_compiler() -> Compiler:
+    try:
+        from .tensorrt.build import compile_graphs
+    except ImportError as e:
+        raise BuildError(f"--backend tensorrt: cannot import the TensorRT build path ({e}); install the "
+                         "`tensorrt` package (TensorRT >= 10) on a machine with an sm_90 GPU") from e
+    return compile_graphs
+
+
+def build_backend_engine(checkpoint: str | Path, out: str | Path, settings: BuildSettings) -> Path:
+    """Build an engine directory at `out` with the ONNX Runtime or TensorRT backend."""
+    out = Path(out)
+    t_all = time.time()
+    reader = _check(checkpoint, out, settings)
+    compiler = _tensorrt_compiler() if settings.backend == "tensorrt" else None
+    if compiler is not None:
+        from .tensorrt.build import require_tensorrt
+
+        require_tensorrt()  # fail before any work when the module is missing
+    cfg = reader.config
+    dtype, act = _resolve_dtype(settings, cfg.fp8 is not None)
+    shapes = C.CaptureShapes(settings.max_batch, settings.max_seq_len)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.building-", dir=out.parent))
+    times: dict[str, float] = {}
+    try:
+        t0 = time.time()
+        glob, layer_files, examples = _write_weights(reader, tmp, dtype, act, settings.progress)
+        reader.close()
+        times["weights"] = time.time() - t0
+        t0 = time.time()
+        entries = _export_graphs(cfg, glob, examples, shapes, act, tmp / "graphs", settings.progress)
+        times["export"] = time.time() - t0
+        versions = {"qwen35_export": __version__, "torch": torch.__version__, "python": sys.version.split()[0]}
+        import onnx
+
+        versions["onnx"] = onnx.__version__
+        if compiler is not None:
+            t0 = time.time()
+            files, extra = compiler(tmp, tmp / "graphs", entries, cfg, settings)
+            for name, rel in files.items():
+                entries[name].file = rel
+            versions.update(extra)
+            times["compile"] = time.time() - t0
+        else:
+            import onnxruntime
+
+            versions["onnxruntime"] = onnxruntime.__version__
+        times["total"] = time.time() - t_all
+        man = Manifest(
+            format_version=FORMAT_VERSION, versions=versions, target=settings.target,
+            sm=list(TARGET_SM[settings.target]) if settings.target in TARGET_SM else None,
+            backend=settings.backend, dtype=dtype, act_dtype=str(act).replace("torch.", ""),
+            model_config=json.loads(json.dumps(asdict(cfg))), max_batch=settings.max_batch,
+            max_seq_len=settings.max_seq_len, graphs=entries, layer_files=layer_files,
+            globals_file="weights/globals.safetensors",
+            passes=(["quantize_fp8 (weights, before export)"] if dtype == "fp8" else [])
+            + ["onnx export (qwen35:: custom nodes with function bodies)"],
+            build_seconds=times)
+        _finish(tmp, out, checkpoint, man)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    if settings.progress:
+        print(f"built {out}: backend {settings.backend}, target {settings.target}, weights {dtype}, "
+              f"{len(entries)} graphs; " + ", ".join(f"{k} {v:.1f}s" for k, v in times.items()))
+    return out

@@ -1,0 +1,151 @@
+"""Export each layer kind to ONNX: functional wrappers that return the new states (ONNX graphs cannot
+mutate their inputs), weights as graph inputs so one model file serves every layer of its kind.
+
+Names: inputs are `x, lengths, conv_state, rec_state, <weights...>` (gdn) or `x, start, lengths, k_cache,
+v_cache, <weights...>` (attn); outputs are `y` plus `<state>.next` for each state input, which the runtime
+(runtime/ort_session.py) copies back into the state tensor it passed in.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import onnx
+import torch
+from torch import Tensor, nn
+
+from ...config import Qwen35Config
+from ...exporter import capture as C
+from ...model import layers
+from .functions import function_protos
+from .schemas import DOMAIN, VERSION
+from .translate import translation_table
+
+OPSET = 23  # Attention (the SDPA lowering) and blocked DequantizeLinear
+STATE_SUFFIX = ".next"
+PROTOBUF_LIMIT = 2**31  # protobuf refuses messages past 2 GiB: larger tensors go to an external-data file
+
+
+class GDNLayerFn(nn.Module):
+    """x, lengths, conv_state, rec_state, *weights -> (y, conv_state', rec_state')."""
+
+    def __init__(self, cfg: Qwen35Config, weight_names: list[str]):
+        super().__init__()
+        self.cfg, self.weight_names = cfg, list(weight_names)
+
+    def forward(self, x: Tensor, lengths: Tensor, conv_state: Tensor, rec_state: Tensor, *weights: Tensor):
+        return layers.gdn_layer(x, dict(zip(self.weight_names, weights)), conv_state, rec_state, lengths, self.cfg)
+
+
+class AttentionLayerFn(nn.Module):
+    """x, start, lengths, k_cache, v_cache, *weights -> (y, k_cache', v_cache')."""
+
+    def __init__(self, cfg: Qwen35Config, weight_names: list[str]):
+        super().__init__()
+        self.cfg, self.weight_names = cfg, list(weight_names)
+
+    def forward(self, x: Tensor, start: Tensor, lengths: Tensor, k_cache: Tensor, v_cache: Tensor,
+                *weights: Tensor):
+        return layers.attention_layer(x, dict(zip(self.weight_names, weights)), k_cache, v_cache, start, lengths,
+                                      self.cfg)
+
+
+def _layer_program(cfg: Qwen35Config, kind: str, phase: str, weights: dict[str, Tensor], shapes: C.CaptureShapes,
+                   act: torch.dtype) -> tuple[nn.Module, tuple, dict, list[str], list[str], list[str]]:
+    """(module, example args, dynamic shapes, input names, output names, weight names) of one layer kind."""
+    names = sorted(weights)
+    B, T = C._dims(phase, shapes)
+    b, t = 2, C.example_T(phase)
+    x = torch.randn(b, t, cfg.hidden_size, dtype=act)
+    lengths = torch.full((b,), t, dtype=torch.int64)
+    xdim = {0: B, 1: T} if T is not None else {0: B}
+    w = [weights[n] for n in names]
+    if kind == C.GDN:
+        conv = torch.zeros(b, cfg.conv_dim, cfg.linear_conv_kernel_dim - 1, dtype=act)
+        rec = torch.zeros(b, cfg.linear_num_value_heads, cfg.linear_key_head_dim, cfg.linear_value_head_dim)
+        states = ["conv_state", "rec_state"]
+        return (GDNLayerFn(cfg, names), (x, lengths, conv, rec, *w), (xdim, {0: B}, {0: B}, {0: B}, (None,) * len(w)),
+                ["x", "lengths", *states, *names], ["y", *(s + STATE_SUFFIX for s in states)], names)
+    kv = (b, cfg.num_key_value_heads, shapes.max_seq_len, cfg.head_dim)
+    start = torch.zeros(b, dtype=torch.int64)
+    states = ["k_cache", "v_cache"]
+    return (AttentionLayerFn(cfg, names), (x, start, lengths, torch.zeros(kv, dtype=act), torch.zeros(kv, dtype=act), *w),
+            (xdim, {0: B}, {0: B}, {0: B}, {0: B}, (None,) * len(w)),
+            ["x", "start", "lengths", *states, *names], ["y", *(s + STATE_SUFFIX for s in states)], names)
+
+
+def _to_onnx(module: nn.Module | torch.export.ExportedProgram, args: tuple, dyn, input_names: list[str], output_names: list[str]) -> onnx.ModelProto:
+    if not isinstance(module, torch.export.ExportedProgram):
+        module = torch.export.export(module, args, dynamic_shapes=dyn, strict=False)
+    prog = torch.onnx.export(module, (), input_names=input_names, output_names=output_names, dynamo=True, opset_version=OPSET, custom_translation_table=translation_table(),
+                             optimize=True, verbose=False)
+    return attach_functions(prog.model_proto)
+
+
+def export_layer(cfg: Qwen35Config, kind: str, phase: str, weights: dict[str, Tensor], shapes: C.CaptureShapes,
+                 act: torch.dtype) -> tuple[onnx.ModelProto, list[str]]:
+    """ONNX model of one (layer kind, phase), and the order of its weight inputs."""
+    module, args, dyn, ins, outs, names = _layer_program(cfg, kind, phase, weights, shapes, act)
+    return _to_onnx(module, args, dyn, ins, outs), names
+
+
+def export_embed(cfg: Qwen35Config, embed_w: Tensor, shapes: C.CaptureShapes) -> onnx.ModelProto:
+    ep = C.capture_embed(cfg, embed_w, shapes, torch.device("cpu"))
+    return _to_onnx(ep, (), None, ["ids", "embed_tokens.weight"], ["x"])
+
+
+def export_final(cfg: Qwen35Config, norm_w: Tensor, lm_head_w: Tensor, shapes: C.CaptureShapes,
+                 act: torch.dtype) -> onnx.ModelProto:
+    ep = C.capture_final(cfg, norm_w, lm_head_w, shapes, act, torch.device("cpu"))
+    return _to_onnx(ep, (), None, ["x", "norm.weight", "lm_head.weight"], ["logits"])
+
+
+def attach_functions(model: onnx.ModelProto) -> onnx.ModelProto:
+    """Add the body of every `qwen35` function the graph calls (transitively), and the domain's opset.
+
+    Bodies are attached after export because the exporter's version conversion inlines every function it
+    finds; attached afterwards, the custom nodes stay nodes.
+    """
+    protos = {f.name: f for f in function_protos()}
+    used: list[str] = []
+    todo = [n.op_type for n in model.graph.node if n.domain == DOMAIN]
+    while todo:
+        name = todo.pop()
+        if name in used:
+            continue
+        used.append(name)
+        todo += [n.op_type for n in protos[name].node if n.domain == DOMAIN]
+    have = {f.name for f in model.functions if f.domain == DOMAIN}
+    model.functions.extend(protos[n] for n in sorted(used) if n not in have)
+    if used and not any(o.domain == DOMAIN for o in model.opset_import):
+        model.opset_import.append(onnx.helper.make_opsetid(DOMAIN, VERSION))
+    return model
+
+
+def save_model(model: onnx.ModelProto, path: Path, external_threshold: int = PROTOBUF_LIMIT) -> list[Path]:
+    """Write `model` to `path`; if its tensors reach `external_threshold` bytes in all, store them in
+    `<path>.data` beside it (protobuf cannot hold more than 2 GiB). Returns the files written."""
+    path = Path(path)
+    size = sum(_tensor_bytes(t) for t in _all_tensors(model))
+    if size < external_threshold:
+        onnx.save_model(model, str(path))
+        return [path]
+    data = path.name + ".data"
+    onnx.save_model(model, str(path), save_as_external_data=True, all_tensors_to_one_file=True, location=data,
+                    size_threshold=1024, convert_attribute=True)
+    return [path, path.with_name(data)]
+
+
+def _all_tensors(model: onnx.ModelProto):
+    from onnx.external_data_helper import _get_all_tensors
+
+    return _get_all_tensors(model)
+
+
+def _tensor_bytes(t: onnx.TensorProto) -> int:
+    if t.HasField("raw_data"):
+        return len(t.raw_data)
+    n = 1
+    for d in t.dims:
+        n *= d
+    return n * onnx.helper.tensor_dtype_to_np_dtype(t.data_type).itemsize if t.data_type else 0
