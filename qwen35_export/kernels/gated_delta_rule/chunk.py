@@ -392,39 +392,43 @@ def chunk_gated_delta_rule_fwd(
     gc = torch.empty(B, T, HV, dtype=torch.float32, device=q.device)
     o = torch.empty(B, T, HV, V, dtype=v.dtype, device=q.device)
     ht = torch.empty(N, HV, K, V, dtype=torch.float32, device=q.device) if output_final_state else None
+    wy_bv = min(V, 64 if dt == torch.float32 else WY_CONFIG[0])
     wrap_triton(chunk_gdn_wy_kernel)[grid1](
         k, v, g, beta, w, u, gc, cu_seqlens, chunk_indices, T,
-        H=H, HV=HV, K=K, V=V, BT=BT, BC=BC, BK=K, BV=min(V, WY_CONFIG[0]), IS_VARLEN=is_varlen,
-        num_warps=WY_CONFIG[1], num_stages=WY_CONFIG[2],
+        H=H, HV=HV, K=K, V=V, BT=BT, BC=BC, BK=K, BV=wy_bv, IS_VARLEN=is_varlen,
+        num_warps=WY_CONFIG[1], num_stages=1 if dt == torch.float32 else WY_CONFIG[2],
     )
     h0 = initial_state.contiguous() if initial_state is not None else None
+    # fp32 operands take twice the shared memory of bf16: the bf16-tuned configs overflow it (seen on H100)
+    small = dt == torch.float32
     if FWD_MODE == "split":
         if is_varlen:
             n_chunks = triton.cdiv(cu_seqlens[1:] - cu_seqlens[:-1], BT)
             chunk_offsets = torch.cat([n_chunks.new_zeros(1), n_chunks.cumsum(0)])
             NT_total = chunk_indices.shape[0]
-            grid_o = (triton.cdiv(V, O_CONFIG[0]), NT_total, HV)
+            grid_o = (NT_total, HV)
         else:
             chunk_offsets = None
             NT_total = B * triton.cdiv(T, BT)
-            grid_o = (triton.cdiv(V, O_CONFIG[0]), triton.cdiv(T, BT), B * HV)
+            grid_o = (triton.cdiv(T, BT), B * HV)
         h = torch.empty(NT_total, HV, K, V, dtype=dt, device=q.device)
         vn = torch.empty(B, T, HV, V, dtype=dt, device=q.device)
-        BV, nw, ns = min(V, H_CONFIG[0]), H_CONFIG[1], H_CONFIG[2]
+        BV, nw, ns = (min(V, 32), 4, 1) if small else (min(V, H_CONFIG[0]), H_CONFIG[1], H_CONFIG[2])
+        BVo, nwo, nso = (min(V, 32), 4, 1) if small else (min(V, O_CONFIG[0]), O_CONFIG[1], O_CONFIG[2])
         wrap_triton(chunk_gdn_h_kernel)[(triton.cdiv(V, BV), N * HV)](
             k, w, u, gc, h, vn, h0, ht, cu_seqlens, chunk_offsets, T,
             H=H, HV=HV, K=K, V=V, BT=BT, BK=K, BV=BV,
             USE_H0=h0 is not None, STORE_HT=ht is not None, IS_VARLEN=is_varlen,
             num_warps=nw, num_stages=ns,
         )
-        wrap_triton(chunk_gdn_o_kernel)[grid_o](
+        wrap_triton(chunk_gdn_o_kernel)[(triton.cdiv(V, BVo),) + grid_o](
             q, k, vn, h, gc, o, cu_seqlens, chunk_indices, scale, T,
-            H=H, HV=HV, K=K, V=V, BT=BT, BK=K, BV=min(V, O_CONFIG[0]), IS_VARLEN=is_varlen,
-            num_warps=O_CONFIG[1], num_stages=O_CONFIG[2],
+            H=H, HV=HV, K=K, V=V, BT=BT, BK=K, BV=BVo, IS_VARLEN=is_varlen,
+            num_warps=nwo, num_stages=nso,
         )
         return o, ht
     # small BV: S [K, BV] stays in registers and a single sequence still gives HV * V / BV programs
-    BV, nw, ns = min(V, FWD_CONFIG[0]), FWD_CONFIG[1], FWD_CONFIG[2]
+    BV, nw, ns = (min(V, 32), 4, 1) if small else (min(V, FWD_CONFIG[0]), FWD_CONFIG[1], FWD_CONFIG[2])
     wrap_triton(chunk_gdn_fwd_kernel)[(triton.cdiv(V, BV), N * HV)](
         q, k, w, u, gc, o, h0, ht, cu_seqlens, scale, T,
         H=H, HV=HV, K=K, V=V, BT=BT, BK=K, BV=BV,
