@@ -228,3 +228,19 @@ def test_mtp_reported_unused(tiny_ckpt_fp32, tiny_ckpt_fp8) -> None:
         assert n_mtp > 0 and r.info.unused_prefixes == {"mtp.": n_mtp}
         summary = checkpoint_summary(ckpt)
         assert f"not used     {n_mtp} tensors under 'mtp.'" in summary
+
+
+def test_writer_init_keeps_a_deep_forward_finite_and_position_dependent(tmp_path) -> None:
+    """24 layers (3x the tiny preset) in bf16, as released, run in bf16: no NaN/Inf, hidden states neither
+    blow up nor vanish, and the logits still differ across positions."""
+    cfg = preset("tiny", num_hidden_layers=24)
+    ckpt = write_random_checkpoint(cfg, tmp_path / "deep", dtype="bf16", seed=3, progress=False)
+    model = Qwen35Model(load_model_weights(ckpt, torch.bfloat16, progress=False))
+    ids = torch.randint(0, cfg.vocab_size, (1, 24), generator=torch.Generator().manual_seed(0))
+    rms = []
+    logits, _ = model.prefill(ids, torch.tensor([24]), model.init_state(1, 24),
+                              hook=lambda i, x: rms.append(x.float().pow(2).mean().sqrt().item()))
+    assert torch.isfinite(logits).all()
+    assert all(0.1 < r < 1e3 for r in rms), rms
+    top = logits[0].float().argmax(-1)
+    assert top.unique().numel() > 4, top

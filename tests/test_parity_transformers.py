@@ -212,3 +212,27 @@ def test_parity_checkpoint_saved_by_transformers(hf_saved_checkpoint, T, assert_
     hf = hf_load(hf_saved_checkpoint)
     ours = Qwen35Model(load_model_weights(hf_saved_checkpoint, progress=False))
     check_parity(hf, ours, T, "transformers-save_pretrained", assert_logits_close)
+
+
+# -- the bound is tight enough to catch real mistakes -------------------------------------------------------
+@pytest.mark.parametrize("mistake", ["moe-output-x1.001", "attention-output-x1.001", "no-rope",
+                                     "gdn-norm-1+w"])
+def test_bound_catches_small_mistakes(fused_pair, monkeypatch, mistake) -> None:
+    """On these random weights, a 0.1% error in one block's output, or a plausible porting slip, moves
+    the logits past the parity bound: so passing it says more than "roughly the same model"."""
+    from qwen35_export.model import layers
+
+    def scaled(f):  # a mixer returns (out, *state): scale out only
+        return lambda *a: (lambda r: (r[0] * 1.001, *r[1:]))(f(*a))
+
+    patch = {"moe-output-x1.001": ("moe_block", lambda f: lambda *a: f(*a) * 1.001),
+             "attention-output-x1.001": ("attention_mixer", scaled),
+             "no-rope": ("apply_rope", lambda f: lambda x, cos, sin: x),
+             "gdn-norm-1+w": ("gated_rms_norm", lambda f: lambda o, z, w, eps: f(o, z, 1 + w, eps))}[mistake]
+    ours = fused_pair[1]
+    rows, _ = prompts(65, ours.cfg.vocab_size)
+    ids, lens = rows[0][None], torch.tensor([65])
+    good, _ = ours.prefill(ids, lens, ours.init_state(1, 65))
+    monkeypatch.setattr(layers, patch[0], patch[1](getattr(layers, patch[0])))
+    bad, _ = ours.prefill(ids, lens, ours.init_state(1, 65))
+    assert (bad - good).abs().max() > REL * good.abs().max()
