@@ -67,7 +67,7 @@ class ValidationResult:
         lines = [f"engine {self.engine}  precision {self.precision}  reference {self.reference}  "
                  f"prompts {len(self.prompt_lengths)} (lengths {','.join(map(str, self.prompt_lengths))})  "
                  f"gen {self.gen}",
-                 f"{'check':<34} {'value':>11}    {'bound':>11}  {'result':<6} where"]
+                 f"{'check':<34} {'value':>11} {'':>2} {'bound':>11}  {'result':<6} where"]
         for c in self.checks:
             where = f"layer {c.layer} ({self.layers[c.layer]['kind']})" if c.layer is not None else ""
             lines.append(f"{c.name:<34} {_fmt(c.value):>11} {c.op:>2} {_fmt(c.bound):>11}  "
