@@ -262,3 +262,37 @@ def test_router_ties_match_cuda_topk():
     _, ids = moe_router(logits, 10)
     _, ids_ref = torch.topk(torch.softmax(logits, -1), 10)
     assert torch.equal(ids.sort(-1).values, ids_ref.sort(-1).values), (ids, ids_ref)
+
+
+@pytest.mark.parametrize("fp8,decode", [(False, False), (True, False), (True, True)],
+                         ids=["bf16", "fp8-prefill", "fp8-decode"])
+def test_fused_gate_up_variant(fp8, decode, nan_empty):
+    """The FUSED gate_up tiling (one [BK, 2*BN] weight tile, one dot) computes what the split one does."""
+    E, H, I, N, k = 8, 256, 256, 37, 3
+    w13, w2, q13, s13, q2, s2 = make_experts(E, H, I, seed=8)
+    w, ids = make_routing(N, E, k, seed=9)
+    x = torch.randn(N, H, generator=torch.Generator().manual_seed(10)).bfloat16()
+    tile = dict(BLOCK_N=128 if fp8 and not decode else 64, BLOCK_K=64, GROUP_M=2, num_warps=4, num_stages=2)
+    cfg = {"BLOCK_M": 16, "gate_up": dict(tile, FUSED=1), "down": dict(tile)}
+    if fp8:
+        out = moe_experts_triton(x, w, ids, q13, q2, s13, s2, config=cfg, decode=decode)
+        ref = moe_experts_fp8_reference(x, w, ids, q13, s13, q2, s2, quant_act=not decode)
+    else:
+        out = moe_experts_triton(x, w, ids, w13, w2, config=cfg, decode=decode)
+        ref = moe_experts_reference(x, w, ids, w13, w2)
+    assert_close(out, ref, bf16_bound(3), "fused gate_up")
+
+
+def test_stored_config_tables():
+    """Every stored table parses, keeps decode entries in the decode regime and passes the launcher's checks."""
+    from qwen35_export.kernels.moe.configs import CONFIG_DIR, load_table
+    from qwen35_export.kernels.moe.experts import check_config
+    files = sorted(CONFIG_DIR.glob("E=*,N=*,device=*,dtype=*.json"))
+    assert files, "no stored tables"
+    for f in files:
+        key = dict(kv.split("=") for kv in f.stem.split(","))
+        table = load_table(int(key["E"]), int(key["N"]), key["device"], key["dtype"])
+        for T, cfg in table.items():
+            fp8 = key["dtype"] == "fp8"
+            check_config(cfg, fp8, fp8 and T > DECODE_MAX_TOKENS, int(key["N"]))
+            assert (cfg["BLOCK_M"] == 16) or T > DECODE_MAX_TOKENS, (f.name, T)

@@ -49,14 +49,17 @@ def default_config(N: int, E: int, k: int, dtype: str, decode: bool) -> dict:
     bm = 16 if mean <= 16 else 32 if mean <= 32 else 64 if mean <= 96 else 128
     fp8 = dtype == "fp8"
     if decode:
-        tile = dict(BLOCK_N=64, BLOCK_K=128, GROUP_M=1, num_warps=4, num_stages=4 if fp8 else 3)
+        tile = dict(BLOCK_N=32, BLOCK_K=128, GROUP_M=1, num_warps=4, num_stages=4)
         return {"BLOCK_M": 16, "gate_up": dict(tile), "down": dict(tile)}
     if fp8:
+        # BLOCK_M 128 with two 128-wide fp32 accumulators plus the per-K-step scaled partial spills
+        # registers: 2-3x slower on H100 (bench/results/moe_notes.md).
+        bm = min(bm, 64)
         gate_up = dict(BLOCK_N=128, BLOCK_K=128, GROUP_M=8, num_warps=8, num_stages=3)
         down = dict(BLOCK_N=128, BLOCK_K=128, GROUP_M=8, num_warps=8, num_stages=4)
     else:
-        gate_up = dict(BLOCK_N=64, BLOCK_K=64, GROUP_M=8, num_warps=8, num_stages=4)
-        down = dict(BLOCK_N=128, BLOCK_K=64, GROUP_M=8, num_warps=8, num_stages=4)
+        gate_up = dict(BLOCK_N=128, BLOCK_K=64, GROUP_M=8, num_warps=8, num_stages=3)
+        down = dict(BLOCK_N=128, BLOCK_K=64, GROUP_M=8, num_warps=8, num_stages=3)
     return {"BLOCK_M": bm, "gate_up": gate_up, "down": down}
 
 

@@ -42,11 +42,25 @@ def _tile(slots_ptr, tile_expert_ptr, num_padded_ptr, M, num_tiles_m, num_cols,
 
 
 @triton.jit
+def _mma(acc, a, b, sa, sb, A_FP8: tl.constexpr, B_FP8: tl.constexpr, UPCAST: tl.constexpr):
+    """acc + a @ b for one K step, with the 128-block scales of this step: sa [BM] for e4m3 activations,
+    sb [BN] for e4m3 weights (decode converts the weight tile to the activations' dtype instead)."""
+    if B_FP8:
+        if A_FP8:
+            return acc + dot(a, b, UPCAST) * (sa[:, None] * sb[None, :])
+        else:
+            return acc + dot(a, b.to(a.dtype), UPCAST) * sb[None, :]
+    else:
+        return acc + dot(a, b, UPCAST)
+
+
+@triton.jit
 def _gate_up_kernel(x_ptr, xs_ptr, w_ptr, ws_ptr, h_ptr, hs_ptr, slots_ptr, tile_expert_ptr, num_padded_ptr,
                     M, H, I, top_k, num_tiles_m,
                     stride_xm, stride_xsm, stride_we, stride_wn, stride_wse, stride_wsn, stride_hm, stride_hsm,
                     A_FP8: tl.constexpr, B_FP8: tl.constexpr, OUT_FP8: tl.constexpr, UPCAST: tl.constexpr,
-                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr):
+                    FUSED: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                    GROUP_M: tl.constexpr):
     dead, e, offs_p, slot, row_ok, offs_n, n_ok, pid_n = _tile(
         slots_ptr, tile_expert_ptr, num_padded_ptr, M, num_tiles_m, I, BLOCK_M, BLOCK_N, GROUP_M)
     if dead:
@@ -54,35 +68,55 @@ def _gate_up_kernel(x_ptr, xs_ptr, w_ptr, ws_ptr, h_ptr, hs_ptr, slots_ptr, tile
     tok = (slot // top_k).to(tl.int64)
     offs_k = tl.arange(0, BLOCK_K)
     a_ptrs = x_ptr + tok[:, None] * stride_xm + offs_k[None, :]
-    g_ptrs = w_ptr + e * stride_we + offs_n[None, :].to(tl.int64) * stride_wn + offs_k[:, None]  # [BK, BN]
-    u_ptrs = g_ptrs + I * stride_wn
-    gs_ptrs = ws_ptr + e * stride_wse + (offs_n // 128) * stride_wsn
-    us_ptrs = ws_ptr + e * stride_wse + ((offs_n + I) // 128) * stride_wsn
     xs_ptrs = xs_ptr + tok * stride_xsm
-    acc_g = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    acc_u = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for kb in range(0, tl.cdiv(H, BLOCK_K)):
-        k_ok = offs_k < H - kb * BLOCK_K
-        a = tl.load(a_ptrs, mask=row_ok[:, None] & k_ok[None, :], other=0.0)
-        bg = tl.load(g_ptrs, mask=k_ok[:, None] & n_ok[None, :], other=0.0)
-        bu = tl.load(u_ptrs, mask=k_ok[:, None] & n_ok[None, :], other=0.0)
-        if B_FP8:
-            kg = (kb * BLOCK_K) // 128
-            sg = tl.load(gs_ptrs + kg, mask=n_ok, other=0.0)
-            su = tl.load(us_ptrs + kg, mask=n_ok, other=0.0)
+    sa = tl.zeros((BLOCK_M,), dtype=tl.float32)
+    if FUSED:
+        # One [BK, 2*BN] weight tile (gate columns, then the matching up columns) and one wide dot:
+        # the A tile feeds twice the MMA width, as a 256-wide wgmma does best.
+        offs_c = tl.arange(0, 2 * BLOCK_N)
+        n_c = pid_n * BLOCK_N + offs_c % BLOCK_N
+        rows = tl.where(offs_c < BLOCK_N, n_c, I + n_c)  # weight rows of the gate / up columns
+        c_ok = n_c < I
+        b_ptrs = w_ptr + e * stride_we + rows[None, :].to(tl.int64) * stride_wn + offs_k[:, None]  # [BK, 2BN]
+        bs_ptrs = ws_ptr + e * stride_wse + (rows // 128) * stride_wsn
+        acc = tl.zeros((BLOCK_M, 2 * BLOCK_N), dtype=tl.float32)
+        sb = tl.zeros((2 * BLOCK_N,), dtype=tl.float32)
+        for kb in range(0, tl.cdiv(H, BLOCK_K)):
+            k_ok = offs_k < H - kb * BLOCK_K
+            a = tl.load(a_ptrs, mask=row_ok[:, None] & k_ok[None, :], other=0.0)
+            b = tl.load(b_ptrs, mask=k_ok[:, None] & c_ok[None, :], other=0.0)
+            if B_FP8:
+                sb = tl.load(bs_ptrs + (kb * BLOCK_K) // 128, mask=c_ok, other=0.0)
             if A_FP8:
-                sa = tl.load(xs_ptrs + kg, mask=row_ok, other=0.0)
-                acc_g += dot(a, bg, UPCAST) * (sa[:, None] * sg[None, :])
-                acc_u += dot(a, bu, UPCAST) * (sa[:, None] * su[None, :])
-            else:
-                acc_g += dot(a, bg.to(a.dtype), UPCAST) * sg[None, :]
-                acc_u += dot(a, bu.to(a.dtype), UPCAST) * su[None, :]
-        else:
-            acc_g += dot(a, bg, UPCAST)
-            acc_u += dot(a, bu, UPCAST)
-        a_ptrs += BLOCK_K
-        g_ptrs += BLOCK_K
-        u_ptrs += BLOCK_K
+                sa = tl.load(xs_ptrs + (kb * BLOCK_K) // 128, mask=row_ok, other=0.0)
+            acc = _mma(acc, a, b, sa, sb, A_FP8, B_FP8, UPCAST)
+            a_ptrs += BLOCK_K
+            b_ptrs += BLOCK_K
+        acc_g, acc_u = tl.split(tl.permute(tl.reshape(acc, (BLOCK_M, 2, BLOCK_N)), (0, 2, 1)))
+    else:
+        g_ptrs = w_ptr + e * stride_we + offs_n[None, :].to(tl.int64) * stride_wn + offs_k[:, None]  # [BK, BN]
+        u_ptrs = g_ptrs + I * stride_wn
+        gs_ptrs = ws_ptr + e * stride_wse + (offs_n // 128) * stride_wsn
+        us_ptrs = ws_ptr + e * stride_wse + ((offs_n + I) // 128) * stride_wsn
+        acc_g = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        acc_u = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        sg = tl.zeros((BLOCK_N,), dtype=tl.float32)
+        su = tl.zeros((BLOCK_N,), dtype=tl.float32)
+        for kb in range(0, tl.cdiv(H, BLOCK_K)):
+            k_ok = offs_k < H - kb * BLOCK_K
+            a = tl.load(a_ptrs, mask=row_ok[:, None] & k_ok[None, :], other=0.0)
+            bg = tl.load(g_ptrs, mask=k_ok[:, None] & n_ok[None, :], other=0.0)
+            bu = tl.load(u_ptrs, mask=k_ok[:, None] & n_ok[None, :], other=0.0)
+            if B_FP8:
+                sg = tl.load(gs_ptrs + (kb * BLOCK_K) // 128, mask=n_ok, other=0.0)
+                su = tl.load(us_ptrs + (kb * BLOCK_K) // 128, mask=n_ok, other=0.0)
+            if A_FP8:
+                sa = tl.load(xs_ptrs + (kb * BLOCK_K) // 128, mask=row_ok, other=0.0)
+            acc_g = _mma(acc_g, a, bg, sa, sg, A_FP8, B_FP8, UPCAST)
+            acc_u = _mma(acc_u, a, bu, sa, su, A_FP8, B_FP8, UPCAST)
+            a_ptrs += BLOCK_K
+            g_ptrs += BLOCK_K
+            u_ptrs += BLOCK_K
     h = acc_g * tl.sigmoid(acc_g) * acc_u  # silu(gate) * up, fp32; padding rows give 0
     h_ptrs = h_ptr + offs_p[:, None].to(tl.int64) * stride_hm + offs_n[None, :]
     if OUT_FP8:
@@ -109,20 +143,17 @@ def _down_kernel(h_ptr, hs_ptr, w_ptr, ws_ptr, y_ptr, tw_ptr, slots_ptr, tile_ex
     bs_ptrs = ws_ptr + e * stride_wse + (offs_n // 128) * stride_wsn
     as_ptrs = hs_ptr + offs_p.to(tl.int64) * stride_hsm
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    sa = tl.zeros((BLOCK_M,), dtype=tl.float32)
+    sb = tl.zeros((BLOCK_N,), dtype=tl.float32)
     for kb in range(0, tl.cdiv(I, BLOCK_K)):
         k_ok = offs_k < I - kb * BLOCK_K
         a = tl.load(a_ptrs, mask=k_ok[None, :], other=0.0)
         b = tl.load(b_ptrs, mask=k_ok[:, None] & n_ok[None, :], other=0.0)
         if B_FP8:
-            kg = (kb * BLOCK_K) // 128
-            sb = tl.load(bs_ptrs + kg, mask=n_ok, other=0.0)
-            if A_FP8:
-                sa = tl.load(as_ptrs + kg)
-                acc += dot(a, b, UPCAST) * (sa[:, None] * sb[None, :])
-            else:
-                acc += dot(a, b.to(a.dtype), UPCAST) * sb[None, :]
-        else:
-            acc += dot(a, b, UPCAST)
+            sb = tl.load(bs_ptrs + (kb * BLOCK_K) // 128, mask=n_ok, other=0.0)
+        if A_FP8:
+            sa = tl.load(as_ptrs + (kb * BLOCK_K) // 128)
+        acc = _mma(acc, a, b, sa, sb, A_FP8, B_FP8, UPCAST)
         a_ptrs += BLOCK_K
         b_ptrs += BLOCK_K
     tw = tl.load(tw_ptr + slot, mask=row_ok, other=0.0).to(tl.float32)
@@ -144,6 +175,11 @@ def _combine_kernel(y_ptr, out_ptr, H, TOP_K: tl.constexpr, BLOCK_H: tl.constexp
 
 def _launch_opts(c: dict) -> dict:
     return {k: c[k] for k in ("BLOCK_N", "BLOCK_K", "GROUP_M", "num_warps", "num_stages")}
+
+
+def _gate_up_opts(c: dict) -> dict:
+    """gate_up also takes FUSED (one [BK, 2*BN] weight tile and one dot for gate and up; default off)."""
+    return dict(_launch_opts(c), FUSED=bool(c.get("FUSED", 0)))
 
 
 def gate_up(x: Tensor, tiles: tuple[Tensor, Tensor, Tensor], k: int, w_gate_up: Tensor,
@@ -171,7 +207,7 @@ def gate_up(x: Tensor, tiles: tuple[Tensor, Tensor, Tensor], k: int, w_gate_up: 
         xa, xs, w_gate_up, ws, h, hs, slots, tile_expert, num_padded, N * k, H, I, k, P // bm,
         xa.stride(0), xs.stride(0), w_gate_up.stride(0), w_gate_up.stride(1), ws.stride(0), ws.stride(1),
         h.stride(0), hs.stride(0), A_FP8=quant, B_FP8=fp8, OUT_FP8=quant, UPCAST=INTERPRET, BLOCK_M=bm,
-        **_launch_opts(c))
+        **_gate_up_opts(c))
     return h, hs
 
 
