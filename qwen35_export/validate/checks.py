@@ -7,7 +7,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from .metrics import TensorMetrics, compare, logit_metrics, routing_agreement, worst
+from .metrics import TensorMetrics, compare, logit_metrics, routing_agreement, token_agreement, worst
 from .result import Check
 from .thresholds import Thresholds
 from .trace import RowTrace
@@ -38,6 +38,14 @@ def _largest_jump(rel: list[float | None]) -> int | None:
     return 1 + max(range(len(ratios)), key=lambda i: ratios[i])
 
 
+def _update_rel(eng: list[RowTrace], ref: list[RowTrace], i: int, attr: str) -> float:
+    def upd(r: RowTrace) -> Tensor:
+        h = getattr(r, attr)
+        return h[i] - h[i - 1]
+
+    return worst([compare(upd(e), upd(r)) for e, r in zip(eng, ref)]).rel_l2
+
+
 def layer_metrics(eng: list[RowTrace], ref: list[RowTrace], kinds: list[str], gdn_layers: list[int],
                   routing: list[list[Tensor]] | None) -> list[dict[str, Any]]:
     """Per layer, worst over rows: prefill and decode hidden metrics, GDN state, routing agreement."""
@@ -50,6 +58,13 @@ def layer_metrics(eng: list[RowTrace], ref: list[RowTrace], kinds: list[str], gd
         if has_dec:
             d["decode"] = worst([compare(e.decode_hidden[i], r.decode_hidden[i])
                                  for e, r in zip(eng, ref)]).to_dict()
+        if i > 0:
+            # The layer's own update (output - input): one layer's error, undiluted by the residual stream.
+            # Reported, not gated: in bf16/fp8 its noise floor is the residual's rounding scaled by
+            # |x| / |update|, which depends on the model, so no bound follows from the precision alone.
+            d["prefill_update_rel_l2"] = _update_rel(eng, ref, i, "prefill_hidden")
+            if has_dec:
+                d["decode_update_rel_l2"] = _update_rel(eng, ref, i, "decode_hidden")
         if has_state and i in gdn_layers:
             j = gdn_layers.index(i)
             d["conv_state"] = worst([compare(e.conv[j], r.conv[j]) for e, r in zip(eng, ref)]).to_dict()
@@ -89,17 +104,20 @@ def logit_checks(eng: list[RowTrace], ref: list[RowTrace], th: Thresholds) -> tu
     if all(r.decode_logits.shape[0] for r in ref):
         phases["decode"] = (torch.cat([e.decode_logits for e in eng]), torch.cat([r.decode_logits for r in ref]))
     for ph, (a, r) in phases.items():
-        m = logit_metrics(a, r)
+        m = logit_metrics(a, r, kl_bound=th.kl_mean)
         summary[ph] = m.to_dict()
         checks += [Check.make(f"{ph} logits KL (mean)", m.kl_mean, "<=", th.kl_mean, detail=f"max {m.kl_max:.3e}"),
-                   Check.make(f"{ph} top-1 agreement", m.top1, ">=", th.top1, detail=f"{m.n} positions"),
+                   Check.make(f"{ph} top-1 (near-ties excused)", m.top1, ">=", th.top1,
+                              detail=f"{m.n} positions, raw {m.top1_raw:.4f} before excusing ties"),
                    Check.make(f"{ph} top-5 overlap", m.top5, ">=", th.top5)]
-    same = [a == b for e, r in zip(eng, ref) for a, b in zip(e.tokens(), r.teacher)]
-    greedy = sum(same) / max(len(same), 1)
-    summary["greedy_match"] = greedy
-    first = next((k for k, ok in enumerate(same) if not ok), None)
+    # The engine's greedy token at each generated position against the reference's (the teacher).
+    gen_a = torch.cat([torch.cat([e.prefill_logits[-1:], e.decode_logits]) for e in eng])  # [rows * gen, V]
+    gen_r = torch.cat([torch.cat([r.prefill_logits[-1:], r.decode_logits]) for r in ref])
+    teacher = torch.tensor([t for r in ref for t in r.teacher])
+    raw, greedy = token_agreement(gen_a, gen_r, teacher, kl_bound=th.kl_mean)
+    summary["greedy_match"] = {"raw": raw, "ties_excused": greedy}
     checks.append(Check.make("greedy match (teacher-forced)", greedy, ">=", th.greedy,
-                             detail="" if first is None else f"{len(same) - sum(same)}/{len(same)} tokens differ"))
+                             detail=f"{len(teacher)} tokens, raw {raw:.4f} before excusing ties"))
     return checks, summary
 
 

@@ -26,24 +26,31 @@ def _clean(x):
 def markdown(result: ValidationResult) -> str:
     lines = [f"# Validation: {'PASS' if result.passed else 'FAIL'}", "", "```", result.summary(), "```", "",
              "## Per layer (worst over prompts)", "",
-             "| layer | kind | prefill cos | prefill rel L2 | prefill max abs | decode cos | decode rel L2 "
-             "| decode max abs | conv state rel L2 | rec state rel L2 | routing |",
-             "|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+             "| layer | kind | prefill cos | prefill rel L2 | prefill max abs | prefill update rel L2 | decode cos "
+             "| decode rel L2 | decode max abs | decode update rel L2 | conv state rel L2 | rec state rel L2 "
+             "| routing |",
+             "|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
 
     def m(d: dict, key: str, metric: str) -> str:
         return _fmt(d[key][metric]) if key in d else "-"
 
+    def v(d: dict, key: str) -> str:
+        return _fmt(d[key]) if key in d else "-"
+
     for d in result.layers:
         lines.append(f"| {d['layer']} | {d['kind']} | {m(d, 'prefill', 'cos')} | {m(d, 'prefill', 'rel_l2')} | "
-                     f"{m(d, 'prefill', 'max_abs')} | {m(d, 'decode', 'cos')} | {m(d, 'decode', 'rel_l2')} | "
-                     f"{m(d, 'decode', 'max_abs')} | {m(d, 'conv_state', 'rel_l2')} | "
-                     f"{m(d, 'rec_state', 'rel_l2')} | {_fmt(d['routing']) if 'routing' in d else '-'} |")
-    lines += ["", "![per-layer error](validation.png)", ""]
+                     f"{m(d, 'prefill', 'max_abs')} | {v(d, 'prefill_update_rel_l2')} | {m(d, 'decode', 'cos')} | "
+                     f"{m(d, 'decode', 'rel_l2')} | {m(d, 'decode', 'max_abs')} | {v(d, 'decode_update_rel_l2')} | "
+                     f"{m(d, 'conv_state', 'rel_l2')} | {m(d, 'rec_state', 'rel_l2')} | {v(d, 'routing')} |")
+    lines += ["", "rel L2 is of the layer's output (the residual stream, gated by the bounds); *update* rel L2 is of "
+              "the layer's own update (output - input), a diagnostic that one layer's error does not dilute.",
+              "", "![per-layer error](validation.png)", ""]
     return "\n".join(lines)
 
 
 def plot(result: ValidationResult, th: Thresholds, path: Path) -> None:
-    """Relative L2 error of each layer's output, prefill and decode, log scale, markers by layer kind."""
+    """Relative L2 error of each layer's output (and of its update, dotted), prefill and decode, log scale,
+    markers by layer kind."""
     import matplotlib
 
     matplotlib.use("Agg")  # files only; never needs a display
@@ -61,6 +68,10 @@ def plot(result: ValidationResult, th: Thresholds, path: Path) -> None:
             pts = [(x, y) for x, y, d in zip(xs, ys, result.layers) if d["kind"] == kind]
             if pts:
                 ax.scatter(*zip(*pts), marker=marker, label=label, zorder=2)
+        upd = [(d["layer"], max(d[f"{ph}_update_rel_l2"], 1e-12) if math.isfinite(d[f"{ph}_update_rel_l2"])
+                else 1e3) for d in result.layers if f"{ph}_update_rel_l2" in d]
+        if upd:
+            ax.plot(*zip(*upd), ":", color="tab:purple", marker="x", label="layer update (diagnostic)", zorder=1)
         ax.axhline(th.hidden_rel_l2, color="red", ls="--", label=f"bound ({result.precision})")
         if bad is not None:
             ax.axvline(bad, color="black", ls=":", label=f"first bad layer {bad}")

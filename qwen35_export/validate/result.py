@@ -39,6 +39,7 @@ class ValidationResult:
     largest_jump: dict[str, int | None] = field(default_factory=dict)  # phase -> layer of largest rel_l2 rise
     seconds: float = 0.0
     skipped: list[str] = field(default_factory=list)
+    end_to_end: dict[str, Any] = field(default_factory=dict)  # logit metrics per phase, greedy match
 
     @property
     def passed(self) -> bool:
@@ -75,6 +76,11 @@ class ValidationResult:
         for phase, L in self.largest_jump.items():
             if L is not None:
                 lines.append(f"largest {phase} error jump: into layer {L} ({self.layers[L]['kind']})")
+        raw = [f"{ph} {self.end_to_end[ph]['top1_raw']:.4f}" for ph in ("prefill", "decode") if ph in self.end_to_end]
+        if "greedy_match" in self.end_to_end:
+            raw.append(f"greedy {self.end_to_end['greedy_match']['raw']:.4f}")
+        if raw:
+            lines.append("raw top-1 agreement, no ties excused: " + ", ".join(raw))
         for s in self.skipped:
             lines.append(f"skipped: {s}")
         lines.append(self.headline())

@@ -72,9 +72,14 @@ def validate(engine: str | Path | Engine, checkpoint: str | Path, reference: str
     eng = engine if isinstance(engine, Engine) else Engine.load(engine, device)
     cfg = eng.cfg
     th = thresholds_for(eng.manifest.dtype)
+    if gen >= eng.max_seq_len:
+        raise InputError(f"--gen {gen}: leaves no room for a prompt in the engine's max sequence length "
+                         f"{eng.max_seq_len}")
     if prompts is None:
         prompts = random_prompts(random_n, cfg.vocab_size, min(eng.max_seq_len - gen, 32))
-    eng.check_prompts(prompts, gen)
+    batches = [prompts[i:i + eng.max_batch] for i in range(0, max(len(prompts), 1), eng.max_batch)]
+    for batch in batches:
+        eng.check_prompts(batch, gen)
     kinds = ["gdn" if t == LINEAR_ATTENTION else "attn" for t in cfg.layer_types]
 
     ref_dev = reference_device(eng)
@@ -88,7 +93,6 @@ def validate(engine: str | Path | Engine, checkpoint: str | Path, reference: str
     eng_rows: list[RowTrace] = []
     ref_rows: list[RowTrace] = []
     routing: list = []
-    batches = [prompts[i:i + eng.max_batch] for i in range(0, len(prompts), eng.max_batch)]
     for batch in tqdm(batches, desc="validate batches", disable=not progress or len(batches) < 2):
         if model is not None:
             ref = trace(ModelRunner(model, eng.max_seq_len), batch, gen, routing=True, desc="reference decode")
@@ -106,10 +110,11 @@ def validate(engine: str | Path | Engine, checkpoint: str | Path, reference: str
 
     layers = layer_metrics(eng_rows, ref_rows, kinds, cfg.gdn_layers, routing if model is not None else None)
     checks = layer_checks(layers, th)
-    lchecks, _ = logit_checks(eng_rows, ref_rows, th)
+    lchecks, e2e = logit_checks(eng_rows, ref_rows, th)
     result = ValidationResult(engine=str(eng.dir), precision=eng.manifest.dtype, reference=reference,
                               prompt_lengths=[len(p) for p in prompts], gen=gen, checks=checks + lchecks,
-                              layers=layers, largest_jump=largest_jumps(layers), skipped=skipped)
+                              layers=layers, largest_jump=largest_jumps(layers), skipped=skipped,
+                              end_to_end=e2e)
     result.seconds = time.perf_counter() - t0
     if report_dir is not None:
         from .report import write_report

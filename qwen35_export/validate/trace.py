@@ -35,11 +35,6 @@ class RowTrace:
     rec: list[Tensor] = field(default_factory=list)  # per GDN layer [HV, K, V], after prefill
     router_ids: list[Tensor] = field(default_factory=list)  # per layer [T, k], prefill
 
-    def tokens(self) -> list[int]:
-        """The greedy token this side picks at each of the gen positions (teacher-forced)."""
-        last = self.prefill_logits[-1:].argmax(-1)
-        return torch.cat([last, self.decode_logits.argmax(-1)]).tolist()
-
 
 class Runner(Protocol):
     """What `trace` needs of an engine or a reference: a batched prefill, one decode step, the GDN state."""

@@ -57,3 +57,25 @@ def test_build_validate_flag_calls_validate(cpu_engine_fp32: Path, engine_ckpt_f
     out = tmp_path / "built"
     assert cli_main(["build", str(engine_ckpt_fp32), "--target", "cpu", "--out", str(out), "--validate"]) == 0
     assert json.loads((out / "manifest.json").read_text())["validation"]["passed"] is True
+
+
+def test_validate_batches_past_max_batch(cpu_engine_fp32: Path, engine_ckpt_fp32: Path) -> None:
+    """More prompts than the engine's max batch (4) run as several batches; all rows are compared."""
+    from qwen35_export.validate.run import validate
+
+    prompts = [[7 + i, 3 * i + 1, 2][: 1 + i % 3] for i in range(5)]
+    r = validate(cpu_engine_fp32, engine_ckpt_fp32, prompts=prompts, gen=2, progress=False)
+    assert r.passed, r.summary()
+    assert r.prompt_lengths == [len(p) for p in prompts]
+
+
+def test_validate_rejects_bad_input(cpu_engine_fp32: Path, engine_ckpt_fp32: Path) -> None:
+    from qwen35_export.errors import InputError
+    from qwen35_export.validate.run import validate
+
+    with pytest.raises(InputError, match="--gen 64"):
+        validate(cpu_engine_fp32, engine_ckpt_fp32, gen=64)
+    with pytest.raises(InputError, match="--reference"):
+        validate(cpu_engine_fp32, engine_ckpt_fp32, reference="onnx")
+    with pytest.raises(InputError, match="out of range"):
+        validate(cpu_engine_fp32, engine_ckpt_fp32, prompts=[[5, 99999]], gen=2)
