@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 
@@ -53,7 +54,7 @@ def cmd_build(a: argparse.Namespace) -> int:
 
     settings = BuildSettings(target=a.target, dtype=a.dtype, max_batch=a.max_batch, max_seq_len=a.max_seq_len,
                              dump_graphs=a.dump_graphs, force=a.force, backend=a.backend,
-                             kernels=a.kernels)
+                             kernels=a.kernels, tp=a.tp, ep=a.ep)
     if a.backend == "aoti":
         build_engine(a.checkpoint, a.out, settings)
     else:
@@ -143,6 +144,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--dump-graphs", action="store_true")
     s.add_argument("--force", action="store_true", help="replace an existing engine directory")
     s.add_argument("--validate", action="store_true", help="run a short validate and record it in the manifest")
+    s.add_argument("--tp", type=int, default=1, help="ranks the attention/GDN heads are split over (1 or N)")
+    s.add_argument("--ep", type=int, default=1, help="ranks the routed experts are split over (1 or N); a "
+                   "sharded engine runs under `torchrun --nproc-per-node N`")
     s.set_defaults(fn=cmd_build)
 
     s = sub.add_parser("inspect", help="show an engine's manifest, layer plan and op substitutions")
@@ -187,6 +191,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if int(os.environ.get("RANK", "0")) > 0:  # under torchrun every rank runs the command; rank 0 prints
+        sys.stdout = open(os.devnull, "w")
     try:
         return int(args.fn(args) or 0)
     except Qwen35Error as e:

@@ -8,6 +8,7 @@ passing them as inputs, so 397B never needs to sit in one graph or in host RAM a
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
 from torch import Tensor, nn
@@ -86,7 +87,10 @@ def example_T(phase: str) -> int:
 
 
 def capture_gdn(cfg: Qwen35Config, weights: dict[str, Tensor], phase: str, shapes: CaptureShapes,
-                act_dtype: torch.dtype, device: torch.device) -> tuple[ExportedProgram, list[str]]:
+                act_dtype: torch.dtype, device: torch.device,
+                layer: Callable[[Qwen35Config, list[str]], nn.Module] = GDNLayer
+                ) -> tuple[ExportedProgram, list[str]]:
+    """`layer` builds the module to capture (parallel/capture.py passes its sharded variant)."""
     names = sorted(weights)
     B, T = _dims(phase, shapes)
     b, t = 2, example_T(phase)
@@ -97,12 +101,14 @@ def capture_gdn(cfg: Qwen35Config, weights: dict[str, Tensor], phase: str, shape
                       dtype=torch.float32, device=device)
     args = (x, lengths, conv, rec, *[weights[n] for n in names])
     dyn = ({0: B, 1: T} if T is not None else {0: B}, {0: B}, {0: B}, {0: B}, (None,) * len(names))
-    ep = torch.export.export(GDNLayer(cfg, names), args, dynamic_shapes=dyn, strict=False)
+    ep = torch.export.export(layer(cfg, names), args, dynamic_shapes=dyn, strict=False)
     return ep, names
 
 
 def capture_attention(cfg: Qwen35Config, weights: dict[str, Tensor], phase: str, shapes: CaptureShapes,
-                      act_dtype: torch.dtype, device: torch.device) -> tuple[ExportedProgram, list[str]]:
+                      act_dtype: torch.dtype, device: torch.device,
+                      layer: Callable[[Qwen35Config, list[str]], nn.Module] = AttentionLayer
+                      ) -> tuple[ExportedProgram, list[str]]:
     names = sorted(weights)
     B, T = _dims(phase, shapes)
     b, t = 2, example_T(phase)
@@ -114,7 +120,7 @@ def capture_attention(cfg: Qwen35Config, weights: dict[str, Tensor], phase: str,
     vc = torch.zeros(kv, dtype=act_dtype, device=device)
     args = (x, start, lengths, kc, vc, *[weights[n] for n in names])
     dyn = ({0: B, 1: T} if T is not None else {0: B}, {0: B}, {0: B}, {0: B}, {0: B}, (None,) * len(names))
-    ep = torch.export.export(AttentionLayer(cfg, names), args, dynamic_shapes=dyn, strict=False)
+    ep = torch.export.export(layer(cfg, names), args, dynamic_shapes=dyn, strict=False)
     return ep, names
 
 

@@ -58,6 +58,8 @@ class Manifest:
     build_seconds: dict[str, float] = field(default_factory=dict)
     validation: dict[str, Any] | None = None
     tokenizer_files: list[str] = field(default_factory=list)
+    # A sharded engine's plan (parallel/capture.py manifest_entry): tp, ep, world_size, per-rank layer_files.
+    parallel: dict[str, Any] | None = None
 
     def save(self, path: Path) -> None:
         path.write_text(json.dumps(asdict(self), indent=2, sort_keys=False))

@@ -103,6 +103,10 @@ class Engine:
              use_cuda_graphs: bool = True) -> "Engine":
         engine_dir = Path(engine_dir)
         man = Manifest.load(engine_dir)
+        if man.parallel is not None:  # sharded over ranks: this process loads its rank's shard
+            from ..parallel.engine import ShardedEngine
+
+            return ShardedEngine.load(engine_dir, device, verify_hashes, use_cuda_graphs)
         if device is None:
             device = "cpu" if man.target == "cpu" else "cuda"
         device = torch.device(device)
