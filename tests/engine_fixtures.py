@@ -34,3 +34,13 @@ def cpu_engine_fp32(engine_root: Path, engine_ckpt_fp32: Path) -> Path:
     return build_engine(engine_ckpt_fp32, engine_root / "cpu_fp32",
                         BuildSettings(target="cpu", max_batch=ENGINE_BATCH, max_seq_len=ENGINE_SEQ,
                                       dump_graphs=True, progress=False))
+
+
+@pytest.fixture(scope="session")
+def ort_engine_fp32(engine_root: Path, engine_ckpt_fp32: Path) -> Path:
+    """The same tiny fp32 checkpoint -> `build --backend onnxruntime --target cpu` (graphs/*.onnx)."""
+    from qwen35_export.plugins.build import build_backend_engine
+
+    return build_backend_engine(engine_ckpt_fp32, engine_root / "ort_fp32",
+                                BuildSettings(target="cpu", backend="onnxruntime", max_batch=ENGINE_BATCH,
+                                              max_seq_len=ENGINE_SEQ, progress=False))

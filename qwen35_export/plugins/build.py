@@ -27,7 +27,7 @@ from ..checkpoint.reader import CheckpointReader
 from ..config import LINEAR_ATTENTION, Qwen35Config
 from ..errors import BuildError
 from ..exporter import capture as C
-from ..exporter.build import _TOKENIZER_FILES, TARGETS, BuildSettings, _prepare_layer, _resolve_dtype
+from ..exporter.build import _TOKENIZER_FILES, TARGETS, BuildSettings, _prepare_layer, _resolve_dtype, check_target
 from ..exporter.manifest import FORMAT_VERSION, TARGET_SM, GraphEntry, Manifest, sha256_file
 from .onnx import export as X
 
@@ -120,25 +120,18 @@ def _finish(tmp: Path, out: Path, checkpoint: str | Path, man: Manifest) -> None
         os.replace(tmp, out)
 
 
-def _tensorrt_compiler() -> Compiler:
-    try:
-        from .tensorrt.build import compile_graphs
-    except ImportError as e:
-        raise BuildError(f"--backend tensorrt: cannot import the TensorRT build path ({e}); install the "
-                         "`tensorrt` package (TensorRT >= 10) on a machine with an sm_90 GPU") from e
-    return compile_graphs
-
-
 def build_backend_engine(checkpoint: str | Path, out: str | Path, settings: BuildSettings) -> Path:
     """Build an engine directory at `out` with the ONNX Runtime or TensorRT backend."""
     out = Path(out)
     t_all = time.time()
     reader = _check(checkpoint, out, settings)
-    compiler = _tensorrt_compiler() if settings.backend == "tensorrt" else None
-    if compiler is not None:
-        from .tensorrt.build import require_tensorrt
+    compiler: Compiler | None = None
+    if settings.backend == "tensorrt":
+        from .tensorrt.build import compile_graphs, require_tensorrt
 
-        require_tensorrt()  # fail before any work when the module is missing
+        require_tensorrt()  # fail before any work when the module or the GPU is missing
+        check_target(settings.target)
+        compiler = compile_graphs
     cfg = reader.config
     dtype, act = _resolve_dtype(settings, cfg.fp8 is not None)
     shapes = C.CaptureShapes(settings.max_batch, settings.max_seq_len)

@@ -128,7 +128,8 @@ def MoE(x, weights, ids, w_gate_up, w_down):
 
 @script(OPSET, default_opset=op)
 def BlockDequant(w, scale):
-    """e4m3 w [..., O, I] times its fp32 block scales [..., ceil(O/128), ceil(I/128)] -> fp32 [..., O, I]."""
+    """w [..., O, I] (e4m3 values, already cast to fp32) times its fp32 block scales
+    [..., ceil(O/128), ceil(I/128)] -> fp32 [..., O, I]."""
     lead = op.Shape(scale, start=0, end=-2)
     OB = op.Shape(scale, start=-2, end=-1)
     IB = op.Shape(scale, start=-1)
@@ -139,14 +140,16 @@ def BlockDequant(w, scale):
     O = op.Shape(w, start=-2, end=-1)
     I = op.Shape(w, start=-1)
     s = op.Slice(s, op.Constant(value_ints=[0, 0]), op.Concat(O, I, axis=0), op.Constant(value_ints=[-2, -1]))
-    return op.Mul(op.Cast(w, to=_F32), s)
+    return op.Mul(w, s)
 
 
 @script(OPSET, default_opset=op)
 def MoEFP8(x, weights, ids, w_gate_up, w_gate_up_scale, w_down, w_down_scale):
     """MoE over e4m3 block-scaled experts: dequantise (fp32, as the reference does), then MoE."""
-    w13 = op.CastLike(BlockDequant(w_gate_up, w_gate_up_scale), x)
-    w2 = op.CastLike(BlockDequant(w_down, w_down_scale), x)
+    # The fp8 inputs go through Cast first: ORT derives a function's input types from the first node that
+    # reads each input, and a nested qwen35 function would give "any type" without float8 (ORT 1.32).
+    w13 = op.CastLike(BlockDequant(op.Cast(w_gate_up, to=_F32), w_gate_up_scale), x)
+    w2 = op.CastLike(BlockDequant(op.Cast(w_down, to=_F32), w_down_scale), x)
     return MoE(x, weights, ids, w13, w2)
 
 
