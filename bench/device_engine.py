@@ -58,15 +58,40 @@ for B in {batches!r}:
     ms = t0.elapsed_time(t1) / n
     speeds[B] = {{"ms_per_step": ms, "tokens_per_s": B * 1e3 / ms}}
 res["decode"] = speeds
+res["cuda_graph_error"] = e.cuda_graph_error
+# per-layer diagnosis of the prefill: engine hidden states vs the reference (bf16 and fp32) per row
+if {diag}:
+    from qwen35_export.checkpoint.reader import load_model_weights
+    from qwen35_export.model.model import Qwen35Model
+    B = len(prompts); T = max(map(len, prompts))
+    ids = torch.zeros(B, T, dtype=torch.long)
+    for b, p in enumerate(prompts): ids[b, :len(p)] = torch.tensor(p)
+    lens = torch.tensor([len(p) for p in prompts])
+    hs = {{}}
+    def hook(i, x): hs[i] = x.float().clone()
+    lg = e.prefill(ids, lens, e.reset(B), all_logits=True, hook=hook)
+    diag = {{}}
+    for rd in (torch.float32, torch.bfloat16):
+        m = Qwen35Model(load_model_weights({ckpt!r}, rd, device="cuda", progress=False))
+        rs = {{}}
+        def rhook(i, x): rs[i] = x.float().clone()
+        rl, _ = m.prefill(ids.cuda(), lens.cuda(), m.init_state(B, 64), hook=rhook)
+        rows = []
+        for b in range(B):
+            n = int(lens[b])
+            rows.append([float((hs[i][b, :n] - rs[i][b, :n]).norm() / rs[i][b, :n].norm()) for i in sorted(hs)]
+                        + [float((lg[b, :n].float() - rl[b, :n].float()).abs().max())])
+        diag[str(rd)] = rows
+    res["diag"] = diag
 res["cuda_graphs"] = e.use_cuda_graphs
 res["gpu_mem_gib"] = torch.cuda.max_memory_allocated() / 2**30
 print(json.dumps(res))
 """
 
 
-def child(engine: Path, prompts, gen: int, batches, steps: int, verify: bool = True) -> dict:
+def child(engine: Path, prompts, gen: int, batches, steps: int, verify: bool = True, ckpt: Path | None = None) -> dict:
     code = CHILD.format(root=str(ROOT), engine=str(engine), prompts=prompts, gen=gen, batches=batches,
-                        steps=steps, verify=verify)
+                        steps=steps, verify=verify, diag=ckpt is not None, ckpt=str(ckpt))
     p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     last = [ln for ln in p.stdout.splitlines() if ln.startswith("{")]
     if p.returncode != 0 or not last:
@@ -88,6 +113,7 @@ def main() -> None:
     ap.add_argument("--big-work", type=Path, default=Path("/dev/shm/q35big"))
     ap.add_argument("--skip-tiny", action="store_true")
     ap.add_argument("--kernels", default="auto")
+    ap.add_argument("--dtypes", default="bf16,fp8")
     a = ap.parse_args()
     from qwen35_export.checkpoint.reader import load_model_weights
     from qwen35_export.checkpoint.writer import write_random_checkpoint
@@ -102,7 +128,7 @@ def main() -> None:
     prompts = [[5, 6, 7, 8, 9, 10, 11], [3], [100, 200, 300, 400, 17]]
     gen = 64
     if not a.skip_tiny:
-        for dtype in ("bf16", "fp8"):
+        for dtype in a.dtypes.split(","):
             ck = a.work / f"tiny_{dtype}"
             write_random_checkpoint(preset("tiny"), ck, dtype=dtype, progress=False)
             eng = a.work / f"eng_{dtype}"
@@ -115,7 +141,7 @@ def main() -> None:
                 print("BUILD FAILED", dtype, repr(ex)[:2000], flush=True)
                 continue
             build_s = time.time() - t
-            r = child(eng, prompts, gen, [1, 8], 50)
+            r = child(eng, prompts, gen, [1, 8], 50, ckpt=ck)
             r["build_s"] = build_s
             # references: our model in fp32 (dequantised FP8 for fp8) and in bf16, on the GPU
             for rd, name in ((torch.float32, "ref_fp32"), (torch.bfloat16, "ref_bf16")):

@@ -97,6 +97,7 @@ class Engine:
         self.tokenizer = self._load_tokenizer()
         self.use_cuda_graphs = use_cuda_graphs and device.type == "cuda"
         self._cuda_graphs: dict[int, tuple] = {}
+        self.cuda_graph_error: str | None = None
 
     @classmethod
     def load(cls, engine_dir: str | Path, device: str | torch.device | None = None, verify_hashes: bool = True,
@@ -207,6 +208,7 @@ class Engine:
                 # captured: run this engine eagerly from now on, and say so once.
                 import warnings
 
+                self.cuda_graph_error = str(e)[:2000]
                 warnings.warn(f"CUDA graph capture failed ({str(e).splitlines()[0][:200]}); decoding eagerly")
                 torch.cuda.synchronize()
                 self.use_cuda_graphs = False
