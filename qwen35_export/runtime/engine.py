@@ -76,7 +76,11 @@ class Engine:
         self.load_seconds: dict[str, float] = {}
         t0 = time.perf_counter()
         load_graph = load_onnx_graph if man.backend == "onnxruntime" else load_package
-        self.graphs = {name: load_graph(engine_dir / g.file, device) for name, g in man.graphs.items()}
+        self.graphs = {}
+        for name, g in man.graphs.items():
+            t1 = time.perf_counter()
+            self.graphs[name] = load_graph(engine_dir / g.file, device)
+            self.load_seconds[f"graph_{name}"] = time.perf_counter() - t1
         self.load_seconds["graphs"] = time.perf_counter() - t0
         t0 = time.perf_counter()
         glob = load_file(str(engine_dir / man.globals_file), device=str(device))
