@@ -70,7 +70,7 @@ def compare(tokens: list[list[int]], logits: Tensor, ref_tokens: list[list[int]]
 
 
 @torch.no_grad()
-def _prefill_and_generate(model: Engine | Qwen35Model, prompts: list[list[int]], gen: int,
+def prefill_and_generate(model: Engine | Qwen35Model, prompts: list[list[int]], gen: int,
                           max_seq_len: int) -> tuple[list[list[int]], Tensor]:
     ids, lengths = pad(prompts)
     if isinstance(model, Engine):
@@ -89,25 +89,25 @@ def validate_sharded(engine_dir: str | Path, prompts: list[list[int]], gen: int 
     eng.check_prompts(prompts, gen)
     bound = LOGIT_REL_BOUND[eng.manifest.dtype]
     _, lengths = pad(prompts)
-    tokens, logits = _prefill_and_generate(eng, prompts, gen, eng.max_seq_len)
+    tokens, logits = prefill_and_generate(eng, prompts, gen, eng.max_seq_len)
     report: dict[str, Any] = {"engine": str(engine_dir), "plan": eng.plan.to_dict(), "rank": eng.rank,
                               "dtype": eng.manifest.dtype, "tokens": tokens}
     every = [None] * dist.get_world_size()
     dist.all_gather_object(every, tokens)
     report["ranks_agree"] = all(t == tokens for t in every)
-    report["vs_sharded_reference"] = compare(tokens, logits, *_prefill_and_generate(
+    report["vs_sharded_reference"] = compare(tokens, logits, *prefill_and_generate(
         rank_reference(eng), prompts, gen, eng.max_seq_len), lengths, bound)
     if checkpoint is not None:
         from ..checkpoint.reader import load_model_weights
 
         ref = Qwen35Model(load_model_weights(checkpoint, torch.float32, device=eng.device, progress=False))
-        report["vs_fp32_reference"] = compare(tokens, logits, *_prefill_and_generate(
+        report["vs_fp32_reference"] = compare(tokens, logits, *prefill_and_generate(
             ref, prompts, gen, eng.max_seq_len), lengths, LOGIT_REL_BOUND[eng.manifest.dtype])
         del ref
     if single is not None:
         if eng.rank == 0:
             one = Engine.load(single, device=str(eng.device))
-            report["vs_single_engine"] = compare(tokens, logits, *_prefill_and_generate(
+            report["vs_single_engine"] = compare(tokens, logits, *prefill_and_generate(
                 one, prompts, gen, one.max_seq_len), lengths, bound)
             del one
         dist.barrier()
