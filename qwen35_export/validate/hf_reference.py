@@ -23,12 +23,12 @@ def load_hf(checkpoint: str | Path, device: torch.device):
 
 
 @torch.no_grad()
-def hf_trace(model, prompts: list[list[int]], gen: int, n_layers: int) -> list[RowTrace]:
+def hf_trace(model, prompts: list[list[int]], gen: int, n_layers: int, progress: bool = True) -> list[RowTrace]:
     """Per row: greedy gen tokens with transformers' cache, then one forward over prompt + tokens[:-1] that
     gives every position's logits and each decoder layer's output (`output_hidden_states`)."""
     dev = next(model.parameters()).device
     rows = []
-    for p in tqdm(prompts, desc="transformers reference", leave=False):
+    for p in tqdm(prompts, desc="transformers reference", leave=False, disable=not progress):
         ids = torch.tensor([p], device=dev)
         out = model(input_ids=ids, use_cache=True)
         past, tok = out.past_key_values, out.logits[0, -1].argmax()

@@ -59,6 +59,35 @@ def reference_device(engine: Engine) -> torch.device:
     return engine.device if need < free else torch.device("cpu")
 
 
+def _collect(eng: Engine, checkpoint: str | Path, reference: str, batches: list[list[list[int]]], gen: int,
+             progress: bool) -> tuple[list[RowTrace], list[RowTrace], list[list[torch.Tensor]] | None]:
+    """Trace the reference, then the engine fed the reference's tokens, batch by batch.
+    Returns engine rows, reference rows, and (our reference only) router picks from the engine's inputs."""
+    ref_dev = reference_device(eng)
+    if reference == "ours":
+        model = Qwen35Model(load_model_weights(checkpoint, torch.float32, device=ref_dev, progress=progress))
+    else:
+        from .hf_reference import hf_trace, load_hf
+
+        hf = load_hf(checkpoint, ref_dev)
+    eng_rows: list[RowTrace] = []
+    ref_rows: list[RowTrace] = []
+    routing: list[list[torch.Tensor]] = []
+    for batch in tqdm(batches, desc="validate batches", disable=not progress or len(batches) < 2):
+        if reference == "ours":
+            ref = trace(ModelRunner(model, eng.max_seq_len), batch, gen, routing=True, desc="reference decode",
+                        progress=progress)
+        else:
+            ref = hf_trace(hf, batch, gen, eng.cfg.num_hidden_layers, progress)
+        got = trace(EngineRunner(eng), batch, gen, teacher=[r.teacher for r in ref], desc="engine decode",
+                    progress=progress)
+        if reference == "ours":
+            routing += routing_from_engine_inputs(model, ref, got)
+        ref_rows += ref
+        eng_rows += got
+    return eng_rows, ref_rows, (routing if reference == "ours" else None)
+
+
 def validate(engine: str | Path | Engine, checkpoint: str | Path, reference: str = "ours",
              prompts: list[list[int]] | None = None, random_n: int = 3, gen: int = 16,
              report_dir: str | Path | None = None, device: str | None = None,
@@ -82,33 +111,11 @@ def validate(engine: str | Path | Engine, checkpoint: str | Path, reference: str
         eng.check_prompts(batch, gen)
     kinds = ["gdn" if t == LINEAR_ATTENTION else "attn" for t in cfg.layer_types]
 
-    ref_dev = reference_device(eng)
-    model = hf = None
-    if reference == "ours":
-        model = Qwen35Model(load_model_weights(checkpoint, torch.float32, device=ref_dev, progress=progress))
-    else:
-        from .hf_reference import load_hf
-
-        hf = load_hf(checkpoint, ref_dev)
-    eng_rows: list[RowTrace] = []
-    ref_rows: list[RowTrace] = []
-    routing: list = []
-    for batch in tqdm(batches, desc="validate batches", disable=not progress or len(batches) < 2):
-        if model is not None:
-            ref = trace(ModelRunner(model, eng.max_seq_len), batch, gen, routing=True, desc="reference decode")
-        else:
-            from .hf_reference import hf_trace
-
-            ref = hf_trace(hf, batch, gen, cfg.num_hidden_layers)
-        got = trace(EngineRunner(eng), batch, gen, teacher=[r.teacher for r in ref], desc="engine decode")
-        if model is not None:
-            routing += routing_from_engine_inputs(model, ref, got)
-        ref_rows += ref
-        eng_rows += got
-    skipped = [] if model is not None else [
+    eng_rows, ref_rows, routing = _collect(eng, checkpoint, reference, batches, gen, progress)
+    skipped = [] if routing is not None else [
         "GDN state and routing checks (they need our reference's explicit state and router; use --reference ours)"]
 
-    layers = layer_metrics(eng_rows, ref_rows, kinds, cfg.gdn_layers, routing if model is not None else None)
+    layers = layer_metrics(eng_rows, ref_rows, kinds, cfg.gdn_layers, routing)
     checks = layer_checks(layers, th)
     lchecks, e2e = logit_checks(eng_rows, ref_rows, th)
     result = ValidationResult(engine=str(eng.dir), precision=eng.manifest.dtype, reference=reference,

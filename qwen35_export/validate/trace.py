@@ -112,7 +112,7 @@ def _cpu(x: Tensor) -> Tensor:
 
 @torch.no_grad()
 def trace(runner: Runner, prompts: list[list[int]], gen: int, teacher: list[list[int]] | None = None,
-          routing: bool = False, desc: str = "trace") -> list[RowTrace]:
+          routing: bool = False, desc: str = "trace", progress: bool = True) -> list[RowTrace]:
     """Prefill one batch of prompts, then gen - 1 decode steps fed `teacher` (default: own greedy tokens)."""
     ids, lengths = pad_batch(prompts)
     B = len(prompts)
@@ -130,7 +130,7 @@ def trace(runner: Runner, prompts: list[list[int]], gen: int, teacher: list[list
     last = logits[torch.arange(B), lengths - 1]  # [B, V]
     toks = torch.tensor([t[0] for t in teacher]) if teacher else last.argmax(-1)
     out_tok, dec_hidden, dec_logits = [toks], [], []
-    for s in tqdm(range(gen - 1), desc=desc, leave=False, disable=gen < 8):
+    for s in tqdm(range(gen - 1), desc=desc, leave=False, disable=not progress or gen < 8):
         hid.clear()
         step_logits = _cpu(runner.step(toks, hook))  # [B, V]
         dec_hidden.append(torch.stack([hid[i][:, 0] for i in range(L)]))  # [L, B, H]
