@@ -43,6 +43,8 @@ def test_quantize_act_exact(R, K, nan_empty):
     """Same e4m3 codes and scales as the torch reference (ties to even, zero groups scale 1)."""
     x = torch.randn(R, K, generator=torch.Generator().manual_seed(R)).bfloat16()
     x[0, :128] = 0.0
+    # e4m3 subnormals and signed zeros (after scaling by 448/amax): -0 must stay -0 (code 0x80) as in torch
+    x[-1, :8] = torch.tensor([-0.0, 0.0, -1e-6, 1e-6, -2e-3, 3e-3, -6e-3, 1e-2]) * x[-1].float().abs().max()
     q, s = quantize_act(x)
     q_ref, s_ref = quantize_act_reference(x)
     assert_quant_match(q, s, q_ref, s_ref)

@@ -59,9 +59,10 @@ def round_e4m3(v):
     lsb = (bits >> 20) & 1
     bits = (bits + 0x7FFFF + lsb) & -1048576  # keep 3 mantissa bits: clear the low 20 (0xFFF00000)
     normal = bits.to(tl.float32, bitcast=True)
-    # Subnormals are multiples of 2^-9; adding 1.5 * 2^14 (fp32 ulp 2^-9 there) rounds to one.
-    sub = (v + 24576.0) - 24576.0
-    return tl.where(tl.abs(v) < 0.015625, sub, normal)
+    # Subnormals are multiples of 2^-9; adding 1.5 * 2^14 (fp32 ulp 2^-9 there) rounds to one. Rounded on
+    # |v| and signed after, so a tiny negative value becomes -0 as torch's cast gives (code 0x80, not 0).
+    sub = (tl.abs(v) + 24576.0) - 24576.0
+    return tl.where(tl.abs(v) < 0.015625, tl.where(v.to(tl.int32, bitcast=True) < 0, -sub, sub), normal)
 
 
 @triton.jit
