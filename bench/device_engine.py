@@ -134,7 +134,7 @@ def main() -> None:
             eng = a.work / f"eng_{dtype}"
             t = time.time()
             try:
-                build_engine(ck, eng, BuildSettings(target="h100", dtype=dtype, max_batch=8, max_seq_len=256,
+                build_engine(ck, eng, BuildSettings(target="h100", dtype=dtype, max_batch=8, max_seq_len=256, jobs=6,
                                                         kernels=a.kernels))
             except Exception as ex:
                 results[f"tiny_{dtype}"] = {"build_error": repr(ex)[:2000]}
@@ -165,7 +165,7 @@ def main() -> None:
         eng = a.work / "eng_big"
         t = time.time()
         try:
-            build_engine(ck, eng, BuildSettings(target="h100", dtype="fp8", max_batch=8, max_seq_len=1024,
+            build_engine(ck, eng, BuildSettings(target="h100", dtype="fp8", max_batch=8, max_seq_len=1024, jobs=6,
                                                       kernels=a.kernels))
             build_s = time.time() - t
             size = sum(p.stat().st_size for p in eng.rglob("*") if p.is_file())

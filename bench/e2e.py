@@ -55,7 +55,7 @@ def run_ours(ckpt: Path, work: Path, dtype: str, profile: bool) -> dict:
     t = time.time()
     if not (eng_dir / "manifest.json").exists():
         build_engine(ckpt, eng_dir, BuildSettings(target="h100", dtype=dtype, max_batch=max(DECODE_BATCHES),
-                                                  max_seq_len=max(PREFILL_LENS) + 64, progress=False))
+                                                  max_seq_len=max(PREFILL_LENS) + 64, progress=False, jobs=6))
     build_s = time.time() - t
     t = time.time()
     eng = Engine.load(eng_dir, verify_hashes=False)
