@@ -208,19 +208,24 @@ def test_experts_fp8_regimes_agree_with_op(decode, nan_empty):
 
 # -- export ----------------------------------------------------------------------------------------
 def test_ops_trace_under_export():
+    """One node per op, a dynamic token count, and the exported program runs at another size (the other
+    regime) with the eager result."""
     class MoE(torch.nn.Module):
         def forward(self, x, logits, w13, w2, q13, s13, q2, s2):
             w, ids = torch.ops.qwen35_triton.moe_router(logits, 2)
             y = torch.ops.qwen35_triton.moe_experts(x, w, ids, w13, w2)
             return y + torch.ops.qwen35_triton.moe_experts_fp8(x, w, ids, q13, s13, q2, s2)
 
-    E, H, I, N = 8, 128, 128, 4
-    w13, w2, q13, s13, q2, s2 = make_experts(E, H, I, seed=0)
-    args = (torch.randn(N, H).bfloat16(), torch.randn(N, E), w13, w2, q13, s13, q2, s2)
-    ep = torch.export.export(MoE(), args)
-    targets = [str(n.target) for n in ep.graph.nodes if n.op == "call_function"]
+    E, H, I = 8, 128, 128
+    weights = make_experts(E, H, I, seed=0)
+    n = torch.export.Dim("N", min=2, max=4096)
+    args = (torch.randn(4, H).bfloat16(), torch.randn(4, E), *weights)
+    ep = torch.export.export(MoE(), args, dynamic_shapes=({0: n}, {0: n}) + (None,) * 6)
+    targets = [str(node.target) for node in ep.graph.nodes if node.op == "call_function"]
     for op in ("moe_router", "moe_experts", "moe_experts_fp8"):
         assert sum(t == f"qwen35_triton.{op}.default" for t in targets) == 1, (op, targets)
+    args2 = (torch.randn(DECODE_MAX_TOKENS + 6, H).bfloat16(), torch.randn(DECODE_MAX_TOKENS + 6, E), *weights)
+    assert torch.equal(ep.module()(*args2), MoE()(*args2))
 
 
 # -- real size (device) ----------------------------------------------------------------------------

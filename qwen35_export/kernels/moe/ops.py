@@ -3,6 +3,11 @@ and `qwen35::moe_experts_fp8` (model/ops.py), as Triton ops AOTInductor compiles
 
 A gated shared expert fits the same ops: append its weights as expert E and a column of ids = E with
 weights sigmoid(x @ w_sg.T) (bench/moe.py does this), so the whole MoE block is one node.
+
+The regime (decode up to DECODE_MAX_TOKENS tokens, else prefill) and the tile table entry are picked in
+Python from N inside the op. torch.export keeps each op as one node with a dynamic N (tested); whether
+AOTInductor, which traces the op body, then guards on N has not been checked here: if it does, export
+decode and prefill graphs with N ranges on either side of DECODE_MAX_TOKENS.
 """
 
 from __future__ import annotations
