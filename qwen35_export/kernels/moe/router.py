@@ -1,9 +1,10 @@
 """Fused MoE router: logits -> fp32 softmax over all E -> top-k -> renormalise, one program per token.
 
 Top-k is k rounds of argmax over the E probabilities held in registers; among equal probabilities the
-lowest expert index wins (`tie_break_left`), which is the order torch.topk gives on CUDA for ties inside
-and across the top-k boundary. (torch.topk on CPU picks among boundary ties in no fixed order; there only
-the chosen values are comparable.)
+lowest expert index wins (`tie_break_left`). With ties across the top-k boundary that picks the same set
+as torch.topk on CUDA (tested on H100); torch.topk on CPU picks among boundary ties in no fixed order,
+so there only the chosen values are comparable. Order within a tie may differ from torch.topk's; the
+experts op does not depend on slot order.
 """
 
 from __future__ import annotations
