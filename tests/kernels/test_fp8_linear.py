@@ -1,7 +1,7 @@
 """Dense w8a8 block-scaled FP8 linear against the dequantised reference and `qwen35::fp8_linear`.
 
-CPU through Triton's interpreter (conftest.py); the real-size case needs CUDA. The comparison helper and
-the bounds' unit roundoffs are test_moe.py's (one helper for all kernel tests).
+CPU through Triton's interpreter (conftest.py); the real-size case needs CUDA. Comparisons use the kernel
+tests' one helper (gdn_compare.assert_close); the unit roundoffs behind the bounds are test_moe.py's.
 """
 
 from __future__ import annotations
@@ -16,7 +16,8 @@ from qwen35_export.checkpoint.fp8 import quantize_fp8_block
 from qwen35_export.kernels.fp8_linear import (fp8_linear, fp8_linear_reference, quantize_act,
                                               quantize_act_reference)
 
-from test_moe import BF16_U, FP8_U, assert_close, nan_empty  # noqa: F401  (fixture re-exported)
+from gdn_compare import assert_close  # the kernel tests' one comparison helper
+from test_moe import BF16_U, FP8_U, nan_empty  # noqa: F401  (fixture re-exported)
 
 
 def assert_quant_match(q: torch.Tensor, s: torch.Tensor, q_ref: torch.Tensor, s_ref: torch.Tensor) -> None:
@@ -62,10 +63,10 @@ def test_fp8_linear(shape, N, K, nan_empty):
     y = fp8_linear(x, w, s)
     assert y.shape == (*shape, N) and y.dtype == x.dtype
     # Same activation quantisation simulated: only the output's bf16 rounding remains.
-    assert_close(y, fp8_linear_reference(x, w, s, quant_act=True), BF16_U, "fp8_linear vs simulated")
+    assert_close("fp8_linear vs simulated", y, fp8_linear_reference(x, w, s, quant_act=True), BF16_U)
     # The op contract (unquantised x): plus one e4m3 rounding of x (at most FP8_U relative).
     ref = torch.ops.qwen35.fp8_linear(x.float(), w, s)
-    assert_close(y, ref, math.sqrt(FP8_U ** 2 + BF16_U ** 2), "fp8_linear vs qwen35::fp8_linear")
+    assert_close("fp8_linear vs qwen35::fp8_linear", y, ref, math.sqrt(FP8_U ** 2 + BF16_U ** 2))
 
 
 def test_fp8_linear_traces_under_export():
@@ -90,4 +91,4 @@ def test_fp8_linear_real_size_cuda(R):
     assert_quant_match(q, qs, q_ref, qs_ref)
     y = fp8_linear(x, w, s)
     sim = fp8_linear_reference(x, w, s, quant_act=True, dtype=torch.float32)
-    assert_close(y, sim, BF16_U, "fp8_linear vs simulated")
+    assert_close("fp8_linear vs simulated", y, sim, BF16_U)

@@ -1,7 +1,8 @@
 """MoE kernels against the fp64 loop reference: router (ties included), tile map, BF16 and FP8 experts.
 
-Runs on CPU through Triton's interpreter (conftest.py); the real-size cases need CUDA. Error bounds are
-relative RMS errors derived from the roundings each path makes (see `bf16_bound`, `FP8_U`).
+Runs on CPU through Triton's interpreter (conftest.py); the real-size cases need CUDA. Comparisons go
+through the kernel tests' one helper (gdn_compare.assert_close: relative RMS bound, NaN fails, max abs
+reported); the bounds are derived from the roundings each path makes (see `bf16_bound`, `FP8_U`).
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from qwen35_export.kernels.moe import (DECODE_MAX_TOKENS, align_block_size, moe_
                                        moe_experts_fp8_reference, moe_experts_reference, moe_experts_triton,
                                        moe_router, moe_router_reference)
 import qwen35_export.model.ops  # noqa: F401  (registers the qwen35:: reference ops)
+from gdn_compare import assert_close  # the kernel tests' one comparison helper
 from qwen35_export.kernels.moe import align
 
 BF16_U = 2.0 ** -8  # unit roundoff of bf16 (8 significant bits): one RNE rounding errs by at most this, relative
@@ -26,17 +28,6 @@ FP32_BOUND = 1e-5  # fp32 math in another order (exp, sums): ~100 ulps of fp32 i
 def bf16_bound(roundings: int) -> float:
     """Independent roundings add in quadrature; each is at most u relative (its RMS is ~u/sqrt(3))."""
     return math.sqrt(roundings) * BF16_U
-
-
-def assert_close(out: torch.Tensor, ref: torch.Tensor, bound: float, name: str) -> None:
-    """The one comparison: relative RMS error <= bound; NaN/Inf on either side fails; max abs reported."""
-    o, r = out.double().cpu(), ref.double().cpu()
-    assert o.shape == r.shape, f"{name}: shape {tuple(o.shape)} != reference {tuple(r.shape)}"
-    assert torch.isfinite(o).all(), f"{name}: {int((~torch.isfinite(o)).sum())} non-finite outputs"
-    assert torch.isfinite(r).all(), f"{name}: non-finite reference"
-    err = (o - r).norm().item() / max(r.norm().item(), 1e-30)
-    max_abs = (o - r).abs().max().item() if o.numel() else 0.0
-    assert err <= bound, f"{name}: rel RMS error {err:.3e} > bound {bound:.3e} (max abs {max_abs:.3e})"
 
 
 @pytest.fixture
@@ -92,10 +83,10 @@ def test_router_matches_topk(N, E, k, dtype, nan_empty):
     probs = torch.softmax(logits.float(), dim=-1)
     assert torch.equal(ids, lowest_index_topk(probs, k))
     # ... and carry torch.topk's values (any tie order gives the same values).
-    assert_close(w, w_ref, FP32_BOUND, "router weights")
-    assert_close(w.sum(-1), torch.ones(N), FP32_BOUND, "router weights sum")
-    assert_close(torch.gather(probs, 1, ids) / torch.gather(probs, 1, ids).sum(-1, keepdim=True), w,
-                 FP32_BOUND, "weights belong to the picked ids")
+    assert_close("router weights", w, w_ref, FP32_BOUND)
+    assert_close("router weights sum", w.sum(-1), torch.ones(N), FP32_BOUND)
+    picked = torch.gather(probs, 1, ids)  # [N, k]
+    assert_close("weights belong to the picked ids", w, picked / picked.sum(-1, keepdim=True), FP32_BOUND)
 
 
 def test_router_ties(nan_empty):
@@ -110,7 +101,7 @@ def test_router_ties(nan_empty):
     assert ids[1].tolist() == list(range(20, 30))
     assert ids[2, :3].tolist() == [7, 33, 50] and ids[3, :2].tolist() == [60, 61]
     w_ref, ids_ref = moe_router_reference(logits, k)
-    assert_close(w, w_ref, FP32_BOUND, "tied router weights")
+    assert_close("tied router weights", w, w_ref, FP32_BOUND)
     for r in (2, 3):  # no tie straddles the boundary here: the same set as torch.topk
         assert set(ids[r].tolist()) == set(ids_ref[r].tolist())
     assert torch.equal(ids, lowest_index_topk(torch.softmax(logits, -1), k))
@@ -161,7 +152,7 @@ def test_experts_bf16(N, E, k, H, I, pin, nan_empty):
     out = moe_experts(x, w, ids, w13, w2)
     assert out.dtype == x.dtype
     # Three bf16 roundings: h, each weighted slot row, the output.
-    assert_close(out, moe_experts_reference(x, w, ids, w13, w2), bf16_bound(3), "bf16 experts")
+    assert_close("bf16 experts", out, moe_experts_reference(x, w, ids, w13, w2), bf16_bound(3))
 
 
 def test_experts_match_reference_op(nan_empty):
@@ -171,7 +162,8 @@ def test_experts_match_reference_op(nan_empty):
     w, ids = make_routing(N, E, k, seed=2)
     x = torch.randn(N, H, generator=torch.Generator().manual_seed(3))
     ref = torch.ops.qwen35.moe_experts(x, w, ids, w13.float(), w2.float())
-    assert_close(moe_experts(x, w, ids, w13.float(), w2.float()), ref, FP32_BOUND, "vs qwen35::moe_experts")
+    out = moe_experts(x, w, ids, w13.float(), w2.float())
+    assert_close("vs qwen35::moe_experts", out, ref, FP32_BOUND)
 
 
 @pytest.mark.parametrize("N,E,k,H,I,pin", EXPERT_CASES)
@@ -183,14 +175,14 @@ def test_experts_fp8(N, E, k, H, I, pin, nan_empty):
     ref = moe_experts_fp8_reference(x, w, ids, q13, s13, q2, s2)
     if N <= DECODE_MAX_TOKENS:
         # Decode keeps activations in bf16: only the three bf16 roundings of the BF16 path.
-        assert_close(out, ref, bf16_bound(3), "fp8 decode vs dequantised reference")
+        assert_close("fp8 decode vs dequantised reference", out, ref, bf16_bound(3))
     else:
         # Prefill rounds x and h to e4m3 (each at most FP8_U relative), then y and out to bf16.
         bound = math.sqrt(2 * FP8_U ** 2 + 2 * BF16_U ** 2)
-        assert_close(out, ref, bound, "fp8 prefill vs dequantised reference")
+        assert_close("fp8 prefill vs dequantised reference", out, ref, bound)
         # With the same activation quantisation simulated, only the two bf16 roundings remain.
         sim = moe_experts_fp8_reference(x, w, ids, q13, s13, q2, s2, quant_act=True)
-        assert_close(out, sim, bf16_bound(2), "fp8 prefill vs quantisation-simulated reference")
+        assert_close("fp8 prefill vs quantisation-simulated reference", out, sim, bf16_bound(2))
 
 
 @pytest.mark.parametrize("decode", [True, False], ids=["decode", "prefill"])
@@ -203,7 +195,7 @@ def test_experts_fp8_regimes_agree_with_op(decode, nan_empty):
     ref = torch.ops.qwen35.moe_experts_fp8(x.float(), w, ids, q13, s13, q2, s2)
     out = moe_experts_triton(x, w, ids, q13, q2, s13, s2, decode=decode)
     bound = bf16_bound(3) if decode else math.sqrt(2 * FP8_U ** 2 + 2 * BF16_U ** 2)
-    assert_close(out, ref, bound, f"fp8 {'decode' if decode else 'prefill'} vs qwen35::moe_experts_fp8")
+    assert_close(f"fp8 {'decode' if decode else 'prefill'} vs qwen35::moe_experts_fp8", out, ref, bound)
 
 
 # -- export ----------------------------------------------------------------------------------------
@@ -245,17 +237,17 @@ def test_real_size_cuda(N, real_experts):
     w, ids = moe_router(logits, k)
     w_ref, _ = moe_router_reference(logits, k)
     assert torch.equal(ids, lowest_index_topk(torch.softmax(logits, -1), k))
-    assert_close(w, w_ref, FP32_BOUND, "router weights")
+    assert_close("router weights", w, w_ref, FP32_BOUND)
     x = torch.randn(N, H, device=dev).bfloat16()
     ref = moe_experts_reference(x, w, ids, w13, w2, dtype=torch.float32)
-    assert_close(moe_experts(x, w, ids, w13, w2), ref, bf16_bound(3), "bf16 experts")
+    assert_close("bf16 experts", moe_experts(x, w, ids, w13, w2), ref, bf16_bound(3))
     ref8 = moe_experts_fp8_reference(x, w, ids, q13, s13, q2, s2, dtype=torch.float32)
     out8 = moe_experts_fp8(x, w, ids, q13, s13, q2, s2)
     bound = bf16_bound(3) if N <= DECODE_MAX_TOKENS else math.sqrt(2 * FP8_U ** 2 + 2 * BF16_U ** 2)
-    assert_close(out8, ref8, bound, "fp8 experts")
+    assert_close("fp8 experts", out8, ref8, bound)
     if N > DECODE_MAX_TOKENS:
         sim = moe_experts_fp8_reference(x, w, ids, q13, s13, q2, s2, dtype=torch.float32, quant_act=True)
-        assert_close(out8, sim, bf16_bound(2), "fp8 prefill vs quantisation-simulated reference")
+        assert_close("fp8 prefill vs quantisation-simulated reference", out8, sim, bf16_bound(2))
 
 
 @pytest.mark.gpu
@@ -285,7 +277,7 @@ def test_fused_gate_up_variant(fp8, decode, nan_empty):
     else:
         out = moe_experts_triton(x, w, ids, w13, w2, config=cfg, decode=decode)
         ref = moe_experts_reference(x, w, ids, w13, w2)
-    assert_close(out, ref, bf16_bound(3), "fused gate_up")
+    assert_close("fused gate_up", out, ref, bf16_bound(3))
 
 
 def test_stored_config_tables():
