@@ -50,54 +50,39 @@ class AttentionLayerFn(nn.Module):
                                       self.cfg)
 
 
-def _layer_program(cfg: Qwen35Config, kind: str, phase: str, weights: dict[str, Tensor], shapes: C.CaptureShapes,
-                   act: torch.dtype) -> tuple[nn.Module, tuple, dict, list[str], list[str], list[str]]:
-    """(module, example args, dynamic shapes, input names, output names, weight names) of one layer kind."""
-    names = sorted(weights)
-    B, T = C._dims(phase, shapes)
-    b, t = 2, C.example_T(phase)
-    x = torch.randn(b, t, cfg.hidden_size, dtype=act)
-    lengths = torch.full((b,), t, dtype=torch.int64)
-    xdim = {0: B, 1: T} if T is not None else {0: B}
-    w = [weights[n] for n in names]
-    if kind == C.GDN:
-        conv = torch.zeros(b, cfg.conv_dim, cfg.linear_conv_kernel_dim - 1, dtype=act)
-        rec = torch.zeros(b, cfg.linear_num_value_heads, cfg.linear_key_head_dim, cfg.linear_value_head_dim)
-        states = ["conv_state", "rec_state"]
-        return (GDNLayerFn(cfg, names), (x, lengths, conv, rec, *w), (xdim, {0: B}, {0: B}, {0: B}, (None,) * len(w)),
-                ["x", "lengths", *states, *names], ["y", *(s + STATE_SUFFIX for s in states)], names)
-    kv = (b, cfg.num_key_value_heads, shapes.max_seq_len, cfg.head_dim)
-    start = torch.zeros(b, dtype=torch.int64)
-    states = ["k_cache", "v_cache"]
-    return (AttentionLayerFn(cfg, names), (x, start, lengths, torch.zeros(kv, dtype=act), torch.zeros(kv, dtype=act), *w),
-            (xdim, {0: B}, {0: B}, {0: B}, {0: B}, (None,) * len(w)),
-            ["x", "start", "lengths", *states, *names], ["y", *(s + STATE_SUFFIX for s in states)], names)
-
-
-def _to_onnx(module: nn.Module | torch.export.ExportedProgram, args: tuple, dyn, input_names: list[str], output_names: list[str]) -> onnx.ModelProto:
-    if not isinstance(module, torch.export.ExportedProgram):
-        module = torch.export.export(module, args, dynamic_shapes=dyn, strict=False)
-    prog = torch.onnx.export(module, (), input_names=input_names, output_names=output_names, dynamo=True, opset_version=OPSET, custom_translation_table=translation_table(),
-                             optimize=True, verbose=False)
+def _to_onnx(ep: torch.export.ExportedProgram, input_names: list[str], output_names: list[str]) -> onnx.ModelProto:
+    prog = torch.onnx.export(ep, (), input_names=input_names, output_names=output_names, dynamo=True,
+                             opset_version=OPSET, custom_translation_table=translation_table(), optimize=True,
+                             verbose=False)
     return attach_functions(prog.model_proto)
 
 
 def export_layer(cfg: Qwen35Config, kind: str, phase: str, weights: dict[str, Tensor], shapes: C.CaptureShapes,
                  act: torch.dtype) -> tuple[onnx.ModelProto, list[str]]:
-    """ONNX model of one (layer kind, phase), and the order of its weight inputs."""
-    module, args, dyn, ins, outs, names = _layer_program(cfg, kind, phase, weights, shapes, act)
-    return _to_onnx(module, args, dyn, ins, outs), names
+    """ONNX model of one (layer kind, phase), and the order of its weight inputs.
+
+    The capture is exporter/capture.py's (same example inputs and dynamic dims as the AOTI build), with
+    the functional layer module in place of the in-place one.
+    """
+    cpu = torch.device("cpu")
+    if kind == C.GDN:
+        ep, names = C.capture_gdn(cfg, weights, phase, shapes, act, cpu, layer=GDNLayerFn)
+        ins, states = ["x", "lengths", "conv_state", "rec_state"], ["conv_state", "rec_state"]
+    else:
+        ep, names = C.capture_attention(cfg, weights, phase, shapes, act, cpu, layer=AttentionLayerFn)
+        ins, states = ["x", "start", "lengths", "k_cache", "v_cache"], ["k_cache", "v_cache"]
+    return _to_onnx(ep, [*ins, *names], ["y", *(s + STATE_SUFFIX for s in states)]), names
 
 
 def export_embed(cfg: Qwen35Config, embed_w: Tensor, shapes: C.CaptureShapes) -> onnx.ModelProto:
     ep = C.capture_embed(cfg, embed_w, shapes, torch.device("cpu"))
-    return _to_onnx(ep, (), None, ["ids", "embed_tokens.weight"], ["x"])
+    return _to_onnx(ep, ["ids", "embed_tokens.weight"], ["x"])
 
 
 def export_final(cfg: Qwen35Config, norm_w: Tensor, lm_head_w: Tensor, shapes: C.CaptureShapes,
                  act: torch.dtype) -> onnx.ModelProto:
     ep = C.capture_final(cfg, norm_w, lm_head_w, shapes, act, torch.device("cpu"))
-    return _to_onnx(ep, (), None, ["x", "norm.weight", "lm_head.weight"], ["logits"])
+    return _to_onnx(ep, ["x", "norm.weight", "lm_head.weight"], ["logits"])
 
 
 def attach_functions(model: onnx.ModelProto) -> onnx.ModelProto:
