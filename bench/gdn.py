@@ -171,10 +171,12 @@ def time_ours() -> dict:
     dt = torch.zeros(HV, device="cuda")
     for n in (1, 256, 8192):
         a = torch.randn(n, HV, dtype=torch.bfloat16, device="cuda")
-        out["gating"][f"gate_N{n}"] = bench_graph(lambda: gdn_gating_fwd(A_log, a, dt, a))
+        b = torch.randn(n, HV, dtype=torch.bfloat16, device="cuda")
+        out["gating"][f"gate_N{n}"] = bench_graph(lambda: gdn_gating_fwd(A_log, a, dt, b))
         o = torch.randn(n, HV, V, dtype=torch.bfloat16, device="cuda")
+        z = torch.randn(n, HV, V, dtype=torch.bfloat16, device="cuda")
         wn = torch.ones(V, dtype=torch.bfloat16, device="cuda")
-        out["gating"][f"norm_N{n}"] = bench_graph(lambda: gated_rms_norm_fwd(o, o, wn))
+        out["gating"][f"norm_N{n}"] = bench_graph(lambda: gated_rms_norm_fwd(o, z, wn))
     return out
 
 
@@ -222,7 +224,8 @@ def time_fla(part: str) -> None:
     for B in DECODE_B:
         q, k, v, g, beta = inputs(1, B)
         h0 = torch.randn(B, HV, K, V, device="cuda") * 0.01
-        f = lambda: fla_rec(q, k, v, g, beta, initial_state=h0, output_final_state=True,  # noqa: E731
+        # keywords: fla's recurrent signature is (q, k, v, g, gk, gv, beta, ...), beta is not 5th
+        f = lambda: fla_rec(q, k, v, g=g, beta=beta, initial_state=h0, output_final_state=True,  # noqa: E731
                             use_qk_l2norm_in_kernel=True)
         emit("decode_eager", str(B), bench(f))
         try:
@@ -327,6 +330,7 @@ def report(res: dict, out_dir: Path) -> str:
     lines = ["# Gated DeltaNet kernels, 397B layer (HK 16, HV 64, K = V = 128), bf16 q/k/v, fp32 state", "",
              f"Device: {res['device']}; torch {res['torch_version']}; triton {res['triton_version']}; "
              f"fla-core {fla.get('version', 'n/a')}. Medians; decode = CUDA-graph replay per layer call.", "",
+             *([res["notes"], ""] if "notes" in res else []),
              "## Prefill (chunked)", "",
              "| T | ours ms | tok/s | TFLOPS | fla ms | ours / fla speed-up | torch ref ms |", "|---|---|---|---|---|---|---|"]
     for key, ms in ours["prefill"].items():
@@ -344,19 +348,23 @@ def report(res: dict, out_dir: Path) -> str:
         f = fla.get("decode", {}).get(key)
         fe = fla.get("decode_eager", {}).get(key)
         r = ref.get("decode", {}).get(key)
-        lines.append(f"| {B} | {ms * 1e3:.2f} | {byts / ms / 1e6:.0f} | {byts / ms / 1e9 / HBM * 100:.0f}% | "
+        lines.append(f"| {B} | {ms * 1e3:.2f} | {byts / ms / 1e6:.0f} | {byts / (ms * 1e-3) / HBM * 100:.0f}% | "
                      f"{f'{f * 1e3:.2f}' if f else 'n/a'} | {f'{fe * 1e3:.1f}' if fe else 'n/a'} | "
                      f"{f'{f / ms:.2f}x' if f else 'n/a'} | {f'{r * 1e3:.0f}' if r else '-'} |")
     C = 2 * HK * K + HV * V
     lines += ["", "## Conv1d and gating", "", "| kernel | us | % of HBM roofline |", "|---|---|---|"]
+    if "bytes_per_elem_note" in res:
+        lines.insert(len(lines) - 2, res["bytes_per_elem_note"] + "\n")
     for key, ms in ours["conv1d"].items():
         n = 8192 if key.startswith("prefill") else int(key.split("B")[1])
         byts = n * C * 2 * 2 + (0 if key.startswith("prefill") else n * C * 3 * 2 * 2)
-        lines.append(f"| conv1d {key} | {ms * 1e3:.1f} | {byts / ms / 1e9 / HBM * 100:.0f}% |")
+        lines.append(f"| conv1d {key} | {ms * 1e3:.1f} | {byts / (ms * 1e-3) / HBM * 100:.0f}% |")
     for key, ms in ours["gating"].items():
         n = int(key.split("N")[1])
-        byts = n * HV * (2 + 2 + 4 + 4) if key.startswith("gate") else n * HV * V * 2 * 3
-        lines.append(f"| {key} | {ms * 1e3:.1f} | {byts / ms / 1e9 / HBM * 100:.0f}% |")
+        # bytes per element: a, b read (bf16), g, beta written (fp32); o, z read and y written (bf16)
+        per = res.get("bytes_per_elem", {"gate": 12, "norm": 6})
+        byts = n * HV * per["gate"] if key.startswith("gate") else n * HV * V * per["norm"]
+        lines.append(f"| {key} | {ms * 1e3:.1f} | {byts / (ms * 1e-3) / HBM * 100:.0f}% |")
     tune_res = res.get("tune", {})
     lines += ["", "## Launch configs", "", f"Prefill (chosen at T = 8192 among {len(tune_res.get('prefill_8192', {}))} "
               f"tried, see gdn.json): `{json.dumps(tune_res.get('chosen_prefill'))}`; decode by N*HV: "

@@ -345,11 +345,13 @@ def prepare_chunk_indices(cu_seqlens: Tensor, chunk_size: int = BT) -> Tensor:
 
 # Launch configs, (BV, num_warps, num_stages), and the mode of the second stage: "fused" (one sequential
 # kernel writes o) or "split" (sequential states + parallel outputs). Module-level so that
-# bench/gdn.py --tune can try others; the defaults are the fastest measured there (bench/results/gdn.md).
-WY_CONFIG = (64, 4, 1)
+# bench/gdn.py (its tune step) can try others; the defaults are the fastest measured there (bench/results/gdn.md).
+# H100, T = 8192, 397B heads (bench/results/gdn.json): split (32,4,2)+(64,4,2) 1.59 ms, fused (64,8,3) 1.60 ms,
+# then WY (128,4,1) 1.53 ms; the WY kernel is half of the time (0.79 ms of 1.54).
+WY_CONFIG = (128, 4, 1)
 FWD_CONFIG = (64, 8, 3)
-FWD_MODE = "fused"
-H_CONFIG = (64, 4, 2)
+FWD_MODE = "split"
+H_CONFIG = (32, 4, 2)
 O_CONFIG = (64, 4, 2)
 
 
