@@ -7,7 +7,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from .metrics import TensorMetrics, compare, logit_metrics, routing_agreement, token_agreement, worst
+from .metrics import compare, logit_metrics, routing_agreement, token_agreement, worst
 from .result import Check
 from .thresholds import Thresholds
 from .trace import RowTrace
@@ -120,5 +120,3 @@ def logit_checks(eng: list[RowTrace], ref: list[RowTrace], th: Thresholds) -> tu
                              detail=f"{len(teacher)} tokens, raw {raw:.4f} before excusing ties"))
     return checks, summary
 
-
-__all__ = ["layer_metrics", "layer_checks", "largest_jumps", "logit_checks", "TensorMetrics"]

@@ -12,7 +12,6 @@ import contextlib
 from typing import Callable, ContextManager, Iterator
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
 from qwen35_export.config import LINEAR_ATTENTION

@@ -11,7 +11,6 @@ import pytest
 
 from qwen35_export.cli import main as cli_main
 from qwen35_export.runtime.engine import Engine
-from qwen35_export.validate.run import validate_after_build
 
 
 def test_cli_validate_writes_report(cpu_engine_fp32: Path, engine_ckpt_fp32: Path, tmp_path: Path,
@@ -37,26 +36,20 @@ def test_cli_validate_bad_prompts_file(cpu_engine_fp32: Path, engine_ckpt_fp32: 
                      "--prompts", str(bad)]) == 2
 
 
-def test_validate_after_build_records_in_manifest(cpu_engine_fp32: Path, engine_ckpt_fp32: Path,
-                                                  tmp_path: Path) -> None:
-    eng = shutil.copytree(cpu_engine_fp32, tmp_path / "engine")
-    assert validate_after_build(eng, engine_ckpt_fp32) == 0
+def test_build_validate_records_in_manifest(cpu_engine_fp32: Path, engine_ckpt_fp32: Path, tmp_path: Path,
+                                           monkeypatch: pytest.MonkeyPatch) -> None:
+    """`build --validate` -> validate_after_build records into manifest.json, without a second one-minute
+    compile: the build is a copy of the fixture engine."""
+    import qwen35_export.exporter.build as build
+
+    monkeypatch.setattr(build, "build_engine", lambda ckpt, out, settings: shutil.copytree(cpu_engine_fp32, out))
+    eng = tmp_path / "built"
+    assert cli_main(["build", str(engine_ckpt_fp32), "--target", "cpu", "--out", str(eng), "--validate"]) == 0
     v = json.loads((eng / "manifest.json").read_text())["validation"]
     assert v["passed"] is True and v["precision"] == "fp32" and v["first_bad_layer"] is None
     assert v["summary"].startswith("PASS") and v["checks"]["prefill hidden rel_l2 (max)"]["passed"]
     assert not list(eng.glob(".manifest.json.*")), "temp file of the atomic rewrite left behind"
     Engine.load(eng)  # still loads: the manifest is not among the hashed files
-
-
-def test_build_validate_flag_calls_validate(cpu_engine_fp32: Path, engine_ckpt_fp32: Path, tmp_path: Path,
-                                            monkeypatch: pytest.MonkeyPatch) -> None:
-    """`build --validate` wiring, without a second one-minute compile: the build is a copy of the fixture."""
-    import qwen35_export.exporter.build as build
-
-    monkeypatch.setattr(build, "build_engine", lambda ckpt, out, settings: shutil.copytree(cpu_engine_fp32, out))
-    out = tmp_path / "built"
-    assert cli_main(["build", str(engine_ckpt_fp32), "--target", "cpu", "--out", str(out), "--validate"]) == 0
-    assert json.loads((out / "manifest.json").read_text())["validation"]["passed"] is True
 
 
 def test_validate_batches_past_max_batch(cpu_engine_fp32: Path, engine_ckpt_fp32: Path) -> None:
