@@ -272,6 +272,13 @@ def tune() -> dict:
     if isinstance(t_wy, float) and t_wy < best_t:
         cm.WY_CONFIG = (128, 4, 1)
         best.update(c)
+        best_t = t_wy
+    c = dict(WY_JOINT_INV=True)
+    try_cfg(json.dumps(c), **c)
+    t_joint = out["prefill_8192"][json.dumps(c)]
+    if isinstance(t_joint, float) and t_joint < best_t:
+        cm.WY_JOINT_INV = True
+        best.update(c)
     out["chosen_prefill"] = best
     chosen = {}
     for B in DECODE_B:

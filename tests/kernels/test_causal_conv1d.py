@@ -98,3 +98,21 @@ def test_prefill_then_update_equals_longer_prefill():
     y_last = causal_conv1d_update(x[0, T:], w, st)
     assert_close("y of token T", y_last, y_full[T:], 1e-6)
     assert torch.equal(st, st_full)
+
+
+def test_op_exports():
+    """torch.export keeps `qwen35_triton::causal_conv1d` as one node, traced through its fake kernel."""
+    import qwen35_export.kernels.causal_conv1d.op  # noqa: F401
+
+    class M(torch.nn.Module):
+        def forward(self, x, w, s, lengths):
+            return torch.ops.qwen35_triton.causal_conv1d(x, w, s, lengths)
+
+    gen = torch.Generator().manual_seed(0)
+    args = (make((2, 16, 64), torch.bfloat16, gen), make((64, 4), torch.bfloat16, gen),
+            make((2, 64, 3), torch.bfloat16, gen), torch.tensor([16, 3], device=DEVICE))
+    T = torch.export.Dim("T", min=2, max=4096)
+    ep = torch.export.export(M(), args, dynamic_shapes=({1: T}, None, None, None))
+    nodes = [n for n in ep.graph.nodes if n.target == torch.ops.qwen35_triton.causal_conv1d.default]
+    assert len(nodes) == 1
+    assert nodes[0].meta["val"][1].shape == (2, 64, 3)

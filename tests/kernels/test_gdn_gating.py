@@ -59,3 +59,25 @@ def test_reference_matches_transformers():
     o = torch.randn(7, 64, dtype=torch.bfloat16)
     z = torch.randn(7, 64, dtype=torch.bfloat16)
     assert torch.equal(naive_gated_rms_norm(o, z, norm.weight.data), norm(o, z))
+
+
+def test_ops_export():
+    """torch.export keeps both ops as single nodes (fake kernels give fp32 g/beta and y like o)."""
+    import qwen35_export.kernels.gdn_gating.op  # noqa: F401
+
+    class M(torch.nn.Module):
+        def forward(self, A_log, a, dt_bias, b, o, z, w):
+            g, beta = torch.ops.qwen35_triton.gdn_gating(A_log, a, dt_bias, b)
+            return g, beta, torch.ops.qwen35_triton.gated_rms_norm(o, z, w, 1e-6)
+
+    HV, V = 4, 32
+    args = (torch.zeros(HV), torch.randn(2, 8, HV, dtype=torch.bfloat16), torch.zeros(HV),
+            torch.randn(2, 8, HV, dtype=torch.bfloat16), torch.randn(2, 8, HV, V, dtype=torch.bfloat16),
+            torch.randn(2, 8, HV, V, dtype=torch.bfloat16), torch.ones(V, dtype=torch.bfloat16))
+    args = tuple(x.to(DEVICE) for x in args)
+    ep = torch.export.export(M(), args)
+    targets = [n.target for n in ep.graph.nodes]
+    assert targets.count(torch.ops.qwen35_triton.gdn_gating.default) == 1
+    assert targets.count(torch.ops.qwen35_triton.gated_rms_norm.default) == 1
+    g_meta = next(n for n in ep.graph.nodes if n.target == torch.ops.qwen35_triton.gdn_gating.default).meta["val"][0]
+    assert g_meta.dtype == torch.float32
