@@ -20,8 +20,8 @@ from qwen35_export.errors import BuildError
 from qwen35_export.model import ops  # noqa: F401  (registers torch.ops.qwen35.*)
 from qwen35_export.plugins.onnx.schemas import DOMAIN, SCHEMAS
 from qwen35_export.plugins.tensorrt.build import profile_shapes, require_tensorrt
-from qwen35_export.plugins.tensorrt.onnx_prep import AOT_PLUGINS, prepare_for_tensorrt
-from qwen35_export.plugins.tensorrt.specs import PLUGIN_OUTPUTS, TYPE_COMBINATIONS
+from qwen35_export.plugins.tensorrt.onnx_prep import prepare_for_tensorrt
+from qwen35_export.plugins.tensorrt.specs import PLUGINS, TYPE_COMBINATIONS, describe
 
 try:
     import tensorrt  # noqa: F401
@@ -32,66 +32,95 @@ except ImportError:
 needs_trt = pytest.mark.skipif(not HAVE_TRT, reason="needs tensorrt (the TensorRT builder cannot be installed on "
                                                     "this machine)")
 
-_TORCH_OP = {"CausalConv1d": "causal_conv1d", "GatedDeltaRule": "gated_delta_rule", "MoE": "moe_experts",
-             "MoEFP8": "moe_experts_fp8"}
+HERE = Path(__file__).parent
+# torch op -> the plug-ins that replace it, in order (MoE is split in two for TensorRT)
+_CHAINS = {"causal_conv1d": ["CausalConv1d"], "gated_delta_rule": ["GatedDeltaRule"],
+           "moe_experts": ["MoEGateUp", "MoEDown"], "moe_experts_fp8": ["MoEGateUpFP8", "MoEDownFP8"]}
+_ONNX_NODE = {"causal_conv1d": "CausalConv1d", "gated_delta_rule": "GatedDeltaRule", "moe_experts": "MoE",
+              "moe_experts_fp8": "MoEFP8"}
 
 
-def _example_inputs(name: str) -> list[torch.Tensor]:
-    """Odd sizes so that no two dims coincide by accident (a wrong `like` index would go unnoticed)."""
-    B, T, C, W, HK, HV, K, V, N, E, k, H, I = 3, 5, 24, 4, 2, 6, 16, 8, 7, 9, 2, 20, 128
-    bf = torch.bfloat16
-    if name == "CausalConv1d":
-        return [torch.empty(B, T, C, dtype=bf), torch.empty(C, W, dtype=bf), torch.empty(B, C, W - 1, dtype=bf),
-                torch.empty(B, dtype=torch.int64)]
-    if name == "GatedDeltaRule":
-        return [torch.empty(B, T, HK, K, dtype=bf), torch.empty(B, T, HK, K, dtype=bf), torch.empty(B, T, HV, V, dtype=bf),
-                torch.empty(B, T, HV), torch.empty(B, T, HV), torch.empty(B, HV, K, V)]
-    x, w, ids = torch.empty(N, H, dtype=bf), torch.empty(N, k, dtype=bf), torch.empty(N, k, dtype=torch.int64)
-    if name == "MoE":
-        return [x, w, ids, torch.empty(E, 2 * I, H, dtype=bf), torch.empty(E, H, I, dtype=bf)]
-    f8 = torch.float8_e4m3fn
-    return [x, w, ids, torch.empty(E, 2 * I, H, dtype=f8), torch.empty(E, 2, 1), torch.empty(E, H, I, dtype=f8),
-            torch.empty(E, 1, 1)]
+def _example_inputs(op: str) -> dict[str, torch.Tensor]:
+    """Odd sizes so that no two dims coincide by accident (a wrong input index would go unnoticed)."""
+    B, T, C, W, HK, HV, K, V, N, E, k, H, I = 3, 5, 24, 4, 2, 6, 16, 8, 7, 9, 2, 20, 256
+    bf, f8 = torch.bfloat16, torch.float8_e4m3fn
+    if op == "causal_conv1d":
+        return {"x": torch.empty(B, T, C, dtype=bf), "weight": torch.empty(C, W, dtype=bf),
+                "conv_state": torch.empty(B, C, W - 1, dtype=bf), "lengths": torch.empty(B, dtype=torch.int64)}
+    if op == "gated_delta_rule":
+        return {"q": torch.empty(B, T, HK, K, dtype=bf), "k": torch.empty(B, T, HK, K, dtype=bf),
+                "v": torch.empty(B, T, HV, V, dtype=bf), "g": torch.empty(B, T, HV), "beta": torch.empty(B, T, HV),
+                "h0": torch.empty(B, HV, K, V)}
+    d = {"x": torch.empty(N, H, dtype=bf), "weights": torch.empty(N, k, dtype=bf),
+         "ids": torch.empty(N, k, dtype=torch.int64)}
+    if op == "moe_experts":
+        return {**d, "w_gate_up": torch.empty(E, 2 * I, H, dtype=bf), "w_down": torch.empty(E, H, I, dtype=bf)}
+    return {**d, "w_gate_up": torch.empty(E, 2 * I, H, dtype=f8), "w_gate_up_scale": torch.empty(E, 4, 1),
+            "w_down": torch.empty(E, H, I, dtype=f8), "w_down_scale": torch.empty(E, 1, 2)}
 
 
-@pytest.mark.parametrize("name", sorted(PLUGIN_OUTPUTS))
-def test_plugin_outputs_match_fake_kernels(name: str) -> None:
-    """Each declared output (`like`/`alias` input j) has the shape and dtype the torch op's fake kernel
-    gives, and aliased outputs alias an input of exactly that shape and dtype."""
+def _dt(t: torch.Tensor) -> str:
+    return str(t.dtype).replace("torch.", "")
+
+
+@pytest.mark.parametrize("op", sorted(_CHAINS))
+def test_plugin_outputs_match_fake_kernels(op: str) -> None:
+    """The plug-ins' declared outputs (specs.describe), chained as onnx_prep chains them, have the shapes
+    and dtypes of the torch op's fake kernel; aliased outputs alias an input of that shape and dtype."""
+    inputs = _example_inputs(op)
     with FakeTensorMode() as mode:
-        inputs = [mode.from_tensor(t) for t in _example_inputs(name)]
-        res = getattr(torch.ops.qwen35, _TORCH_OP[name])(*inputs)
+        res = getattr(torch.ops.qwen35, op)(*[mode.from_tensor(t) for t in inputs.values()])
     res = res if isinstance(res, tuple) else (res,)
-    assert len(res) == len(PLUGIN_OUTPUTS[name])
-    for (kind, j), r in zip(PLUGIN_OUTPUTS[name], res):
-        assert kind in ("like", "alias")
-        assert (tuple(inputs[j].shape), inputs[j].dtype) == (tuple(r.shape), r.dtype), f"{name}: {kind} input {j}"
+    env = {n: (tuple(t.shape), _dt(t)) for n, t in inputs.items()}
+    for name in _CHAINS[op]:
+        names, outs = PLUGINS[name]
+        got = describe(name, [env[n][0] for n in names], [env[n][1] for n in names])
+        for (kind, j), o in zip(outs, got):
+            if kind == "alias":
+                assert o == env[names[j]], f"{name}: alias of {names[j]}"
+        env["h"] = got[0]  # the MoE intermediate feeds the second plug-in
+    assert [(tuple(r.shape), _dt(r)) for r in res] == got
 
 
-@pytest.mark.parametrize("name", sorted(PLUGIN_OUTPUTS))
-def test_plugin_signature_matches_onnx_schema(name: str) -> None:
-    schema = SCHEMAS[name]
-    assert len(PLUGIN_OUTPUTS[name]) == len(schema.outputs)
-    # one type entry per input and per output, the int64/fp8/fp32 positions where the schema has them
-    types = [t.strip() for t in TYPE_COMBINATIONS[name].split(",")]
-    assert len(types) == len(schema.inputs) + len(schema.outputs)
+@pytest.mark.parametrize("op", sorted(_CHAINS))
+def test_plugin_inputs_and_types_match_onnx_schema(op: str) -> None:
+    """The plug-ins take the ONNX node's inputs (plus the MoE intermediate `h`), and their type lists
+    put INT64 / FP32 / FP8 exactly where the schema fixes the type."""
+    schema = SCHEMAS[_ONNX_NODE[op]]
     fixed = {"tensor(int64)": "INT64", "tensor(float)": "FP32", "tensor(float8e4m3fn)": "FP8"}
-    for p, t in zip([*schema.inputs, *schema.outputs], types):
-        assert t == fixed.get(p.type_str, "FP32|BF16|FP16"), f"{name}.{p.name}: {t} vs {p.type_str}"
+    want = {p.name: fixed.get(p.type_str, "FP32|BF16|FP16") for p in schema.inputs}
+    want["h"] = "FP32"
+    used = set()
+    for name in _CHAINS[op]:
+        names, outs = PLUGINS[name]
+        types = [t.strip() for t in TYPE_COMBINATIONS[name].split(",")]
+        assert len(types) == len(names) + len(outs), name
+        for n, t in zip(names, types):
+            assert t == want[n], f"{name}.{n}: {t}, schema says {want[n]}"
+        used |= set(names)
+    assert used - {"h"} == {p.name for p in schema.inputs}
 
 
 def test_prepare_for_tensorrt(ort_engine_fp32: Path) -> None:
     m = onnx.load(str(ort_engine_fp32 / "graphs" / "gdn_decode.onnx"))
     p = prepare_for_tensorrt(m)
-    nodes = {n.op_type: n for n in p.graph.node if n.domain == DOMAIN}
-    assert set(nodes) == {"CausalConv1d", "GatedDeltaRule", "MoERouter", "MoE"}
-    for name in ("CausalConv1d", "GatedDeltaRule", "MoE"):
-        attrs = {a.name: onnx.helper.get_attribute_value(a) for a in nodes[name].attribute}
-        assert attrs == {"plugin_namespace": b"qwen35", "plugin_version": b"1", "aot": int(name in AOT_PLUGINS)}
-    assert not any(a.name == "plugin_namespace" for a in nodes["MoERouter"].attribute)
+    onnx.checker.check_model(p)  # includes: nodes still topologically sorted after the MoE split
+    nodes = [n for n in p.graph.node if n.domain == DOMAIN]
+    assert [n.op_type for n in nodes] == ["CausalConv1d", "GatedDeltaRule", "MoERouter", "MoEGateUp", "MoEDown"]
+    for n in nodes:
+        attrs = {a.name: onnx.helper.get_attribute_value(a) for a in n.attribute}
+        if n.op_type == "MoERouter":
+            assert attrs == {"top_k": 4}
+        else:
+            assert attrs == {"plugin_namespace": b"qwen35", "plugin_version": b"1", "aot": 1}, n.op_type
+            assert list(n.input) and all(i for i in n.input)
+    up, down = nodes[3], nodes[4]
+    moe = next(n for n in m.graph.node if n.op_type == "MoE")
+    assert list(up.input) == [moe.input[0], moe.input[2], moe.input[3]]
+    assert list(down.input) == [up.output[0], moe.input[1], moe.input[2], moe.input[4]]
+    assert list(down.output) == list(moe.output)
     # plug-in nodes lose their bodies (else the parser imports the body); the router keeps its own
     assert {f.name for f in p.functions if f.domain == DOMAIN} == {"MoERouter"}
-    onnx.checker.check_model(p)
     assert {f.name for f in m.functions if f.domain == DOMAIN} == {"CausalConv1d", "GatedDeltaRule", "MoERouter",
                                                                   "MoE"}, "the input model is left alone"
 
@@ -117,35 +146,13 @@ def _run(code: str, interpret: bool) -> dict:
     return json.loads(p.stdout.strip().splitlines()[-1])
 
 
-_ADAPTERS = """
-import json, torch
-from qwen35_export.model import ops
-from qwen35_export.plugins.tensorrt import aot_kernels as A
-torch.manual_seed(0)
-B, T, C, W = 3, 70, 200, 4
-x, w, s, L = torch.randn(B, T, C), torch.randn(C, W), torch.randn(B, C, W - 1), torch.tensor([70, 1, 33])
-ry, rs = ops.causal_conv1d(x, w, s, L)
-k = A.causal_conv1d_kernel("float32", "float32", W)
-grid, extra = A.causal_conv1d_launch(B, T, C)
-y = torch.empty_like(x)
-k.fn[grid](x, w, s, L, *extra, y, s, **k.constexprs)  # final state written over the initial one
-B, T, H, HV, K, V = 2, 5, 2, 4, 16, 32
-q, kk = torch.randn(B, T, H, K), torch.randn(B, T, H, K)
-v, g, be, h = torch.randn(B, T, HV, V), -torch.rand(B, T, HV), torch.rand(B, T, HV), torch.randn(B, HV, K, V)
-ro, rh = ops.gated_delta_rule(q, kk, v, g, be, h)
-kern = A.gated_delta_rule_kernel("float32", H, HV, K, V)
-grid, extra = A.gated_delta_rule_launch(B, T, HV, V, kern.constexprs["BV"])
-o = torch.empty_like(v)
-kern.fn[grid](q, kk, v, g, be, h, *extra, o, h, **kern.constexprs, num_warps=kern.num_warps)
-d = lambda a, b: float((a - b).abs().max() / b.abs().max())
-print(json.dumps({"y": d(y, ry), "conv_state": d(s, rs), "o": d(o, ro), "ht": d(h, rh)}))
-"""
-
-
-def test_aot_adapters_match_reference_in_place() -> None:
-    """The adapters, launched with the AOT parameter order and the states aliased in/out, on the CPU
-    through Triton's interpreter: fp32 rounding-order differences only."""
-    err = _run(_ADAPTERS, interpret=True)
+def test_aot_launches_match_reference() -> None:
+    """tests/plugins/trt_sim.py: each plug-in's kernel, grid and extra arguments as its `aot_impl` picks
+    them, launched in TensorRT's parameter order (states aliased in/out) through Triton's interpreter,
+    against the reference ops: fp32 rounding-order differences only."""
+    err = _run((HERE / "trt_sim.py").read_text(), interpret=True)
+    assert err.pop("conv.in_place") == 0 and err.pop("gdr.in_place") == 0
+    assert set(err) == {"conv.y", "conv.state", "gdr.o", "gdr.ht", "moe", "moe_fp8"}
     assert all(e <= 1e-5 for e in err.values()), err
 
 
@@ -156,7 +163,11 @@ out = {}
 for name, k in [("conv_bf16", A.causal_conv1d_kernel("bfloat16", "bfloat16", 4)),
                 ("conv_fp32", A.causal_conv1d_kernel("float32", "float32", 4)),
                 ("gdn_bf16", A.gated_delta_rule_kernel("bfloat16", 16, 64, 128, 128)),
-                ("gdn_fp32", A.gated_delta_rule_kernel("float32", 2, 4, 128, 128))]:
+                ("gdn_fp32", A.gated_delta_rule_kernel("float32", 2, 4, 128, 128)),
+                ("moe_up_bf16", A.moe_gate_up_kernel("bfloat16", "bfloat16", 8)),
+                ("moe_down_bf16", A.moe_down_kernel("bfloat16", "bfloat16", 8)),
+                ("moe_up_fp8", A.moe_gate_up_kernel("bfloat16", "float8_e4m3fn", 8)),
+                ("moe_down_fp8", A.moe_down_kernel("bfloat16", "float8_e4m3fn", 8))]:
     c = A.compile_ptx(k, arch=90)
     ptx = c.asm["ptx"]
     entry = ptx[ptx.index(".entry"):ptx.index(")", ptx.index(".entry"))]
@@ -183,7 +194,7 @@ def test_plugins_register() -> None:
     from qwen35_export.plugins.tensorrt.plugins import register_plugins
 
     register_plugins()
-    for name in PLUGIN_OUTPUTS:
+    for name in PLUGINS:
         assert hasattr(trtp.op.qwen35, name)
 
 

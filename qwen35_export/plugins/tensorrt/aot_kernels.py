@@ -10,8 +10,13 @@ order, so each plug-in gets a thin `@triton.jit` adapter in that order which cal
 - GatedDeltaRule: the fused recurrent kernel for prefill and decode alike. The chunked prefill is three
   kernels and a QDP AOT plug-in launches one; the recurrent kernel is exact for every T (slower for long
   prompts). The state is updated in place: each program reads its [K, BV] tile of h0 first, writes it last.
-- MoE / MoEFP8: no adapter. Our MoE is four kernels (align, gate-up and down grouped GEMMs, combine), so it
-  has no single-kernel AOT form yet; the plug-in uses the JIT implementation (plugins.py).
+- MoE / MoEFP8: our MoE is four kernels (align, gate-up and down grouped GEMMs, combine), which one AOT
+  plug-in cannot launch. For TensorRT the node is split in two plug-ins (onnx_prep.py), each one kernel
+  written here: MoEGateUp (h = silu(x Wg^T) * (x Wu^T) per token and slot, fp32) and MoEDown (the
+  weighted sum over slots of h Wd^T). No expert grouping: every (token, slot) reads its expert's rows, so
+  decode reads each chosen expert once and prefill re-reads experts per token (correct, not fast; the
+  grouped GEMMs need the align kernel first). FP8 weights are dequantised tile by tile with their
+  128x128 block scales.
 
 Launch geometry lives here too (`*_launch`), written over dims that may be ints or TensorRT shape
 expressions, so the AOT implementation and the CPU tests compute it the same way.
@@ -50,6 +55,84 @@ def gated_delta_rule_aot(q, k, v, g, beta, h0, T, o, ht,
     # unused pointer parameters (state indices, per-step states) get h0 / o: their flags are off
     fused_recurrent_gdn_kernel(q, k, v, g, beta, o, h0, ht, h0, ht, o, SCALE, T,
                                H, HV, K, V, BK, BV, True, False, True, False)
+
+
+@triton.jit
+def _moe_gate_up(x, ids, w, ws, H, I, h, TOPK: tl.constexpr, FP8: tl.constexpr, BI: tl.constexpr,
+                 BH: tl.constexpr):
+    """x [N,H], ids [N,k], w_gate_up [E,2I,H] (+ scales [E,2I/128,ceil(H/128)] when FP8) -> h [N,k,I] fp32.
+    One program per (token*slot, I block)."""
+    ns = tl.program_id(0).to(tl.int64)  # token * TOPK + slot
+    rows = tl.program_id(1) * BI + tl.arange(0, BI)
+    mi = rows < I
+    e = tl.load(ids + ns).to(tl.int64)
+    n = ns // TOPK
+    HB = (H + 127) // 128
+    acc_g = tl.zeros([BI], dtype=tl.float32)
+    acc_u = tl.zeros([BI], dtype=tl.float32)
+    for h0 in range(0, H, BH):
+        cols = h0 + tl.arange(0, BH)
+        mh = cols < H
+        m = mi[:, None] & mh[None, :]
+        xv = tl.load(x + n * H + cols, mask=mh, other=0.).to(tl.float32)
+        wg = tl.load(w + (e * 2 * I + rows[:, None]) * H + cols[None, :], mask=m, other=0.).to(tl.float32)
+        wu = tl.load(w + (e * 2 * I + I + rows[:, None]) * H + cols[None, :], mask=m, other=0.).to(tl.float32)
+        if FP8:
+            sb = e * (2 * I // 128) * HB + cols[None, :] // 128
+            wg = wg * tl.load(ws + sb + (rows[:, None] // 128) * HB, mask=m, other=0.)
+            wu = wu * tl.load(ws + sb + ((I + rows[:, None]) // 128) * HB, mask=m, other=0.)
+        acc_g += tl.sum(wg * xv[None, :], axis=1)
+        acc_u += tl.sum(wu * xv[None, :], axis=1)
+    tl.store(h + ns * I + rows, acc_g * tl.sigmoid(acc_g) * acc_u, mask=mi)
+
+
+@triton.jit
+def _moe_down(h, weights, ids, w, ws, H, I, y, TOPK: tl.constexpr, FP8: tl.constexpr, BI: tl.constexpr,
+              BH: tl.constexpr):
+    """h [N,k,I] fp32, weights [N,k], ids [N,k], w_down [E,H,I] (+ scales [E,ceil(H/128),I/128] when FP8)
+    -> y [N,H]. One program per (token, H block); slots summed in order, fp32."""
+    n = tl.program_id(0).to(tl.int64)
+    rows = tl.program_id(1) * BH + tl.arange(0, BH)
+    mh = rows < H
+    IB = (I + 127) // 128
+    acc = tl.zeros([BH], dtype=tl.float32)
+    for j in tl.static_range(TOPK):
+        e = tl.load(ids + n * TOPK + j).to(tl.int64)
+        wt = tl.load(weights + n * TOPK + j).to(tl.float32)
+        part = tl.zeros([BH], dtype=tl.float32)
+        for i0 in range(0, I, BI):
+            ic = i0 + tl.arange(0, BI)
+            mi = ic < I
+            m = mh[:, None] & mi[None, :]
+            hv = tl.load(h + (n * TOPK + j) * I + ic, mask=mi, other=0.)
+            wd = tl.load(w + (e * H + rows[:, None]) * I + ic[None, :], mask=m, other=0.).to(tl.float32)
+            if FP8:
+                wd = wd * tl.load(ws + (e * ((H + 127) // 128) + rows[:, None] // 128) * IB + ic[None, :] // 128,
+                                  mask=m, other=0.)
+            part += tl.sum(wd * hv[None, :], axis=1)
+        acc += part * wt
+    tl.store(y + n * H + rows, acc.to(y.dtype.element_ty), mask=mh)
+
+
+# AOT entry points: (inputs..., extras N H I, output); the BF16 ones pass w as the unused scale pointer.
+@triton.jit
+def moe_gate_up_aot(x, ids, w, N, H, I, h, TOPK: tl.constexpr, BI: tl.constexpr, BH: tl.constexpr):
+    _moe_gate_up(x, ids, w, w, H, I, h, TOPK, False, BI, BH)
+
+
+@triton.jit
+def moe_gate_up_fp8_aot(x, ids, w, ws, N, H, I, h, TOPK: tl.constexpr, BI: tl.constexpr, BH: tl.constexpr):
+    _moe_gate_up(x, ids, w, ws, H, I, h, TOPK, True, BI, BH)
+
+
+@triton.jit
+def moe_down_aot(h, weights, ids, w, N, H, I, y, TOPK: tl.constexpr, BI: tl.constexpr, BH: tl.constexpr):
+    _moe_down(h, weights, ids, w, w, H, I, y, TOPK, False, BI, BH)
+
+
+@triton.jit
+def moe_down_fp8_aot(h, weights, ids, w, ws, N, H, I, y, TOPK: tl.constexpr, BI: tl.constexpr, BH: tl.constexpr):
+    _moe_down(h, weights, ids, w, ws, H, I, y, TOPK, True, BI, BH)
 
 
 @dataclass(frozen=True)
@@ -91,6 +174,43 @@ def gated_delta_rule_kernel(act_dtype: str, H: int, HV: int, K: int, V: int) -> 
 
 def gated_delta_rule_launch(B, T, HV: int, V: int, BV: int) -> tuple[tuple, tuple]:
     return ((V + BV - 1) // BV, B * HV), (T,)
+
+
+MOE_BI, MOE_BH = 32, 128  # MoE adapter tiles (I rows x H columns of a weight tile)
+
+
+def _moe_kernel(fn_bf16, fn_fp8, first: dict[str, str], act_dtype: str, weight_dtype: str, out: dict[str, str],
+                top_k: int) -> AotKernel:
+    fp8 = weight_dtype == "float8_e4m3fn"
+    sig = dict(first)
+    sig["w"] = "*fp8e4nv" if fp8 else TRITON_PTR[weight_dtype]
+    if fp8:
+        sig["ws"] = "*fp32"
+    sig.update({"N": "i32", "H": "i32", "I": "i32", **out})
+    const = {"TOPK": top_k, "BI": MOE_BI, "BH": MOE_BH}
+    sig.update({k: "constexpr" for k in const})
+    n_in = len(first) + 1 + fp8
+    return AotKernel(fn_fp8 if fp8 else fn_bf16, sig, const, 4, n_in, 3, 1)
+
+
+def moe_gate_up_kernel(act_dtype: str, weight_dtype: str, top_k: int) -> AotKernel:
+    """weight_dtype "float8_e4m3fn" selects the block-scaled kernel (one more input: the scales)."""
+    return _moe_kernel(moe_gate_up_aot, moe_gate_up_fp8_aot, {"x": TRITON_PTR[act_dtype], "ids": "*i64"},
+                       act_dtype, weight_dtype, {"h": "*fp32"}, top_k)
+
+
+def moe_gate_up_launch(N, top_k: int, H, I) -> tuple[tuple, tuple]:
+    return (N * top_k, (I + MOE_BI - 1) // MOE_BI), (N, H, I)
+
+
+def moe_down_kernel(act_dtype: str, weight_dtype: str, top_k: int) -> AotKernel:
+    return _moe_kernel(moe_down_aot, moe_down_fp8_aot,
+                       {"h": "*fp32", "weights": TRITON_PTR[act_dtype], "ids": "*i64"},
+                       act_dtype, weight_dtype, {"y": TRITON_PTR[act_dtype]}, top_k)
+
+
+def moe_down_launch(N, H, I) -> tuple[tuple, tuple]:
+    return (N, (H + MOE_BH - 1) // MOE_BH), (N, H, I)
 
 
 def compile_ptx(kernel: AotKernel, arch: int = 90):

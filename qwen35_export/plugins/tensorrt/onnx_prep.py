@@ -1,7 +1,10 @@
-"""Prepare an exported ONNX graph for TensorRT's ONNX parser: `qwen35` nodes with a plug-in get the
-attributes the parser maps to a `trt.plugin` by (op name, `plugin_namespace`), `aot=1` to take the AOT
-implementation where one exists, and lose their function bodies (the parser would otherwise import the
-body instead of looking up the plug-in). Nodes without a plug-in (MoERouter) keep their bodies.
+"""Prepare an exported ONNX graph for TensorRT's ONNX parser.
+
+- `qwen35` nodes with a plug-in get the attributes the parser maps to a `trt.plugin` by (op name,
+  `plugin_namespace`), and `aot=1` (take the AOT implementation: the engine then runs without Python).
+- `MoE` / `MoEFP8` are split into MoEGateUp(FP8) -> h -> MoEDown(FP8): one kernel each (aot_kernels.py).
+- Plug-in nodes lose their function bodies (the parser would otherwise import the body instead of
+  looking up the plug-in); MoERouter, which has no plug-in, keeps its body.
 """
 
 from __future__ import annotations
@@ -10,33 +13,52 @@ import onnx
 from onnx import helper
 
 from ..onnx.schemas import DOMAIN
-from .specs import NAMESPACE, PLUGIN_OUTPUTS
+from .specs import NAMESPACE, PLUGINS
 
-# plug-ins with an AOT (PTX) implementation; the others run their JIT implementation (needs Python)
-AOT_PLUGINS = ("CausalConv1d", "GatedDeltaRule")
+_SPLIT = {"MoE": ("MoEGateUp", "MoEDown"), "MoEFP8": ("MoEGateUpFP8", "MoEDownFP8")}
+
+
+def _plugin_node(op: str, inputs: list[str], outputs: list[str], name: str, extra: list) -> onnx.NodeProto:
+    n = helper.make_node(op, inputs, outputs, name=name, domain=DOMAIN)
+    n.attribute.extend(extra)
+    n.attribute.extend([helper.make_attribute("plugin_namespace", NAMESPACE),
+                        helper.make_attribute("plugin_version", "1"), helper.make_attribute("aot", 1)])
+    return n
+
+
+def _rewrite(node: onnx.NodeProto) -> list[onnx.NodeProto]:
+    keep = [a for a in node.attribute if a.name not in ("plugin_namespace", "plugin_version", "aot")]
+    if node.op_type in _SPLIT:
+        up, down = _SPLIT[node.op_type]
+        fp8 = node.op_type == "MoEFP8"
+        x, weights, ids, w13 = node.input[:4]
+        h = f"{node.output[0]}.moe_hidden"
+        s13 = [node.input[4]] if fp8 else []
+        w2 = node.input[5:7] if fp8 else node.input[4:5]
+        return [_plugin_node(up, [x, ids, w13, *s13], [h], f"{node.name}.gate_up", keep),
+                _plugin_node(down, [h, weights, ids, *w2], list(node.output), f"{node.name}.down", [])]
+    return [_plugin_node(node.op_type, list(node.input), list(node.output), node.name, keep)]
 
 
 def prepare_for_tensorrt(model: onnx.ModelProto) -> onnx.ModelProto:
-    """Returns a copy of `model` with plug-in attributes set and plug-in function bodies removed."""
+    """A copy of `model` with plug-in nodes in place of the `qwen35` nodes that have one."""
     m = onnx.ModelProto()
     m.CopyFrom(model)
+    nodes = []
     for node in m.graph.node:
-        if node.domain != DOMAIN or node.op_type not in PLUGIN_OUTPUTS:
-            continue
-        keep = [a for a in node.attribute if a.name not in ("plugin_namespace", "plugin_version", "aot")]
-        del node.attribute[:]
-        node.attribute.extend(keep)
-        node.attribute.extend([helper.make_attribute("plugin_namespace", NAMESPACE),
-                               helper.make_attribute("plugin_version", "1"),
-                               helper.make_attribute("aot", int(node.op_type in AOT_PLUGINS))])
-    used = {n.op_type for n in m.graph.node if n.domain == DOMAIN}
-    bodies = [f for f in m.functions if not (f.domain == DOMAIN and f.name in PLUGIN_OUTPUTS)]
-    # keep a body only while something still calls it (MoEFP8's nested MoE/BlockDequant go with it)
-    called, grew = set(used), True
+        if node.domain == DOMAIN and (node.op_type in PLUGINS or node.op_type in _SPLIT):
+            nodes += _rewrite(node)
+        else:
+            nodes.append(node)
+    del m.graph.node[:]
+    m.graph.node.extend(nodes)
+    # keep a body only while a node still calls it (nested calls included)
+    called, grew = {n.op_type for n in m.graph.node if n.domain == DOMAIN}, True
     while grew:
-        more = {n.op_type for f in bodies if f.name in called for n in f.node if n.domain == DOMAIN}
+        more = {n.op_type for f in m.functions if f.name in called for n in f.node if n.domain == DOMAIN}
         grew = not more <= called
         called |= more
+    bodies = [f for f in m.functions if f.domain != DOMAIN or (f.name in called and f.name not in PLUGINS)]
     del m.functions[:]
-    m.functions.extend(f for f in bodies if f.domain != DOMAIN or f.name in called)
+    m.functions.extend(bodies)
     return m
