@@ -18,6 +18,7 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Callable
 
+import onnx
 import torch
 from safetensors.torch import save_file
 from tqdm import tqdm
@@ -146,10 +147,8 @@ def build_backend_engine(checkpoint: str | Path, out: str | Path, settings: Buil
         t0 = time.time()
         entries = _export_graphs(cfg, glob, examples, shapes, act, tmp / "graphs", settings.progress)
         times["export"] = time.time() - t0
-        versions = {"qwen35_export": __version__, "torch": torch.__version__, "python": sys.version.split()[0]}
-        import onnx
-
-        versions["onnx"] = onnx.__version__
+        versions = {"qwen35_export": __version__, "torch": torch.__version__, "python": sys.version.split()[0],
+                    "onnx": onnx.__version__}
         if compiler is not None:
             t0 = time.time()
             files, extra = compiler(tmp, tmp / "graphs", entries, cfg, settings)

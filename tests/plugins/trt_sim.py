@@ -1,4 +1,5 @@
-"""Simulate TensorRT's AOT plug-in launches on the CPU (run with TRITON_INTERPRET=1; prints JSON errors).
+"""Simulate TensorRT's AOT plug-in launches (prints JSON errors): on the CPU with TRITON_INTERPRET=1 (CI),
+or compiled on a GPU with `python tests/plugins/trt_sim.py cuda`.
 
 For each plug-in, the descriptors TensorRT would hand `aot_impl` are built from torch tensors (static
 shapes, so every shape expression is a constant), `plugins._aot_kernel` picks the kernel, grid and extra
@@ -10,6 +11,7 @@ are the input tensors themselves), and the kernel is launched the way TensorRT l
 from __future__ import annotations
 
 import json
+import sys
 import types
 
 import torch
@@ -35,6 +37,9 @@ class Dim(int):
         return int(self)
 
 
+DEV = torch.device(sys.argv[1] if len(sys.argv) > 1 else "cpu")
+
+
 def desc(t: torch.Tensor) -> types.SimpleNamespace:
     return types.SimpleNamespace(shape_expr=[Dim(d) for d in t.shape], dtype=_TRT_DTYPE[t.dtype])
 
@@ -44,7 +49,7 @@ def launch(name: str, inputs: list[torch.Tensor]) -> list[torch.Tensor]:
     outs = []
     shapes = describe(name, [tuple(t.shape) for t in inputs], [str(t.dtype).replace("torch.", "") for t in inputs])
     for (kind, j), (shape, dtype) in zip(PLUGINS[name][1], shapes):
-        outs.append(inputs[j] if kind == "alias" else torch.empty(shape, dtype=_TORCH[dtype]))
+        outs.append(inputs[j] if kind == "alias" else torch.empty(shape, dtype=_TORCH[dtype], device=DEV))
     assert kernel.n_inputs == len(inputs) and kernel.n_extras == len(extra) and kernel.n_outputs == len(outs)
     kernel.fn[tuple(int(g) for g in grid)](*inputs, *[int(e) for e in extra], *outs, **kernel.constexprs,
                                            num_warps=kernel.num_warps)
@@ -57,6 +62,7 @@ def rel(a: torch.Tensor, b: torch.Tensor) -> float:
 
 def main() -> None:
     torch.manual_seed(0)
+    torch.set_default_device(DEV)
     err = {}
     B, T, C, W = 3, 70, 200, 4
     x, w, s, L = torch.randn(B, T, C), torch.randn(C, W), torch.randn(B, C, W - 1), torch.tensor([70, 1, 33])
@@ -82,6 +88,9 @@ def main() -> None:
     (hid,) = launch("MoEGateUpFP8", [x, ids, q13, s13])
     (out,) = launch("MoEDownFP8", [hid, wts, ids, q2, s2])
     err["moe_fp8"] = rel(out, ops.moe_experts_fp8(x, wts, ids, q13, s13, q2, s2))
+    if DEV.type == "cuda":
+        torch.cuda.synchronize()
+        err["device"] = torch.cuda.get_device_name()
     print(json.dumps(err))
 
 
