@@ -230,3 +230,20 @@ def test_state_error_does_not_grow_with_T():
         errs.append(assert_close(f"ht at T={m}", ht, h, BF16_BOUND))
         prev = m
     assert errs[-1] <= 1.5 * errs[0], f"state error grows with T: {errs}"
+
+
+def test_recurrent_gating_in_kernel(poison_empty):
+    """Decode with the GDN gating fused in (raw a, b + A_log, dt_bias) equals gating then decode."""
+    from qwen35_export.kernels.gdn_gating import naive_gdn_gating
+
+    q, k, v, _, _, state = make_inputs(3, 2, 2, 4, 32, 32, torch.bfloat16, seed=4)
+    gen = torch.Generator().manual_seed(4)
+    a = (torch.randn(3, 2, 4, generator=gen) * 4).to(torch.bfloat16).to(DEVICE)
+    b = torch.randn(3, 2, 4, generator=gen).to(torch.bfloat16).to(DEVICE)
+    A_log = torch.empty(4).uniform_(0.01, 16, generator=gen).log().to(DEVICE)
+    dt_bias = torch.randn(4, generator=gen).to(DEVICE)
+    o, ht = fused_recurrent_gated_delta_rule(q, k, v, a, b, initial_state=state, A_log=A_log, dt_bias=dt_bias)
+    g, beta = naive_gdn_gating(A_log.double(), a.double(), dt_bias.double(), b.double())
+    ro, rh = naive_gated_delta_rule(q, k, v, g, beta, state)
+    assert_close("o", o, ro, 5e-3)  # bf16 output: one rounding
+    assert_close("ht", ht, rh, 1e-5)

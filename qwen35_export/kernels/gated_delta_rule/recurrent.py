@@ -15,17 +15,21 @@ import triton.language as tl
 from torch import Tensor
 from torch.library import wrap_triton
 
+from ..gdn_gating.gating import _softplus
+
 MAX_T = 8  # tokens per sequence the recurrent path is meant for (speculative verification)
 
 
 @triton.jit
 def fused_recurrent_gdn_kernel(
-    q, k, v, g, beta, o, h0, ht, h0_idx, ht_idx, hs, scale, T,
+    q, k, v, g, beta, A_log, dt_bias, o, h0, ht, h0_idx, ht_idx, hs, scale, T,
     H: tl.constexpr, HV: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
     BK: tl.constexpr, BV: tl.constexpr,
     USE_H0: tl.constexpr, USE_IDX: tl.constexpr, STORE_HT: tl.constexpr, STORE_STEPS: tl.constexpr,
+    USE_GATE: tl.constexpr,
 ):
-    """One (sequence, value head, V block): T steps of S <- e^g S + k (beta (v - S^T k))^T, o = S^T q."""
+    """One (sequence, value head, V block): T steps of S <- e^g S + k (beta (v - S^T k))^T, o = S^T q.
+    USE_GATE: g and beta hold the raw projections a and b; the gating is computed here (one launch less)."""
     i_v, i_nh = tl.program_id(0), tl.program_id(1)
     i_n, i_h = i_nh // HV, i_nh % HV
     i_hk = i_h // (HV // H)
@@ -54,6 +58,11 @@ def fused_recurrent_gdn_kernel(
         b_v = tl.load(v + (tok * HV + i_h) * V + cols, mask=mv, other=0.).to(tl.float32)
         b_g = tl.load(g + tok * HV + i_h).to(tl.float32)
         b_beta = tl.load(beta + tok * HV + i_h).to(tl.float32)
+        if USE_GATE:
+            b_A = tl.load(A_log + i_h).to(tl.float32)
+            b_dt = tl.load(dt_bias + i_h).to(tl.float32)
+            b_g = -tl.exp(b_A) * _softplus(b_g + b_dt)
+            b_beta = tl.sigmoid(b_beta)
         S = S * tl.exp(b_g)
         b_vn = (b_v - tl.sum(S * b_k[:, None], axis=0)) * b_beta
         S = S + b_k[:, None] * b_vn[None, :]
@@ -80,9 +89,10 @@ def recurrent_blocks(N: int, HV: int, V: int) -> tuple[int, int]:
 def fused_recurrent_gated_delta_rule_fwd(
     q: Tensor, k: Tensor, v: Tensor, g: Tensor, beta: Tensor, scale: float,
     h0: Tensor | None, ht: Tensor | None, h0_idx: Tensor | None, ht_idx: Tensor | None,
-    keep_steps: bool,
+    keep_steps: bool, A_log: Tensor | None = None, dt_bias: Tensor | None = None,
 ) -> tuple[Tensor, Tensor | None]:
-    """Launch the recurrent kernel; o [B, T, HV, V] and (keep_steps) states [B, T, HV, K, V] fp32."""
+    """Launch the recurrent kernel; o [B, T, HV, V] and (keep_steps) states [B, T, HV, K, V] fp32.
+    With A_log and dt_bias, g and beta are the raw a and b and the gating runs in the kernel."""
     B, T, H, K = q.shape
     HV, V = v.shape[2], v.shape[3]
     q, k, v, g, beta = (x.contiguous() for x in (q, k, v, g, beta))
@@ -90,9 +100,10 @@ def fused_recurrent_gated_delta_rule_fwd(
     hs = torch.empty(B, T, HV, K, V, dtype=torch.float32, device=v.device) if keep_steps else None
     BV, nw = recurrent_blocks(B, HV, V)
     wrap_triton(fused_recurrent_gdn_kernel)[(triton.cdiv(V, BV), B * HV)](
-        q, k, v, g, beta, o, h0, ht, h0_idx, ht_idx, hs, scale, T,
+        q, k, v, g, beta, A_log, dt_bias, o, h0, ht, h0_idx, ht_idx, hs, scale, T,
         H=H, HV=HV, K=K, V=V, BK=triton.next_power_of_2(K), BV=BV,
         USE_H0=h0 is not None, USE_IDX=h0_idx is not None, STORE_HT=ht is not None, STORE_STEPS=keep_steps,
+        USE_GATE=A_log is not None,
         num_warps=nw,
     )
     return o, hs
@@ -110,6 +121,8 @@ def fused_recurrent_gated_delta_rule(
     state_pool: Tensor | None = None,
     slot_idx: Tensor | None = None,
     keep_steps: bool = False,
+    A_log: Tensor | None = None,
+    dt_bias: Tensor | None = None,
 ) -> tuple[Tensor, Tensor | None] | tuple[Tensor, Tensor | None, Tensor]:
     """Recurrent gated delta rule for decode (T <= 8 tokens per sequence), q/k L2-norm fused.
 
@@ -118,6 +131,9 @@ def fused_recurrent_gated_delta_rule(
     or `state_pool` [P, HV, K, V] fp32 with `slot_idx` [B] (int32/int64, -1 = padding row): the states of
     rows slot_idx are read and updated in place, and the second return value is None.
     With keep_steps, also returns the state after every token, [B, T, HV, K, V] fp32.
+    With A_log and dt_bias ([HV]), g and beta are the raw projections a and b ([B, T, HV], any float dtype)
+    and the kernel computes g = -exp(A_log) softplus(a + dt_bias), beta = sigmoid(b) in fp32 (decode: one
+    launch instead of two).
     """
     B, T, H, K = q.shape
     HV, V = v.shape[2], v.shape[3]
@@ -127,6 +143,9 @@ def fused_recurrent_gated_delta_rule(
     if HV % H:
         raise ValueError(f"fused_recurrent_gated_delta_rule: HV={HV} is not a multiple of H={H}")
     scale = K ** -0.5 if scale is None else scale
+    if (A_log is None) != (dt_bias is None):
+        raise ValueError("fused_recurrent_gated_delta_rule: A_log and dt_bias come together (gating in kernel)")
+    gate = {} if A_log is None else {"A_log": A_log.contiguous(), "dt_bias": dt_bias.contiguous()}
     if state_pool is not None:
         if slot_idx is None or slot_idx.shape != (B,):
             raise ValueError(f"fused_recurrent_gated_delta_rule: state_pool needs slot_idx of shape ({B},)")
@@ -134,12 +153,13 @@ def fused_recurrent_gated_delta_rule(
             raise ValueError(f"fused_recurrent_gated_delta_rule: state_pool {tuple(state_pool.shape)} "
                              f"{state_pool.dtype}; expected contiguous [P, {HV}, {K}, {V}] float32")
         o, hs = fused_recurrent_gated_delta_rule_fwd(q, k, v, g, beta, scale, state_pool, state_pool,
-                                                     slot_idx, slot_idx, keep_steps)
+                                                     slot_idx, slot_idx, keep_steps, **gate)
         ht = None
     else:
         h0 = initial_state.float().contiguous() if initial_state is not None else None
         ht = torch.empty(B, HV, K, V, dtype=torch.float32, device=v.device) if output_final_state else None
-        o, hs = fused_recurrent_gated_delta_rule_fwd(q, k, v, g, beta, scale, h0, ht, None, None, keep_steps)
+        o, hs = fused_recurrent_gated_delta_rule_fwd(q, k, v, g, beta, scale, h0, ht, None, None, keep_steps,
+                                                     **gate)
     if keep_steps:
         return o, ht, hs
     return o, ht
