@@ -34,7 +34,11 @@ class ShardedModel(Qwen35Model):
 
     def forward(self, input_ids: Tensor, lengths: Tensor, state: State,
                 hook: LayerHook | None = None) -> tuple[Tensor, State]:
+        """As `Qwen35Model.forward`, each layer through the TP/EP layers (collectives every layer)."""
         cfg: Qwen35Config = self.cfg
+        if int((state.lengths + lengths).max()) > state.max_seq_len:
+            raise ValueError(f"sequence would exceed the KV cache: {int((state.lengths + lengths).max())} "
+                             f"> {state.max_seq_len}")
         lengths = lengths.long()
         x = layers.embed(input_ids, self.w.globals["embed_tokens.weight"])
         conv, rec, kc, vc = list(state.conv), list(state.recurrent), list(state.k_cache), list(state.v_cache)

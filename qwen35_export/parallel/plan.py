@@ -118,7 +118,7 @@ class ParallelPlan:
 
     def local_config(self, cfg: Qwen35Config) -> Qwen35Config:
         """The geometry one rank's mixers see: local head counts; router and vocab stay global."""
-        r0 = 0
+        r0 = 0  # every rank owns equally many heads (check() requires even splits)
         return cfg.replace(num_attention_heads=len(self.attention_heads(cfg, r0)),
                            num_key_value_heads=len(self.kv_heads(cfg, r0)),
                            linear_num_key_heads=len(self.gdn_key_heads(cfg, r0)),

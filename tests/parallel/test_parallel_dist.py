@@ -140,3 +140,19 @@ def test_cli_run_under_torchrun(sharded_engine: Path, cpu_engine_fp32: Path) -> 
     p = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env)
     assert p.returncode == 0, p.stderr[-3000:]
     assert p.stdout.split() == [str(t) for t in want]  # rank 1 prints nothing
+
+
+def test_validate_under_torchrun(sharded_engine: Path, cpu_engine_fp32: Path, engine_ckpt_fp32: Path,
+                                 tmp_path: Path) -> None:
+    """`torchrun -m qwen35_export.parallel.validate`: the 2-rank engine vs the eager sharded reference, the
+    1-rank engine and the fp32 reference, all within the fp32 bound and with equal greedy tokens."""
+    report = tmp_path / "validate.json"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", str(free_port()),
+           "-m", "qwen35_export.parallel.validate", str(sharded_engine), "--single", str(cpu_engine_fp32),
+           "--checkpoint", str(engine_ckpt_fp32), "--gen", "8", "--report", str(report)]
+    p = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=dict(os.environ, OMP_NUM_THREADS="1"))
+    assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-3000:]
+    r = json.loads(report.read_text())
+    assert r["passed"] and r["ranks_agree"] and r["plan"] == {"tp": 2, "ep": 2, "world_size": 2}
+    for k in ("vs_sharded_reference", "vs_single_engine", "vs_fp32_reference"):
+        assert r[k]["tokens_equal"] and r[k]["logit_rel_err"] <= 1e-4, (k, r[k])

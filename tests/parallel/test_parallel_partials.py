@@ -8,6 +8,7 @@ import torch
 
 from parallel_helpers import random_weights
 from qwen35_export.config import preset
+from qwen35_export.graph.quantize_fp8 import quantize_layer_fp8
 from qwen35_export.model import layers
 from qwen35_export.model.model import State
 from qwen35_export.parallel import layers as players
@@ -119,3 +120,39 @@ def test_layer_reduces_exactly_the_partials(weights, assert_logits_close) -> Non
     moe = [run(r, [mixed])[1][1] for r in range(2)]
     y, _ = run(0, [mixed, moe[0] + moe[1]])
     assert_logits_close(y, ref, 1e-5, "attention layer tp2 ep2")
+
+
+def test_fp8_shards_sum_to_the_fp8_layer(assert_logits_close) -> None:
+    """Block-quantised weights (as an FP8 build holds them) split tp2 ep2 on 128-blocks: the partials of the
+    GDN mixer, the attention mixer and the MoE still sum to the single-device FP8 result."""
+    cfg = preset("tiny", shared_expert_intermediate_size=256)  # 128 shared rows per rank: whole blocks
+    plan = ParallelPlan(2, 2)
+    local = plan.local_config(cfg)
+    full = random_weights(cfg, seed=11)
+    x, lengths = _x(5), torch.tensor([5, 3, 1])
+    for i in (0, 3):
+        w, n = quantize_layer_fp8(full.layers[i])
+        assert n > 0
+        shards = [shard_layer(w, cfg, plan, i, r) for r in range(2)]
+        assert all(s["mlp.experts.gate_up_proj"].dtype == torch.float8_e4m3fn for s in shards)
+        assert_logits_close(sum(players.moe_block_local(x, s, cfg) for s in shards), layers.moe_block(x, w, cfg),
+                            1e-5, f"layer {i} fp8 moe")
+        if i == 0:
+            s0 = State.zeros(cfg, B, TMAX)
+            ref = layers.gdn_mixer(x, w, s0.conv[0], s0.recurrent[0], lengths, cfg)[0]
+            parts = [layers.gdn_mixer(x, s, *_gdn_state(local), lengths, local)[0] for s in shards]
+        else:
+            s0, start = State.zeros(cfg, B, TMAX), torch.zeros(B, dtype=torch.long)
+            ref = layers.attention_mixer(x, w, s0.k_cache[0], s0.v_cache[0], start, lengths, cfg)[0]
+            parts = [layers.attention_mixer(x, s, *_kv(local), start, lengths, local)[0] for s in shards]
+        assert_logits_close(sum(parts), ref, 1e-5, f"layer {i} fp8 mixer")
+
+
+def _gdn_state(cfg) -> tuple[torch.Tensor, torch.Tensor]:
+    s = State.zeros(cfg, B, TMAX)
+    return s.conv[0], s.recurrent[0]
+
+
+def _kv(cfg) -> tuple[torch.Tensor, torch.Tensor]:
+    s = State.zeros(cfg, B, TMAX)
+    return s.k_cache[0], s.v_cache[0]
