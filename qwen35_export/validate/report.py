@@ -72,7 +72,7 @@ def plot(result: ValidationResult, th: Thresholds, path: Path) -> None:
                 else 1e3) for d in result.layers if f"{ph}_update_rel_l2" in d]
         if upd:
             ax.plot(*zip(*upd), ":", color="tab:purple", marker="x", label="layer update (diagnostic)", zorder=1)
-        ax.axhline(th.hidden_rel_l2, color="red", ls="--", label=f"bound ({result.precision})")
+        ax.axhline(th.hidden_rel_l2, color="red", ls="--", label=f"bound on layer output ({result.precision})")
         if bad is not None:
             ax.axvline(bad, color="black", ls=":", label=f"first bad layer {bad}")
         ax.set_yscale("log")
