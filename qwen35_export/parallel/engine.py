@@ -57,17 +57,17 @@ class ShardedEngine(Engine):
         man = Manifest.load(engine_dir)
         if man.parallel is None:
             raise EngineError(f"{engine_dir}: not a sharded engine (no 'parallel' in the manifest); use Engine.load")
+        if device is None:
+            device = "cpu" if man.target == "cpu" else f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}"
+        device = torch.device(device)
+        check_device(man, device, engine_dir)
+        if device.type == "cuda":
+            torch.cuda.set_device(device)  # before NCCL starts: each rank's communicator on its own GPU
         rank, world = init_process_group(man.target, man.parallel["world_size"])
         if world != man.parallel["world_size"]:
             raise EngineError(f"{engine_dir}: sharded for {man.parallel['world_size']} ranks "
                               f"(tp {man.parallel['tp']}, ep {man.parallel['ep']}); the process group has {world}: "
                               f"launch with torchrun --nproc-per-node {man.parallel['world_size']}")
-        if device is None:
-            device = "cpu" if man.target == "cpu" else f"cuda:{int(os.environ.get('LOCAL_RANK', rank))}"
-        device = torch.device(device)
-        if device.type == "cuda":
-            torch.cuda.set_device(device)
-        check_device(man, device, engine_dir)
         # Check only what this rank reads: the other ranks' shards are theirs to check.
         mine = f"weights/rank{rank}/"
         own = {k: v for k, v in man.files.items() if not k.startswith("weights/rank") or k.startswith(mine)}
