@@ -45,6 +45,16 @@ def reference_rank(rank: int) -> list[dict]:
     return out
 
 
+CFG4 = dict(num_attention_heads=8, linear_num_key_heads=4, linear_num_value_heads=8)  # tp4 fits; 2 KV heads
+
+
+def reference_rank_4(rank: int) -> list[list[int]]:
+    """tp4 ep4: every rank one KV head of two (duplicated), one GDN key head, 4 experts."""
+    cfg, plan = preset("tiny", **CFG4), ParallelPlan(4, 4)
+    model = ShardedModel(shard_weights(random_weights(cfg, seed=9), plan, rank), plan)
+    return model.generate_greedy(PROMPTS, 8)
+
+
 def engine_rank(rank: int, engine_dir: str) -> dict:
     eng = Engine.load(engine_dir)  # a sharded manifest: the rank's ShardedEngine
     logits = eng.prefill(IDS, IDS_LEN, eng.reset(2), all_logits=True)
@@ -65,6 +75,11 @@ def test_two_rank_reference_equals_one_process(assert_logits_close) -> None:
             assert r["tokens"] == want, f"rank {rank} tp{tp} ep{ep}"
             assert_logits_close(torch.tensor(r["logits"]), ref_logits[0, :5], 1e-5,
                                 f"rank {rank} tp{tp} ep{ep} prefill logits")
+
+
+def test_four_rank_reference_equals_one_process() -> None:
+    want = Qwen35Model(random_weights(preset("tiny", **CFG4), seed=9)).generate_greedy(PROMPTS, 8)
+    assert run_ranks(reference_rank_4, 4) == [want] * 4
 
 
 # -- compiled sharded engine -----------------------------------------------------------------------
