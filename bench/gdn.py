@@ -23,10 +23,12 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from qwen35_export.kernels.causal_conv1d import causal_conv1d_update, causal_conv1d_varlen, naive_causal_conv1d  # noqa: E402
+from qwen35_export.kernels.causal_conv1d import (  # noqa: E402
+    causal_conv1d_update, causal_conv1d_varlen, naive_causal_conv1d)
 from qwen35_export.kernels.gated_delta_rule import (  # noqa: E402
     chunk_gated_delta_rule, fused_recurrent_gated_delta_rule, naive_gated_delta_rule)
-from qwen35_export.kernels.gdn_gating import gated_rms_norm_fwd, gdn_gating_fwd, naive_gated_rms_norm, naive_gdn_gating  # noqa: E402
+from qwen35_export.kernels.gdn_gating import (  # noqa: E402
+    gated_rms_norm_fwd, gdn_gating_fwd, naive_gated_rms_norm, naive_gdn_gating)
 
 HK, HV, K, V = 16, 64, 128, 128
 HBM = 3.35e12
@@ -133,7 +135,8 @@ def check() -> dict:
     o = torch.randn(4096, HV, V, dtype=torch.bfloat16, device="cuda")
     z = torch.randn_like(o)
     wn = torch.randn(V, dtype=torch.bfloat16, device="cuda")
-    res["gated_rms_norm_mismatch_elems"] = int((gated_rms_norm_fwd(o, z, wn) != naive_gated_rms_norm(o, z, wn)).sum())
+    mismatch = gated_rms_norm_fwd(o, z, wn) != naive_gated_rms_norm(o, z, wn)
+    res["gated_rms_norm_mismatch_elems"] = int(mismatch.sum())
     return res
 
 
@@ -218,8 +221,9 @@ def time_fla(part: str) -> None:
         q, k, v, g, beta = inputs(sum(VARLEN))
         cu = torch.tensor([0] + torch.tensor(VARLEN).cumsum(0).tolist(), device="cuda")
         h0 = torch.zeros(len(VARLEN), HV, K, V, device="cuda")
-        emit("prefill", "8x4096", bench(lambda: fla_chunk(q, k, v, g, beta, initial_state=h0, output_final_state=True,
-                                                          use_qk_l2norm_in_kernel=True, cu_seqlens=cu)))
+        emit("prefill", "8x4096", bench(lambda: fla_chunk(q, k, v, g, beta, initial_state=h0,
+                                                          output_final_state=True, use_qk_l2norm_in_kernel=True,
+                                                          cu_seqlens=cu)))
         return
     for B in DECODE_B:
         q, k, v, g, beta = inputs(1, B)
@@ -377,7 +381,8 @@ def report(res: dict, out_dir: Path) -> str:
               f"tried, see gdn.json): `{json.dumps(tune_res.get('chosen_prefill'))}`; decode by N*HV: "
               f"`{json.dumps(tune_res.get('chosen_decode'))}`.", "",
               "CUDA time per kernel of one T = 8192 prefill (ms): `" + json.dumps(
-                  {k_: round(v_, 3) if isinstance(v_, float) else v_ for k_, v_ in res.get("breakdown_8192", {}).items()}) + "`",
+                  {k_: round(v_, 3) if isinstance(v_, float) else v_
+                   for k_, v_ in res.get("breakdown_8192", {}).items()}) + "`",
               "", "## Correctness on the device (relative RMS error vs fp64 step-by-step reference)", "",
               "```", json.dumps(res.get("check", {}), indent=1),
               "fla vs ours: " + json.dumps(fla.get("agree", {}), indent=1),

@@ -89,7 +89,8 @@ def test_prefill_then_update_equals_longer_prefill():
     """Prefill(T) then one decode step equals prefill(T+1), output and state."""
     gen = torch.Generator().manual_seed(0)
     T, C = 65, 64
-    x, w, s = make((1, T + 1, C), torch.float32, gen), make((C, 4), torch.float32, gen), make((1, C, 3), torch.float32, gen)
+    x, w = make((1, T + 1, C), torch.float32, gen), make((C, 4), torch.float32, gen)
+    s = make((1, C, 3), torch.float32, gen)
     cu = torch.tensor([0, T + 1], device=DEVICE)
     st_full = s.clone()
     y_full, _ = causal_conv1d_varlen(x[0], w, cu, st_full)

@@ -25,7 +25,8 @@ def test_gating_matches_reference(dtype, poison_empty):
     dt_bias = torch.randn(HV, generator=gen).to(DEVICE)
     a = (torch.randn(3, 37, HV, generator=gen) * 8).to(dtype).to(DEVICE)
     # softplus edges: deep negative (log1p of a tiny number), around torch's threshold 20, large
-    a[0, 0] = torch.tensor([-40, -15, -5, -1e-3, 0, 1e-3, 5, 19.5, 20.5, 25, 40, 80.0])[:HV].to(dtype) - dt_bias.to(dtype)
+    edges = torch.tensor([-40, -15, -5, -1e-3, 0, 1e-3, 5, 19.5, 20.5, 25, 40, 80.0])[:HV]
+    a[0, 0] = edges.to(dtype).to(DEVICE) - dt_bias.to(dtype)
     b = torch.randn(3, 37, HV, generator=gen).to(dtype).to(DEVICE)
     g, beta = torch.ops.qwen35_triton.gdn_gating(A_log, a, dt_bias, b)
     rg, rbeta = naive_gdn_gating(A_log.double(), a.double(), dt_bias.double(), b.double())

@@ -96,7 +96,8 @@ def causal_conv1d_update_kernel(
     ok = mc[:, None] & (o_j[None, :] < W - 1) & (o_j[None, :] * 0 + slot >= 0)
     s_ptr = state + (slot * C + cols[:, None]) * (W - 1) + o_j[None, :]  # [BC, W-1]
     b_s = tl.load(s_ptr, mask=ok, other=0.).to(tl.float32)
-    b_w = tl.load(w + cols[:, None] * W + o_j[None, :], mask=mc[:, None] & (o_j[None, :] < W - 1), other=0.).to(tl.float32)
+    b_w = tl.load(w + cols[:, None] * W + o_j[None, :], mask=mc[:, None] & (o_j[None, :] < W - 1),
+                  other=0.).to(tl.float32)
     b_wl = tl.load(w + cols * W + (W - 1), mask=mc, other=0.).to(tl.float32)
     for t in range(0, T):
         off = (i_n.to(tl.int64) * T + t) * C + cols

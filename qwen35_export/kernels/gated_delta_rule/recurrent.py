@@ -149,7 +149,8 @@ def fused_recurrent_gated_delta_rule(
     if state_pool is not None:
         if slot_idx is None or slot_idx.shape != (B,):
             raise ValueError(f"fused_recurrent_gated_delta_rule: state_pool needs slot_idx of shape ({B},)")
-        if state_pool.dtype != torch.float32 or state_pool.shape[1:] != (HV, K, V) or not state_pool.is_contiguous():
+        if (state_pool.dtype != torch.float32 or state_pool.shape[1:] != (HV, K, V)
+                or not state_pool.is_contiguous()):
             raise ValueError(f"fused_recurrent_gated_delta_rule: state_pool {tuple(state_pool.shape)} "
                              f"{state_pool.dtype}; expected contiguous [P, {HV}, {K}, {V}] float32")
         o, hs = fused_recurrent_gated_delta_rule_fwd(q, k, v, g, beta, scale, state_pool, state_pool,

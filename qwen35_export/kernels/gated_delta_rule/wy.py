@@ -173,7 +173,8 @@ def chunk_gdn_wy_kernel(
     w0 = tl.dot(T0.to(DT), kg0)
     w1 = tl.dot(T10.to(DT), kg0) + tl.dot(T1.to(DT), kg1)
     w2 = tl.dot(T20.to(DT), kg0) + tl.dot(T21.to(DT), kg1) + tl.dot(T2.to(DT), kg2)
-    w3 = tl.dot(T30.to(DT), kg0) + tl.dot(T31.to(DT), kg1) + tl.dot(T32.to(DT), kg2) + tl.dot(T3.to(DT), kg3)
+    w3 = (tl.dot(T30.to(DT), kg0) + tl.dot(T31.to(DT), kg1) + tl.dot(T32.to(DT), kg2)
+          + tl.dot(T3.to(DT), kg3))
     tl.store(w_base + r0[:, None].to(tl.int64) * HV * K, w0.to(DT), mask=(r0 < Tn)[:, None] & mk)
     tl.store(w_base + r1[:, None].to(tl.int64) * HV * K, w1.to(DT), mask=(r1 < Tn)[:, None] & mk)
     tl.store(w_base + r2[:, None].to(tl.int64) * HV * K, w2.to(DT), mask=(r2 < Tn)[:, None] & mk)
@@ -183,10 +184,14 @@ def chunk_gdn_wy_kernel(
     for i_v in range(0, tl.cdiv(V, BV)):
         cols = i_v * BV + o_v
         mv = cols[None, :] < V
-        v0 = tl.load(v_base + r0[:, None].to(tl.int64) * HV * V + cols[None, :], mask=(r0 < Tn)[:, None] & mv, other=0.)
-        v1 = tl.load(v_base + r1[:, None].to(tl.int64) * HV * V + cols[None, :], mask=(r1 < Tn)[:, None] & mv, other=0.)
-        v2 = tl.load(v_base + r2[:, None].to(tl.int64) * HV * V + cols[None, :], mask=(r2 < Tn)[:, None] & mv, other=0.)
-        v3 = tl.load(v_base + r3[:, None].to(tl.int64) * HV * V + cols[None, :], mask=(r3 < Tn)[:, None] & mv, other=0.)
+        v0 = tl.load(v_base + r0[:, None].to(tl.int64) * HV * V + cols[None, :],
+                     mask=(r0 < Tn)[:, None] & mv, other=0.)
+        v1 = tl.load(v_base + r1[:, None].to(tl.int64) * HV * V + cols[None, :],
+                     mask=(r1 < Tn)[:, None] & mv, other=0.)
+        v2 = tl.load(v_base + r2[:, None].to(tl.int64) * HV * V + cols[None, :],
+                     mask=(r2 < Tn)[:, None] & mv, other=0.)
+        v3 = tl.load(v_base + r3[:, None].to(tl.int64) * HV * V + cols[None, :],
+                     mask=(r3 < Tn)[:, None] & mv, other=0.)
         vb0 = (v0.to(tl.float32) * b0[:, None]).to(DT)
         vb1 = (v1.to(tl.float32) * b1[:, None]).to(DT)
         vb2 = (v2.to(tl.float32) * b2[:, None]).to(DT)
@@ -194,7 +199,8 @@ def chunk_gdn_wy_kernel(
         u0 = tl.dot(T0.to(DT), vb0)
         u1 = tl.dot(T10.to(DT), vb0) + tl.dot(T1.to(DT), vb1)
         u2 = tl.dot(T20.to(DT), vb0) + tl.dot(T21.to(DT), vb1) + tl.dot(T2.to(DT), vb2)
-        u3 = tl.dot(T30.to(DT), vb0) + tl.dot(T31.to(DT), vb1) + tl.dot(T32.to(DT), vb2) + tl.dot(T3.to(DT), vb3)
+        u3 = (tl.dot(T30.to(DT), vb0) + tl.dot(T31.to(DT), vb1) + tl.dot(T32.to(DT), vb2)
+              + tl.dot(T3.to(DT), vb3))
         u_base = u + bos * HV * V + i_h * V + cols[None, :]
         tl.store(u_base + r0[:, None].to(tl.int64) * HV * V, u0.to(DT), mask=(r0 < Tn)[:, None] & mv)
         tl.store(u_base + r1[:, None].to(tl.int64) * HV * V, u1.to(DT), mask=(r1 < Tn)[:, None] & mv)
