@@ -299,6 +299,19 @@ def tune() -> dict:
     chosen[0] = chosen[min(chosen)]
     rm.RECURRENT_CONFIG = chosen
     out["chosen_decode"] = {str(kk): vv for kk, vv in chosen.items()}
+    from qwen35_export.kernels.causal_conv1d import conv as conv_mod
+    C = 2 * HK * K + HV * V
+    w = torch.randn(C, 4, dtype=torch.bfloat16, device="cuda")
+    x = torch.randn(8192, C, dtype=torch.bfloat16, device="cuda")
+    cu = torch.tensor([0, 8192], device="cuda")
+    st = torch.zeros(1, C, 3, dtype=torch.bfloat16, device="cuda")
+    conv = {}
+    for cfg in [(64, 128, 4), (16, 256, 4), (32, 256, 4), (128, 64, 4), (64, 256, 8)]:
+        conv_mod.FWD_CONFIG = cfg
+        conv[cfg] = bench(lambda: causal_conv1d_varlen(x, w, cu, st, max_seqlen=8192))
+        out.setdefault("conv1d_prefill_8192", {})[str(cfg)] = conv[cfg]
+    conv_mod.FWD_CONFIG = min(conv, key=conv.get)
+    out["chosen_conv1d"] = conv_mod.FWD_CONFIG
     return out
 
 
