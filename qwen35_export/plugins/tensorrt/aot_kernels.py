@@ -3,7 +3,8 @@
 A QDP AOT implementation launches exactly one kernel whose parameters are, in order: the plug-in's input
 pointers, its extra scalar arguments, its output pointers. Our kernels (kernels/*) have their own parameter
 order, so each plug-in gets a thin `@triton.jit` adapter in that order which calls the real kernel body
-(Triton inlines it): the math is the kernels' own, not a copy.
+(Triton inlines it): the math is the kernels' own, not a copy. Calls pass every argument by keyword, so
+a kernel that gains a parameter fails loudly here (tests/plugins) rather than shifting arguments.
 
 - CausalConv1d: the prefill kernel (exact for every T, decode included), final state written in place of
   the initial one (the kernel reads the state only in the tile that writes it, before writing).
@@ -43,8 +44,9 @@ def causal_conv1d_aot(x, w, s0, lengths, T, C, y, st,
                       W: tl.constexpr, WP: tl.constexpr, BT: tl.constexpr, BC: tl.constexpr):
     """inputs (x, weight, conv_state, lengths), extras (T, C), outputs (y, final_state aliasing conv_state)."""
     # unused pointer parameters (cu_seqlens, state indices) get `lengths`: their flags are off
-    causal_conv1d_fwd_kernel(x, w, s0, y, st, lengths, lengths, lengths, lengths, T, C,
-                             W, WP, BT, BC, False, True, False, True, True)
+    causal_conv1d_fwd_kernel(x=x, w=w, s0=s0, y=y, st=st, cu_seqlens=lengths, lengths=lengths, s0_idx=lengths,
+                             st_idx=lengths, T=T, C=C, W=W, WP=WP, BT=BT, BC=BC, IS_VARLEN=False, USE_S0=True,
+                             USE_IDX=False, USE_LENGTHS=True, STORE_ST=True)
 
 
 @triton.jit
@@ -52,9 +54,10 @@ def gated_delta_rule_aot(q, k, v, g, beta, h0, T, o, ht,
                          H: tl.constexpr, HV: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
                          BK: tl.constexpr, BV: tl.constexpr, SCALE: tl.constexpr):
     """inputs (q, k, v, g, beta, h0), extras (T,), outputs (o, ht aliasing h0)."""
-    # unused pointer parameters (state indices, per-step states) get h0 / o: their flags are off
-    fused_recurrent_gdn_kernel(q, k, v, g, beta, o, h0, ht, h0, ht, o, SCALE, T,
-                               H, HV, K, V, BK, BV, True, False, True, False)
+    # unused pointer parameters (gate inputs, state indices, per-step states) get h0 / o: their flags are off
+    fused_recurrent_gdn_kernel(q=q, k=k, v=v, g=g, beta=beta, A_log=h0, dt_bias=h0, o=o, h0=h0, ht=ht, h0_idx=h0,
+                               ht_idx=ht, hs=o, scale=SCALE, T=T, H=H, HV=HV, K=K, V=V, BK=BK, BV=BV, USE_H0=True,
+                               USE_IDX=False, STORE_HT=True, STORE_STEPS=False, USE_GATE=False)
 
 
 @triton.jit
