@@ -11,6 +11,7 @@ import torch
 import triton
 import triton.language as tl
 from torch import Tensor
+from torch.fx.experimental.symbolic_shapes import statically_known_true
 from torch.library import wrap_triton
 
 from .quant import INTERPRET, cast_out, dot, quantize_act
@@ -58,7 +59,9 @@ def _w8a8_gemm_kernel(a_ptr, as_ptr, b_ptr, bs_ptr, c_ptr, M, N, K,
 
 def default_config(R: int) -> dict:
     """Tiles by token count: small R is memory bound (thin M tiles, many N tiles), large R compute bound."""
-    if R <= 64:
+    # R is symbolic under export: the thin tiles only when every admitted R is small (no guard on R).
+    small = R <= 64 if isinstance(R, int) else statically_known_true(R <= 64)
+    if small:
         return dict(BLOCK_M=16, BLOCK_N=64, BLOCK_K=128, GROUP_M=1, num_warps=4, num_stages=4)
     return dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=128, GROUP_M=8, num_warps=8, num_stages=4)
 

@@ -42,6 +42,17 @@ def _align_kernel(ids_ptr, slots_ptr, tile_expert_ptr, num_padded_ptr, M, E, P, 
     tl.store(num_padded_ptr, tl.sum(padded, 0))
 
 
+def upper_bound(n: int | torch.SymInt) -> int | None:
+    """The largest value `n` can take: itself when concrete, else the upper end of its symbolic range
+    (None when unbounded). Reads the range without adding a guard."""
+    if isinstance(n, int):
+        return n
+    try:
+        return int(n.node.shape_env.bound_sympy(n.node.expr).upper)
+    except (AttributeError, TypeError, ValueError, OverflowError):  # unbounded (int_oo) or no shape env
+        return None
+
+
 def max_padded(M: int, E: int, block_m: int) -> int:
     """Worst-case padded length: each non-empty expert (at most min(E, M)) wastes < block_m rows."""
     return M + min(E, M) * (block_m - 1)
@@ -57,13 +68,18 @@ def align_block_size(ids: Tensor, E: int, block_m: int) -> tuple[Tensor, Tensor,
     M = flat.numel()
     dev = ids.device
     P = -(-max_padded(M, E, block_m) // block_m) * block_m
-    if 0 < M <= SMALL_M:
+    # M is symbolic under export: take the one-program path only when every admitted M fits it, sized for
+    # the largest (a block sized from the example M would drop slots at run time).
+    m_max = upper_bound(M)
+    small = (0 < M <= SMALL_M) if isinstance(M, int) else (m_max is not None and m_max <= SMALL_M)
+    if small:
         slots = torch.empty(P, dtype=torch.int32, device=dev)
         tile_expert = torch.empty(P // block_m, dtype=torch.int32, device=dev)
         num_padded = torch.empty(1, dtype=torch.int32, device=dev)
         block_e = triton.next_power_of_2(E + 1)
         wrap_triton(_align_kernel)[(1,)](flat, slots, tile_expert, num_padded, M, E, P, P // block_m,
-                                         TILE=block_m, BLOCK=triton.next_power_of_2(M), BLOCK_E=block_e,
+                                         TILE=block_m, BLOCK=triton.next_power_of_2(m_max),
+                                         BLOCK_E=block_e,
                                          BLOCK_T=max(1, 8192 // block_e), num_warps=8)
         return slots, tile_expert, num_padded
     counts = torch.zeros(E, dtype=torch.int64, device=dev).scatter_add_(0, flat, torch.ones_like(flat))

@@ -24,7 +24,12 @@ from torch.library import wrap_triton
 from ..fp8_linear.gemm import grouped_tile
 from ..fp8_linear.quant import INTERPRET, cast_out, dot, quant_group, quantize_act
 from .align import align_block_size
+from torch.fx.experimental.symbolic_shapes import statically_known_true
+
 from .configs import DECODE_MAX_TOKENS, get_config
+
+# Token count whose stored tiles a symbolic (dynamic prefill) graph uses: a typical prefill chunk.
+PREFILL_CONFIG_TOKENS = 4096
 
 
 @triton.jit
@@ -264,8 +269,13 @@ def moe_experts_triton(x: Tensor, weights: Tensor, ids: Tensor, w_gate_up: Tenso
     fp8 = w_gate_up_scale is not None
     if N == 0:
         return torch.empty_like(x)
-    decode = N <= DECODE_MAX_TOKENS if decode is None else decode
-    cfg = config or get_config(E, I, N, x.device, "fp8" if fp8 else "bf16", k, decode)
+    # Under export N is symbolic (a dynamic batch/length): every choice below must hold for all N the graph
+    # admits, so decide from what is statically known and never let a comparison put a guard on N (a guard
+    # would bake the example's regime and tile map into an AOTI graph that then runs other N).
+    if decode is None:
+        decode = statically_known_true(N <= DECODE_MAX_TOKENS)
+    n_cfg = N if isinstance(N, int) else (DECODE_MAX_TOKENS if decode else PREFILL_CONFIG_TOKENS)
+    cfg = config or get_config(E, I, n_cfg, x.device, "fp8" if fp8 else "bf16", k, decode)
     quant = fp8 and not decode
     check_config(cfg, fp8, quant, I)
     s13 = w_gate_up_scale.contiguous() if fp8 else None
