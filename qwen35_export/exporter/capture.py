@@ -120,8 +120,23 @@ def capture_attention(cfg: Qwen35Config, weights: dict[str, Tensor], phase: str,
     vc = torch.zeros(kv, dtype=act_dtype, device=device)
     args = (x, start, lengths, kc, vc, *[weights[n] for n in names])
     dyn = ({0: B, 1: T} if T is not None else {0: B}, {0: B}, {0: B}, {0: B}, {0: B}, (None,) * len(names))
-    ep = torch.export.export(layer(cfg, names), args, dynamic_shapes=dyn, strict=False)
+    with _attention_backends(device):
+        ep = torch.export.export(layer(cfg, names), args, dynamic_shapes=dyn, strict=False)
     return ep, names
+
+
+def _attention_backends(device: torch.device):
+    """SDPA backends the captured graph may use. Export bakes the backend chosen while tracing; on CUDA it
+    picked cuDNN attention, whose call failed in an AOTI decode graph with our boolean mask (H100, torch
+    2.11, 2026-11-24). Memory-efficient attention takes arbitrary masks; math is the fallback for shapes it
+    rejects. Not yet re-run on the device."""
+    from contextlib import nullcontext
+
+    if device.type != "cuda":
+        return nullcontext()
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    return sdpa_kernel([SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH])
 
 
 def capture_embed(cfg: Qwen35Config, embed_w: Tensor, shapes: CaptureShapes,
