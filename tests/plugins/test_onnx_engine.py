@@ -65,6 +65,17 @@ def test_prefill_logits_and_states_match_reference(engine: Engine, reference: Qw
     assert s.lengths.tolist() == [5, 1]
 
 
+def test_per_layer_validate_passes(engine: Engine, engine_ckpt_fp32: Path) -> None:
+    """validate/ on the ORT engine: every layer's hidden state, the GDN states, routing and logits within
+    the fp32 bounds of the reference."""
+    from qwen35_export.validate.run import validate
+
+    result = validate(engine, engine_ckpt_fp32, random_n=2, gen=6, progress=False)
+    assert result.passed, [c for c in result.checks if not c.passed]
+    names = {c.name for c in result.checks}
+    assert any("GDN recurrent state" in n for n in names) and any("routing" in n for n in names)
+
+
 def test_load_in_fresh_process(ort_engine_fp32: Path, reference: Qwen35Model) -> None:
     code = ("import json; from qwen35_export.runtime.engine import Engine;"
             "from qwen35_export.runtime.sampling import SamplingParams;"
