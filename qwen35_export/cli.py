@@ -83,6 +83,12 @@ def cmd_run(a: argparse.Namespace) -> int:
 
 
 def cmd_validate(a: argparse.Namespace) -> int:
+    from .exporter.manifest import Manifest
+
+    if Manifest.load(a.engine).parallel is not None:  # sharded: one process per rank, under torchrun
+        from .parallel.validate import validate_cli as validate_sharded_cli
+
+        return validate_sharded_cli(a)
     from .validate.run import validate_cli
 
     return validate_cli(a)

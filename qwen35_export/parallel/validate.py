@@ -1,7 +1,8 @@
 """Validate a sharded engine, one process per rank:
 
     torchrun --nproc-per-node N -m qwen35_export.parallel.validate ENGINE [--single ENGINE_1RANK]
-        [--checkpoint CKPT] [--random 3] [--gen 16] [--report out.json]
+        [--checkpoint CKPT] [--prompts FILE | --random 3] [--gen 16] [--report out.json]
+    torchrun --nproc-per-node N -m qwen35_export.cli validate ENGINE --checkpoint CKPT [--report DIR]
 
 Compares, on the same prompts, the engine's prefill logits and greedy tokens with:
 - the eager sharded reference over the very weight tensors this rank's engine holds (always; no extra
@@ -116,30 +117,55 @@ def validate_sharded(engine_dir: str | Path, prompts: list[list[int]], gen: int 
     return report
 
 
+def _prompts(engine_dir: Path, prompts_file: Path | None, n: int, gen: int, seed: int = 0) -> list[list[int]]:
+    """From a prompts file, else n random prompts of unequal lengths (as `qwen35-export validate` draws them)."""
+    from ..exporter.manifest import Manifest
+    from ..validate.run import load_prompts, random_prompts
+
+    if prompts_file is not None:
+        return load_prompts(prompts_file)
+    man = Manifest.load(engine_dir)
+    return random_prompts(n, man.model_config["vocab_size"], max(1, min(man.max_seq_len - gen, 32)), seed)
+
+
+def _finish(r: dict[str, Any], report: Path | None) -> int:
+    """Rank 0 prints the report (and writes it); every rank leaves the group; exit status from `passed`."""
+    if dist.get_rank() == 0:
+        print(json.dumps({k: v for k, v in r.items() if k != "tokens"}, indent=1))
+        if report is not None:
+            report.parent.mkdir(parents=True, exist_ok=True)
+            report.write_text(json.dumps(r, indent=1))
+    dist.destroy_process_group()
+    return 0 if r["passed"] else 1
+
+
+def validate_cli(a: argparse.Namespace) -> int:
+    """`torchrun ... -m qwen35_export.cli validate SHARDED_ENGINE --checkpoint CKPT`: the comparisons above
+    with the checkpoint's fp32 reference; `--report DIR` receives validation_sharded.json."""
+    from ..errors import InputError
+
+    if a.reference != "ours":
+        raise InputError(f"--reference {a.reference}: a sharded engine is compared with our reference "
+                         "(its sharded form and the fp32 model)")
+    prompts = _prompts(a.engine, a.prompts, a.random, a.gen)
+    r = validate_sharded(a.engine, prompts, a.gen, checkpoint=a.checkpoint, device=a.device)
+    return _finish(r, a.report / "validation_sharded.json" if a.report else None)
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="qwen35_export.parallel.validate", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("engine", type=Path)
     p.add_argument("--single", type=Path, help="a 1-rank engine of the same checkpoint, loaded by rank 0")
     p.add_argument("--checkpoint", type=Path, help="also compare with the fp32 single-device reference")
+    p.add_argument("--prompts", type=Path, help="one prompt per line, comma-separated token ids")
     p.add_argument("--random", type=int, default=3, help="random prompts of unequal lengths")
     p.add_argument("--gen", type=int, default=16)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--report", type=Path)
+    p.add_argument("--report", type=Path, help="JSON report file")
     p.add_argument("--device", default=None)
     a = p.parse_args(argv)
-    g = torch.Generator().manual_seed(a.seed)
-    from ..exporter.manifest import Manifest
-
-    vocab = Manifest.load(a.engine).model_config["vocab_size"]
-    prompts = [torch.randint(0, vocab, (max(1, 16 - 5 * k),), generator=g).tolist() for k in range(a.random)]
-    r = validate_sharded(a.engine, prompts, a.gen, a.single, a.checkpoint, a.device)
-    if dist.get_rank() == 0:
-        print(json.dumps({k: v for k, v in r.items() if k != "tokens"}, indent=1))
-        if a.report:
-            a.report.write_text(json.dumps(r, indent=1))
-    dist.destroy_process_group()
-    return 0 if r["passed"] else 1
+    prompts = _prompts(a.engine, a.prompts, a.random, a.gen)
+    return _finish(validate_sharded(a.engine, prompts, a.gen, a.single, a.checkpoint, a.device), a.report)
 
 
 if __name__ == "__main__":

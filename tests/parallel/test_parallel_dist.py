@@ -157,6 +157,17 @@ def test_cli_run_under_torchrun(sharded_engine: Path, cpu_engine_fp32: Path) -> 
     assert p.stdout.split() == [str(t) for t in want]  # rank 1 prints nothing
 
 
+def test_cli_validate_under_torchrun(sharded_engine: Path, engine_ckpt_fp32: Path, tmp_path: Path) -> None:
+    """`torchrun -m qwen35_export.cli validate` on a sharded engine goes to the sharded comparisons."""
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", str(free_port()),
+           "-m", "qwen35_export.cli", "validate", str(sharded_engine), "--checkpoint", str(engine_ckpt_fp32),
+           "--random", "2", "--gen", "4", "--report", str(tmp_path)]
+    p = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=dict(os.environ, OMP_NUM_THREADS="1"))
+    assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-3000:]
+    r = json.loads((tmp_path / "validation_sharded.json").read_text())
+    assert r["passed"] and r["vs_fp32_reference"]["tokens_equal"] and r["vs_sharded_reference"]["tokens_equal"]
+
+
 def test_validate_under_torchrun(sharded_engine: Path, cpu_engine_fp32: Path, engine_ckpt_fp32: Path,
                                  tmp_path: Path) -> None:
     """`torchrun -m qwen35_export.parallel.validate`: the 2-rank engine vs the eager sharded reference, the
