@@ -19,6 +19,7 @@ from torch import Tensor
 from ..config import LINEAR_ATTENTION, Qwen35Config
 from ..errors import EngineError, InputError
 from ..exporter.manifest import TARGET_SM, Manifest
+from ..plugins.tensorrt.runtime import load_trt_graph
 from .aoti_loader import load_package
 from .ort_session import load_onnx_graph
 from .sampling import SamplingParams, sample
@@ -75,7 +76,7 @@ class Engine:
         self.max_batch, self.max_seq_len = man.max_batch, man.max_seq_len
         self.load_seconds: dict[str, float] = {}
         t0 = time.perf_counter()
-        load_graph = load_onnx_graph if man.backend == "onnxruntime" else load_package
+        load_graph = {"onnxruntime": load_onnx_graph, "tensorrt": load_trt_graph}.get(man.backend, load_package)
         self.graphs = {}
         for name, g in man.graphs.items():
             t1 = time.perf_counter()

@@ -17,8 +17,8 @@ import torch
 from torch import Tensor
 
 from ..errors import EngineError
+from ..plugins.onnx.naming import STATE_SUFFIX
 
-STATE_SUFFIX = ".next"  # the export's naming of an updated state (plugins/onnx/export.py)
 
 # torch dtype -> onnx.TensorProto element type (ORT's IO binding takes the ONNX enum for any dtype).
 _ONNX_TYPE = {torch.float32: 1, torch.uint8: 2, torch.int8: 3, torch.int32: 6, torch.int64: 7, torch.bool: 9,

@@ -137,6 +137,23 @@ def test_require_tensorrt_names_the_module() -> None:
         require_tensorrt()
 
 
+@pytest.mark.skipif(HAVE_TRT, reason="checks the message on a machine without tensorrt")
+def test_loading_a_tensorrt_engine_names_the_module(ort_engine_fp32: Path, tmp_path: Path) -> None:
+    """Engine.load dispatches on manifest.backend: a TensorRT engine goes to plugins/tensorrt/runtime.py."""
+    import shutil
+
+    from qwen35_export.errors import EngineError
+    from qwen35_export.runtime.engine import Engine
+
+    d = tmp_path / "e"
+    shutil.copytree(ort_engine_fp32, d)
+    m = json.loads((d / "manifest.json").read_text())
+    m["backend"] = "tensorrt"
+    (d / "manifest.json").write_text(json.dumps(m))
+    with pytest.raises(EngineError, match=r"--backend tensorrt: loading it needs the `tensorrt` Python module"):
+        Engine.load(d)
+
+
 def _run(code: str, interpret: bool) -> dict:
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     if interpret:

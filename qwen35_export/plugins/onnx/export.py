@@ -18,11 +18,11 @@ from ...config import Qwen35Config
 from ...exporter import capture as C
 from ...model import layers
 from .functions import function_protos
+from .naming import STATE_SUFFIX
 from .schemas import DOMAIN, VERSION
 from .translate import translation_table
 
 OPSET = 23  # Attention (the SDPA lowering) and blocked DequantizeLinear
-STATE_SUFFIX = ".next"
 PROTOBUF_LIMIT = 2**31  # protobuf refuses messages past 2 GiB: larger tensors go to an external-data file
 
 
