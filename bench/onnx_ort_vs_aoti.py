@@ -83,7 +83,8 @@ def main() -> None:
             results[n][f"batch{B}"] = {"prefill_ms": 1e3 * statistics.median(times[n][0]),
                                        "decode_ms_per_step": 1e3 * dec / (GEN - 1),
                                        "decode_tokens_per_s": B * (GEN - 1) / dec}
-    meta = {"date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "cpu": platform.processor() or platform.machine(),
+    meta = {"date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+            "cpu": platform.processor() or platform.machine(),
             "cores": os.cpu_count(), "loadavg_1m": os.getloadavg()[0], "torch": torch.__version__,
             "torch_threads": torch.get_num_threads(), "ort_threads": os.environ.get("QWEN35_ORT_THREADS", "1"),
             "onnxruntime": __import__("onnxruntime").__version__, "model": "tiny fp32 (8 layers, H=256, 16 experts)",

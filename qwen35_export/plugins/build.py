@@ -80,7 +80,8 @@ def _write_weights(reader: CheckpointReader, tmp: Path, dtype: str, act: torch.d
 
 
 def _export_graphs(cfg: Qwen35Config, glob: dict[str, torch.Tensor], examples: dict[str, dict[str, torch.Tensor]],
-                   shapes: C.CaptureShapes, act: torch.dtype, graphs_dir: Path, progress: bool) -> dict[str, GraphEntry]:
+                   shapes: C.CaptureShapes, act: torch.dtype, graphs_dir: Path,
+                   progress: bool) -> dict[str, GraphEntry]:
     """One ONNX file per graph in `graphs_dir`; returns the manifest entries (weight input order)."""
     graphs_dir.mkdir()
     entries: dict[str, GraphEntry] = {}

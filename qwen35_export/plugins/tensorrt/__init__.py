@@ -1,3 +1,4 @@
-"""TensorRT backend (TensorRT >= 10): QDP plug-ins for the `qwen35` ONNX nodes, ONNX preparation for the
-parser, and the strongly typed engine build. Only aot_kernels.py and onnx_prep.py/specs.py work without
-the `tensorrt` module; everything that needs it imports it lazily."""
+"""TensorRT backend (TensorRT >= 10): QDP plug-ins for the `qwen35` ONNX nodes (plugins.py, specs.py), their
+AOT Triton kernels (aot_kernels.py), ONNX preparation for the parser (onnx_prep.py), the strongly typed
+engine build (build.py) and the engine runtime (runtime.py). specs, aot_kernels and onnx_prep work without
+the `tensorrt` module (CI tests them); the rest imports it lazily."""
