@@ -90,3 +90,7 @@ def assert_logits_close():
         return d
 
     return check
+
+
+# Engines built once per session (shared by the engine, validate and backend tests).
+from engine_fixtures import *  # noqa: E402,F401,F403
