@@ -136,6 +136,10 @@ def build_backend_engine(checkpoint: str | Path, out: str | Path, settings: Buil
         compiler = compile_graphs
     cfg = reader.config
     dtype, act = _resolve_dtype(settings, cfg.fp8 is not None)
+    if settings.backend == "onnxruntime" and settings.target == "cpu" and act == torch.bfloat16:
+        raise BuildError("--backend onnxruntime --target cpu --dtype bf16: ONNX Runtime's CPU kernels have no "
+                         "bfloat16 MatMul (onnxruntime 1.32); use --dtype fp32 or fp8 (fp8 weights, fp32 "
+                         "activations) on cpu")
     shapes = C.CaptureShapes(settings.max_batch, settings.max_seq_len)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.building-", dir=out.parent))

@@ -25,10 +25,14 @@ from qwen35_export.runtime.ort_session import OrtGraph
 CFG = preset("tiny")
 
 
-def _fp8_layer(i: int) -> dict[str, torch.Tensor]:
+def _layer_weights(i: int) -> dict[str, torch.Tensor]:
     g = torch.Generator().manual_seed(i)
-    w = {n: torch.randn(s, generator=g) * (0.05 if len(s) > 1 else 0.1) for n, s in layer_weight_shapes(CFG, i).items()}
-    w, n = quantize_layer_fp8(w)
+    return {n: torch.randn(s, generator=g) * (0.05 if len(s) > 1 else 0.1)
+            for n, s in layer_weight_shapes(CFG, i).items()}
+
+
+def _fp8_layer(i: int) -> dict[str, torch.Tensor]:
+    w, n = quantize_layer_fp8(_layer_weights(i))
     assert n > 0
     return w
 
@@ -66,6 +70,30 @@ def test_fp8_layer_matches_torch_layer(layer: int, phase: str, tmp_path: Path) -
         y = graph(x, start, lengths, *states, *[w[n] for n in names])
     for name, a, r in zip(["y", "state 0", "state 1"], [y, *states], ref):
         assert_close(name, a, r, 1e-4)
+
+
+def test_bf16_layer_types_consistent() -> None:
+    """bf16 activations (the GPU targets' default): with the functions inlined, strict ONNX type
+    inference accepts the graph (the exporter's RMSNormalization fusion needs export.cast_rms_norm_inputs)."""
+    import onnx.inliner
+
+    # as the build prepares them: everything bf16 but A_log (exporter/build.py _prepare_layer)
+    w = {n: t if n.endswith("A_log") else t.to(torch.bfloat16) for n, t in _layer_weights(0).items()}
+    model, _ = export_layer(CFG, C.GDN, C.DECODE, w, C.CaptureShapes(2, 16), torch.bfloat16)
+    assert "RMSNormalization" in {n.op_type for n in model.graph.node}
+    onnx.shape_inference.infer_shapes(onnx.inliner.inline_local_functions(model), strict_mode=True,
+                                      check_type=True)
+
+
+def test_ort_cpu_bf16_refused_before_writing(engine_ckpt_fp32: Path, tmp_path: Path) -> None:
+    from qwen35_export.errors import BuildError
+    from qwen35_export.exporter.build import BuildSettings
+    from qwen35_export.plugins.build import build_backend_engine
+
+    with pytest.raises(BuildError, match="no bfloat16 MatMul"):
+        build_backend_engine(engine_ckpt_fp32, tmp_path / "e", BuildSettings(target="cpu", backend="onnxruntime",
+                                                                             dtype="bf16", progress=False))
+    assert list(tmp_path.iterdir()) == []
 
 
 def _matmul_model(w: np.ndarray) -> onnx.ModelProto:

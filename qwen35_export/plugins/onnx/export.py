@@ -54,7 +54,34 @@ def _to_onnx(ep: torch.export.ExportedProgram, input_names: list[str], output_na
     prog = torch.onnx.export(ep, (), input_names=input_names, output_names=output_names, dynamo=True,
                              opset_version=OPSET, custom_translation_table=translation_table(), optimize=True,
                              verbose=False)
-    return attach_functions(prog.model_proto)
+    return attach_functions(cast_rms_norm_inputs(prog.model_proto))
+
+
+def cast_rms_norm_inputs(model: onnx.ModelProto) -> onnx.ModelProto:
+    """Cast X to the scale's dtype in front of each RMSNormalization the exporter's optimizer fused from
+    our RMSNorm: with bf16 activations it fuses `x.float()` away and leaves X bf16 with an fp32 scale
+    (1 + w, fp32 as in the reference), which ORT rejects (RMSNormalization's body multiplies X-typed by
+    scale-typed values). Casting X to fp32 first is exactly the reference's `x.float()`.
+
+    Workaround for onnxscript 0.7.2 (torch 2.13 exporter, optimize=True); delete once
+    tests/plugins/test_onnx_export.py::test_bf16_layer_types_consistent passes without it.
+    """
+    types = {v.name: v.type.tensor_type.elem_type for v in [*model.graph.input, *model.graph.value_info,
+                                                             *model.graph.output]}
+    types.update({t.name: t.data_type for t in model.graph.initializer})
+    nodes = []
+    for n in model.graph.node:
+        if n.op_type == "RMSNormalization" and n.domain in ("", "ai.onnx"):
+            x_t, scale_t = types.get(n.input[0]), types.get(n.input[1])
+            if x_t is not None and scale_t is not None and x_t != scale_t:
+                wide = n.input[0] + ".as_scale_type"
+                nodes.append(onnx.helper.make_node("Cast", [n.input[0]], [wide], to=scale_t, name=n.name + ".cast"))
+                model.graph.value_info.append(onnx.helper.make_tensor_value_info(wide, scale_t, None))
+                n.input[0] = wide
+        nodes.append(n)
+    del model.graph.node[:]
+    model.graph.node.extend(nodes)
+    return model
 
 
 def export_layer(cfg: Qwen35Config, kind: str, phase: str, weights: dict[str, Tensor], shapes: C.CaptureShapes,
