@@ -30,8 +30,8 @@ def checkpoint_summary(path: str | Path) -> str:
         f"layers       {pattern}  (g = Gated DeltaNet, A = gated attention)",
         f"parameters   total {_b(pc.total)}, active per token {_b(pc.active)}, routed experts "
         f"{_b(pc.routed_experts)}",
-        f"dtypes       " + ", ".join(f"{k}: {v}" for k, v in sorted(info.dtypes.items())),
-        f"fp8          " + (f"yes: {info.fp8_tensors} tensors float8_e4m3fn with 128x128 block scales"
+        "dtypes       " + ", ".join(f"{k}: {v}" for k, v in sorted(info.dtypes.items())),
+        "fp8          " + (f"yes: {info.fp8_tensors} tensors float8_e4m3fn with 128x128 block scales"
                             if info.is_fp8 else "no"),
     ]
     for pfx, n in info.unused_prefixes.items():

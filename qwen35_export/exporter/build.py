@@ -11,7 +11,6 @@ import json
 import os
 import shutil
 import sys
-import tempfile
 import time
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
@@ -30,7 +29,8 @@ from ..graph.substitute_custom_ops import triton_implementations
 from . import capture as C
 from ..parallel.capture import manifest_entry, save_layer_shards, sharded_capture
 from ..parallel.plan import ParallelPlan
-from .manifest import FORMAT_VERSION, TARGET_SM, GraphEntry, Manifest, sha256_file
+from .engine_dir import file_table, staging_dir, swap_into_place
+from .manifest import FORMAT_VERSION, TARGET_SM, GraphEntry, Manifest
 
 TARGETS = ("h100", "h200", "cpu")
 _TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "merges.txt",
@@ -182,7 +182,7 @@ def build_engine(checkpoint: str | Path, out: str | Path, settings: BuildSetting
     rank_files: list[list[str]] = [[] for _ in range(plan.world_size if plan else 0)]
     shapes = C.CaptureShapes(settings.max_batch, settings.max_seq_len)
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.building-", dir=out.parent))
+    tmp = staging_dir(out)
     times: dict[str, float] = {}
     try:
         # 1. weights, one layer at a time
@@ -238,11 +238,7 @@ def build_engine(checkpoint: str | Path, out: str | Path, settings: BuildSetting
             if src.is_file():
                 shutil.copy2(src, tmp / f)
                 tok.append(f)
-        files = {}
-        for p in sorted(tmp.rglob("*")):
-            if p.is_file() and "graphs_dump" not in p.parts:
-                rel = str(p.relative_to(tmp))
-                files[rel] = {"sha256": sha256_file(p), "bytes": p.stat().st_size}
+        files = file_table(tmp)
         try:
             import triton
             tv = triton.__version__
@@ -264,13 +260,7 @@ def build_engine(checkpoint: str | Path, out: str | Path, settings: BuildSetting
         man.save(tmp / "manifest.json")
 
         # 5. swap into place; an old engine is removed only once the new one is complete
-        if out.exists():
-            old = out.with_name(f".{out.name}.old-{os.getpid()}")
-            os.replace(out, old)
-            os.replace(tmp, out)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, out)
+        swap_into_place(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

@@ -9,10 +9,8 @@ built in a temp dir beside `out` and renamed into place at the end, so a failed 
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import sys
-import tempfile
 import time
 from dataclasses import asdict
 from pathlib import Path
@@ -29,7 +27,8 @@ from ..config import LINEAR_ATTENTION, Qwen35Config
 from ..errors import BuildError
 from ..exporter import capture as C
 from ..exporter.build import _TOKENIZER_FILES, TARGETS, BuildSettings, _prepare_layer, _resolve_dtype, check_target
-from ..exporter.manifest import FORMAT_VERSION, TARGET_SM, GraphEntry, Manifest, sha256_file
+from ..exporter.engine_dir import file_table, staging_dir, swap_into_place
+from ..exporter.manifest import FORMAT_VERSION, TARGET_SM, GraphEntry, Manifest
 from .onnx import export as X
 
 BACKENDS = ("onnxruntime", "tensorrt")
@@ -110,16 +109,9 @@ def _finish(tmp: Path, out: Path, checkpoint: str | Path, man: Manifest) -> None
         if src.is_file():
             shutil.copy2(src, tmp / f)
             man.tokenizer_files.append(f)
-    man.files = {str(p.relative_to(tmp)): {"sha256": sha256_file(p), "bytes": p.stat().st_size}
-                 for p in sorted(tmp.rglob("*")) if p.is_file()}
+    man.files = file_table(tmp)
     man.save(tmp / "manifest.json")
-    if out.exists():
-        old = out.with_name(f".{out.name}.old-{os.getpid()}")
-        os.replace(out, old)
-        os.replace(tmp, out)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.replace(tmp, out)
+    swap_into_place(tmp, out)
 
 
 def build_backend_engine(checkpoint: str | Path, out: str | Path, settings: BuildSettings) -> Path:
@@ -142,7 +134,7 @@ def build_backend_engine(checkpoint: str | Path, out: str | Path, settings: Buil
                          "activations) on cpu")
     shapes = C.CaptureShapes(settings.max_batch, settings.max_seq_len)
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.building-", dir=out.parent))
+    tmp = staging_dir(out)
     times: dict[str, float] = {}
     try:
         t0 = time.time()

@@ -3,7 +3,6 @@ that AOTInductor compiles into the package (`torch.library.triton_op` + `wrap_tr
 
 from __future__ import annotations
 
-import torch
 from torch import Tensor
 from torch.library import triton_op
 

@@ -1,0 +1,34 @@
+"""Writing an engine directory atomically: everything goes into a temp dir beside the destination, which
+is swapped into place at the end, so a failed build leaves nothing half-written and an existing engine is
+replaced only by a complete one."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+from .manifest import sha256_file
+
+
+def staging_dir(out: Path) -> Path:
+    out.parent.mkdir(parents=True, exist_ok=True)
+    return Path(tempfile.mkdtemp(prefix=f".{out.name}.building-", dir=out.parent))
+
+
+def file_table(root: Path, skip: tuple[str, ...] = ("graphs_dump",)) -> dict[str, dict]:
+    """relpath -> {sha256, bytes} for every file under `root` (debug dumps excluded)."""
+    return {str(p.relative_to(root)): {"sha256": sha256_file(p), "bytes": p.stat().st_size}
+            for p in sorted(root.rglob("*")) if p.is_file() and not set(skip) & set(p.parts)}
+
+
+def swap_into_place(tmp: Path, out: Path) -> None:
+    """Move the finished `tmp` to `out`; an old engine at `out` is removed only after the swap."""
+    if out.exists():
+        old = out.with_name(f".{out.name}.old-{os.getpid()}")
+        os.replace(out, old)
+        os.replace(tmp, out)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.replace(tmp, out)
