@@ -48,5 +48,6 @@ def quickstart(workdir: str | Path = "qwen35-quickstart", target: str = "cpu", m
     print(f"  greedy tokens identical to the reference: {same}")
     print("\n== 5/5 validate the engine against the reference (per layer, end to end)")
     res = validate(eng, ckpt, gen=8, report_dir=work / "report")
+    print(res.summary())
     print(f"\nreport written to {work / 'report'}")
     return 0 if (same and res.passed) else 1
