@@ -137,6 +137,16 @@ def test_bf16_checkpoint_loads_as_rounded_fp32(tiny_ckpt_bf16, tiny_ckpt_fp32) -
         assert torch.equal(bf.layers[0][k], want), k
 
 
+def test_load_layer_in_bf16_keeps_a_log_exact_fp32(tiny_ckpt_bf16) -> None:
+    """A bf16 build reads layers with dtype=bf16: A_log must come back as the file's fp32 values, unrounded."""
+    r = CheckpointReader(tiny_ckpt_bf16)
+    i = r.config.gdn_layers[0]
+    got = r.load_layer(i, torch.bfloat16)["linear_attn.A_log"]
+    want = r.read(f"{r.info.prefix}layers.{i}.linear_attn.A_log")
+    assert want.dtype == torch.float32 and got.dtype == torch.float32
+    assert torch.equal(got, want), f"max abs diff {(got - want).abs().max().item():.3g}"
+
+
 # -- FP8 ------------------------------------------------------------------------------------------------
 # Error bound of quantize -> dequantize, per element, derived from e4m3fn (1 sign, 4 exponent, 3 mantissa
 # bits, bias 7, largest finite 448). Each 128x128 block is divided by s = amax/448 so its largest element

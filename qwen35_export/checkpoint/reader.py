@@ -236,12 +236,12 @@ class CheckpointReader:
         for name, shape in layer_weight_shapes(cfg, i).items():
             if name.startswith("mlp.experts."):
                 continue
-            r = self._load_weight(base + name, shape, dtype, keep_fp8)
+            # A_log is read straight to fp32 (the decay needs an fp32 exp(); a bf16 round trip loses it).
+            r = self._load_weight(base + name, shape, torch.float32 if name == "linear_attn.A_log" else dtype,
+                                  keep_fp8)
             out[name] = r["w"]
             if "s" in r:
                 out[scale_name(name)] = r["s"]
-        if "linear_attn.A_log" in out:
-            out["linear_attn.A_log"] = out["linear_attn.A_log"].float()  # decay needs fp32 exp()
         out.update(self._load_experts(i, dtype, keep_fp8))
         return out
 
