@@ -114,3 +114,14 @@ def test_padding_tokens_never_touch_gdn_or_conv_state(model: Qwen35Model) -> Non
     # Row 1 against the same row run with no padding at all (other batch-mate, so only rounding may differ).
     for a, b in zip(s1.conv + s1.recurrent, s3.conv + s3.recurrent):
         assert (a[1] - b[1]).abs().max() <= REL * b[1].abs().max()
+
+
+def test_padding_past_the_cache_end_never_overwrites_a_real_token(model: Qwen35Model, assert_logits_close) -> None:
+    """Row 1 ends exactly at the cache end while row 0 is longer: row 1's padding positions lie past T_max
+    and must not land on its last real token (position T_max - 1)."""
+    x, y = tokens(30, 21), tokens(30, 22)
+    one, s_one = run(model, [x, y], max_len=30)
+    _, s = run(model, [x[:10], y[:20]], max_len=30)
+    b, s = run(model, [x[10:], y[20:]], state=s)  # T = 20; row 1 has 10 real tokens, start 20
+    assert_logits_close(b[1, :10], one[1, 20:], REL, "second part, row 1 (ends at the cache end)")
+    assert_state_close(s, s_one, REL, n_kv=30)

@@ -109,8 +109,8 @@ def attention_mixer(x: Tensor, w: dict[str, Tensor], k_cache: Tensor, v_cache: T
                     lengths: Tensor, cfg: Qwen35Config) -> tuple[Tensor, Tensor, Tensor]:
     """Gated GQA attention over x [B, T, H] with a KV cache [B, KVH, T_max, D].
 
-    Row b's new tokens sit at positions start[b] + t; tokens t >= lengths[b] are padding: they write
-    only at positions >= start + lengths, which are masked now and overwritten before they are ever read.
+    Row b's new tokens sit at positions start[b] + t; tokens t >= lengths[b] are padding: they leave the
+    cache as it was.
     """
     B, T, _ = x.shape
     NH, KVH, D = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
@@ -129,12 +129,21 @@ def attention_mixer(x: Tensor, w: dict[str, Tensor], k_cache: Tensor, v_cache: T
     q = apply_rope(q, cos, sin)
     k = apply_rope(k, cos, sin)
 
-    # Write the new keys/values into the cache at their positions (padding lands past the valid end).
-    idx = pos.clamp(max=Tmax - 1)[:, None, :, None].expand(B, KVH, T, D)  # [B, KVH, T, D]
-    k_cache = k_cache.scatter(2, idx, k.transpose(1, 2).to(k_cache.dtype))
-    v_cache = v_cache.scatter(2, idx, v.transpose(1, 2).to(v_cache.dtype))
+    # Write the new keys/values into the cache at their positions. A padding token rewrites the value
+    # already at a slot no real token of this call writes: start + lengths, or start - 1 when the row ends
+    # at the cache end (clamping its position to T_max - 1 would race with the last real token's write).
+    total = start + lengths  # [B]
+    valid = torch.arange(T, device=x.device)[None, :] < lengths[:, None]  # [B, T]
+    pad_slot = torch.where(total < Tmax, total, start - 1).clamp(min=0, max=Tmax - 1)  # [B]
+    slot = torch.where(valid, pos.clamp(max=Tmax - 1), pad_slot[:, None])  # [B, T]
+    slot = slot[:, None, :, None].expand(B, KVH, T, D)  # [B, KVH, T, D]
+    keep = valid[:, None, :, None]
+    k_cache = k_cache.scatter(2, slot, torch.where(keep, k.transpose(1, 2).to(k_cache.dtype),
+                                                   k_cache.gather(2, slot)))
+    v_cache = v_cache.scatter(2, slot, torch.where(keep, v.transpose(1, 2).to(v_cache.dtype),
+                                                   v_cache.gather(2, slot)))
 
-    total = (start + lengths).clamp(min=1)  # [B]
+    total = total.clamp(min=1)
     kv_pos = torch.arange(Tmax, device=x.device)
     mask = (kv_pos[None, None, :] <= pos[:, :, None]) & (kv_pos[None, None, :] < total[:, None, None])
     G = NH // KVH
