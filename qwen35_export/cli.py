@@ -38,11 +38,20 @@ def cmd_info(a: argparse.Namespace) -> int:
 
 
 def cmd_generate(a: argparse.Namespace) -> int:
-    from .checkpoint.reader import load_model_weights
+    from .checkpoint.reader import CheckpointReader, load_model_weights
+    from .errors import InputError
     from .model.model import Qwen35Model
 
     import torch
 
+    vocab = CheckpointReader(a.checkpoint).config.vocab_size  # headers only: check the input before loading
+    if not a.token_ids:
+        raise InputError("--token-ids: the prompt is empty")
+    bad = [t for t in a.token_ids if not 0 <= t < vocab]
+    if bad:
+        raise InputError(f"--token-ids: token id {bad[0]} out of range [0, {vocab})")
+    if a.max_new_tokens < 1:
+        raise InputError(f"--max-new-tokens: max_new_tokens expected >= 1, found {a.max_new_tokens}")
     m = Qwen35Model(load_model_weights(a.checkpoint, torch.float32))
     out = m.generate_greedy([a.token_ids], a.max_new_tokens)[0]
     print("reference greedy tokens:", ",".join(map(str, out)))

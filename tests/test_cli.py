@@ -65,3 +65,13 @@ def test_init_checkpoint_refuses_to_overwrite(tmp_path, capsys) -> None:
     err = capsys.readouterr().err
     assert err.startswith("error: ") and "not empty" in err
     assert (out / "mine.txt").read_text() == "keep"
+
+
+def test_generate_bad_input_is_a_clean_error(capsys, tiny_ckpt_fp32) -> None:
+    for argv, msg in ((["--token-ids", "5,5000"], "token id 5000 out of range"),
+                      (["--token-ids", ""], "empty"),
+                      (["--token-ids", "5", "--max-new-tokens", "0"], "max_new_tokens")):
+        capsys.readouterr()
+        assert main(["generate", str(tiny_ckpt_fp32), *argv]) == 2, argv
+        err = capsys.readouterr().err
+        assert err.startswith("error: ") and msg in err, (argv, err[-300:])
