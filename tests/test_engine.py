@@ -177,3 +177,23 @@ def test_cli_run_and_inspect(cpu_engine_fp32: Path, capsys) -> None:
     assert "gggAgggA" in text and "gdn_prefill" in text and "reference ops" in text
     assert cli_main(["run", str(cpu_engine_fp32), "--prompt", "hello"]) == 2
     assert "no tokenizer.json" in capsys.readouterr().err
+
+
+def test_run_stops_at_every_generation_config_eos(cpu_engine_fp32: Path, tmp_path: Path, capsys) -> None:
+    """Chat checkpoints list several eos ids in generation_config.json (end of turn and end of text);
+    `run` must stop at any of them, not only at config.json's single eos_token_id."""
+    from qwen35_export.exporter.manifest import sha256_file
+
+    argv = ["--token-ids", "5,6,7", "--max-new-tokens", "4"]
+    capsys.readouterr()
+    assert cli_main(["run", str(cpu_engine_fp32), *argv]) == 0
+    toks = [int(t) for t in capsys.readouterr().out.split()]
+    eng = tmp_path / "eng"
+    shutil.copytree(cpu_engine_fp32, eng)
+    gc = eng / "generation_config.json"
+    gc.write_text(json.dumps({"eos_token_id": [toks[1], 1023]}))
+    man = json.loads((eng / "manifest.json").read_text())
+    man["files"]["generation_config.json"] = {"sha256": sha256_file(gc), "bytes": gc.stat().st_size}
+    (eng / "manifest.json").write_text(json.dumps(man))
+    assert cli_main(["run", str(eng), *argv]) == 0
+    assert [int(t) for t in capsys.readouterr().out.split()] == toks[: toks.index(toks[1]) + 1]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import sys
 import time
 
@@ -9,14 +10,27 @@ from .engine import Engine
 from .sampling import SamplingParams
 
 
+def stop_token_ids(eng: Engine) -> tuple[int, ...]:
+    """config.json's eos_token_id plus every eos_token_id of the engine's generation_config.json: chat
+    checkpoints list several there (end of turn, end of text), and config.json keeps only one."""
+    ids = [] if eng.cfg.eos_token_id is None else [eng.cfg.eos_token_id]
+    f = eng.dir / "generation_config.json"
+    if f.is_file():
+        try:
+            g = json.loads(f.read_text()).get("eos_token_id")
+        except (json.JSONDecodeError, AttributeError):
+            g = None
+        ids += [t for t in (g if isinstance(g, list) else [g]) if isinstance(t, int)]
+    return tuple(dict.fromkeys(ids))
+
+
 def run_prompt(engine_dir, prompt: str | None, token_ids: list[int] | None, max_new_tokens: int,
                temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0, seed: int = 0,
                device: str | None = None) -> int:
     eng = Engine.load(engine_dir, device=device)
     ids = eng.encode(prompt) if prompt is not None else list(token_ids or [])
-    eos = eng.cfg.eos_token_id
     params = SamplingParams(max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
-                            seed=seed, stop_token_ids=(eos,) if eos is not None else ())
+                            seed=seed, stop_token_ids=stop_token_ids(eng))
     print(f"prompt: {len(ids)} tokens; generating up to {max_new_tokens} on {eng.device}", file=sys.stderr)
     t0 = time.perf_counter()
     first = None
