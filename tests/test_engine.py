@@ -197,3 +197,14 @@ def test_run_stops_at_every_generation_config_eos(cpu_engine_fp32: Path, tmp_pat
     (eng / "manifest.json").write_text(json.dumps(man))
     assert cli_main(["run", str(eng), *argv]) == 0
     assert [int(t) for t in capsys.readouterr().out.split()] == toks[: toks.index(toks[1]) + 1]
+
+
+def test_file_table_skips_dumps_only_inside_the_engine(tmp_path: Path) -> None:
+    """Only a `graphs_dump` folder inside the engine is left out, never one among the engine's parents."""
+    from qwen35_export.exporter.engine_dir import file_table
+
+    root = tmp_path / "graphs_dump" / "eng"
+    (root / "graphs_dump").mkdir(parents=True)
+    (root / "manifest.json").write_text("{}")
+    (root / "graphs_dump" / "gdn.txt").write_text("dump")
+    assert sorted(file_table(root)) == ["manifest.json"]

@@ -19,8 +19,8 @@ def staging_dir(out: Path) -> Path:
 
 def file_table(root: Path, skip: tuple[str, ...] = ("graphs_dump",)) -> dict[str, dict]:
     """relpath -> {sha256, bytes} for every file under `root` (debug dumps excluded)."""
-    return {str(p.relative_to(root)): {"sha256": sha256_file(p), "bytes": p.stat().st_size}
-            for p in sorted(root.rglob("*")) if p.is_file() and not set(skip) & set(p.parts)}
+    files = [p for p in sorted(root.rglob("*")) if p.is_file() and not set(skip) & set(p.relative_to(root).parts)]
+    return {str(p.relative_to(root)): {"sha256": sha256_file(p), "bytes": p.stat().st_size} for p in files}
 
 
 def swap_into_place(tmp: Path, out: Path) -> None:
