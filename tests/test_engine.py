@@ -208,3 +208,10 @@ def test_file_table_skips_dumps_only_inside_the_engine(tmp_path: Path) -> None:
     (root / "manifest.json").write_text("{}")
     (root / "graphs_dump" / "gdn.txt").write_text("dump")
     assert sorted(file_table(root)) == ["manifest.json"]
+
+
+def test_bad_device_string_is_a_clean_error(cpu_engine_fp32: Path, capsys) -> None:
+    capsys.readouterr()
+    assert cli_main(["run", str(cpu_engine_fp32), "--token-ids", "5", "--device", "gpu0"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and "'gpu0'" in err

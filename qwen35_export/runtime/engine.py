@@ -115,7 +115,11 @@ class Engine:
             return ShardedEngine.load(engine_dir, device, verify_hashes, use_cuda_graphs)
         if device is None:
             device = "cpu" if man.target == "cpu" else "cuda"
-        device = torch.device(device)
+        try:
+            device = torch.device(device)
+        except RuntimeError:
+            raise EngineError(f"device: expected a torch device such as 'cpu' or 'cuda:0', found {device!r}") \
+                from None
         check_device(man, device, engine_dir)
         man.verify_files(engine_dir, hashes=verify_hashes)
         return cls(engine_dir, man, device, use_cuda_graphs)
