@@ -215,3 +215,14 @@ def test_bad_device_string_is_a_clean_error(cpu_engine_fp32: Path, capsys) -> No
     assert cli_main(["run", str(cpu_engine_fp32), "--token-ids", "5", "--device", "gpu0"]) == 2
     err = capsys.readouterr().err
     assert err.startswith("error: ") and "'gpu0'" in err
+
+
+def test_force_never_replaces_a_directory_that_is_not_an_engine(engine_ckpt_fp32: Path, tmp_path: Path) -> None:
+    """`--force` replaces an engine; pointed by mistake at another folder (the checkpoint, a home dir) it
+    must refuse before anything is written, not move the folder away and delete it."""
+    out = tmp_path / "mine"
+    out.mkdir()
+    (out / "notes.txt").write_text("keep")
+    with pytest.raises(BuildError, match="not an engine directory"):
+        build_engine(engine_ckpt_fp32, out, BuildSettings(target="cpu", force=True, progress=False))
+    assert (out / "notes.txt").read_text() == "keep" and sorted(p.name for p in tmp_path.iterdir()) == ["mine"]

@@ -29,7 +29,7 @@ from ..graph.substitute_custom_ops import triton_implementations
 from . import capture as C
 from ..parallel.capture import manifest_entry, save_layer_shards, sharded_capture
 from ..parallel.plan import ParallelPlan
-from .engine_dir import file_table, staging_dir, swap_into_place
+from .engine_dir import check_out, file_table, staging_dir, swap_into_place
 from .manifest import FORMAT_VERSION, TARGET_SM, GraphEntry, Manifest
 
 TARGETS = ("h100", "h200", "cpu")
@@ -160,9 +160,7 @@ def build_engine(checkpoint: str | Path, out: str | Path, settings: BuildSetting
     if settings.backend != "aoti":
         raise BuildError(f"--backend {settings.backend}: build_engine compiles AOTInductor engines; other "
                          "backends are built by their plugin package")
-    if out.exists() and not settings.force:
-        raise BuildError(f"{out}: already exists; pass --force to replace it (the old engine is kept until the "
-                         "new one is complete)")
+    check_out(out, settings.force)
     if settings.max_batch < 1 or settings.max_seq_len < 2:
         raise BuildError(f"--max-batch >= 1 and --max-seq-len >= 2 expected, found {settings.max_batch}, "
                          f"{settings.max_seq_len}")

@@ -9,7 +9,21 @@ import shutil
 import tempfile
 from pathlib import Path
 
+from ..errors import BuildError
 from .manifest import sha256_file
+
+
+def check_out(out: Path, force: bool) -> None:
+    """Fail before anything is written when `out` exists and may not be replaced: without --force, or when
+    it is a non-empty folder that is no engine (the swap would delete it)."""
+    if not out.exists():
+        return
+    if not force:
+        raise BuildError(f"{out}: already exists; pass --force to replace it (the old engine is kept until the "
+                         "new one is complete)")
+    if out.is_dir() and any(out.iterdir()) and not (out / "manifest.json").is_file():
+        raise BuildError(f"{out}: exists and is not an engine directory (no manifest.json); --force replaces "
+                         "only engines: choose another --out or remove it yourself")
 
 
 def staging_dir(out: Path) -> Path:

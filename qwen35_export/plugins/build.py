@@ -27,7 +27,7 @@ from ..config import LINEAR_ATTENTION, Qwen35Config
 from ..errors import BuildError
 from ..exporter import capture as C
 from ..exporter.build import _TOKENIZER_FILES, TARGETS, BuildSettings, _prepare_layer, _resolve_dtype, check_target
-from ..exporter.engine_dir import file_table, staging_dir, swap_into_place
+from ..exporter.engine_dir import check_out, file_table, staging_dir, swap_into_place
 from ..exporter.manifest import FORMAT_VERSION, TARGET_SM, GraphEntry, Manifest
 from .onnx import export as X
 
@@ -47,9 +47,7 @@ def _check(checkpoint: str | Path, out: Path, settings: BuildSettings) -> Checkp
         raise BuildError(f"--target: expected one of {TARGETS}, found {settings.target!r}")
     if settings.backend == "tensorrt" and settings.target == "cpu":
         raise BuildError("--backend tensorrt: TensorRT engines run on NVIDIA GPUs; use --target h100 or h200")
-    if out.exists() and not settings.force:
-        raise BuildError(f"{out}: already exists; pass --force to replace it (the old engine is kept until the "
-                         "new one is complete)")
+    check_out(out, settings.force)
     if settings.max_batch < 1 or settings.max_seq_len < 2:
         raise BuildError(f"--max-batch >= 1 and --max-seq-len >= 2 expected, found {settings.max_batch}, "
                          f"{settings.max_seq_len}")
