@@ -73,6 +73,16 @@ def test_sampling_modes(engine: Engine, reference: Qwen35Model) -> None:
     assert a == b and a != c
 
 
+def test_tiny_temperature_samples_the_argmax() -> None:
+    """logits / 1e-40 overflows fp32 to inf, and softmax of inf is NaN: sampling must still pick the top."""
+    from qwen35_export.runtime.sampling import sample
+
+    logits = torch.tensor([[1.0, 3.0, -2.0, 2.5], [-1.0, -3.0, 0.5, 0.0]])
+    for kw in ({}, {"top_k": 2}, {"top_p": 0.9}):
+        got = sample(logits, SamplingParams(temperature=1e-40, **kw), torch.Generator().manual_seed(0))
+        assert got.tolist() == [1, 2], kw
+
+
 def test_stop_tokens(engine: Engine) -> None:
     greedy = engine.generate(PROMPTS[:1], SamplingParams(max_new_tokens=8))[0]
     stop = greedy[3]

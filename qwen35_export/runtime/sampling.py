@@ -34,7 +34,10 @@ def sample(logits: Tensor, p: SamplingParams, generator: torch.Generator | None)
     """logits [B, V] -> token ids [B] (int64)."""
     if p.temperature == 0.0:
         return logits.argmax(dim=-1)
-    x = logits.float() / p.temperature
+    x = logits.float()
+    # Shift the top logit to 0 before dividing (softmax is shift-invariant): a tiny temperature then sends
+    # the rest to -inf instead of overflowing the top to inf, whose softmax is NaN.
+    x = (x - x.max(dim=-1, keepdim=True).values) / p.temperature
     if p.top_k > 0:
         k = min(p.top_k, x.shape[-1])
         kth = torch.topk(x, k, dim=-1).values[:, -1:]
