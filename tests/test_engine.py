@@ -236,3 +236,13 @@ def test_force_never_replaces_a_directory_that_is_not_an_engine(engine_ckpt_fp32
     with pytest.raises(BuildError, match="not an engine directory"):
         build_engine(engine_ckpt_fp32, out, BuildSettings(target="cpu", force=True, progress=False))
     assert (out / "notes.txt").read_text() == "keep" and sorted(p.name for p in tmp_path.iterdir()) == ["mine"]
+
+
+def test_kernels_triton_needs_fp8_kernels_for_an_fp8_checkpoint(monkeypatch) -> None:
+    """No --dtype on an FP8 checkpoint resolves to fp8: `--kernels triton` must then require the FP8 kernels."""
+    from qwen35_export.exporter import build as B
+
+    monkeypatch.setattr(B, "triton_implementations", lambda: dict.fromkeys(
+        ("causal_conv1d", "gated_delta_rule", "moe_router", "moe_experts"), object()))
+    with pytest.raises(BuildError, match="fp8_linear"):
+        B._select_kernels(BuildSettings(target="h100", kernels="triton"), "fp8")

@@ -93,7 +93,8 @@ def _prepare_layer(w: dict[str, torch.Tensor], dtype: str, act: torch.dtype) -> 
                 else v.to(act)).contiguous() for k, v in w.items()}
 
 
-def _select_kernels(settings: BuildSettings) -> dict[str, object]:
+def _select_kernels(settings: BuildSettings, dtype: str) -> dict[str, object]:
+    """The op implementations a build substitutes; `dtype` is the resolved weight dtype (fp32 | bf16 | fp8)."""
     if settings.kernels not in ("auto", "triton", "reference"):
         raise BuildError(f"--kernels: expected auto, triton or reference, found {settings.kernels!r}")
     if settings.kernels == "reference" or (settings.kernels == "auto" and settings.target == "cpu"):
@@ -101,7 +102,7 @@ def _select_kernels(settings: BuildSettings) -> dict[str, object]:
     impls = triton_implementations()
     if settings.kernels == "triton":
         need = {"causal_conv1d", "gated_delta_rule", "moe_router", "moe_experts"}
-        need |= {"moe_experts_fp8", "fp8_linear"} if settings.dtype == "fp8" else set()
+        need |= {"moe_experts_fp8", "fp8_linear"} if dtype == "fp8" else set()
         missing = sorted(need - set(impls))
         if missing:
             raise BuildError(f"--kernels triton: no Triton implementation registered for {missing}")
@@ -173,7 +174,7 @@ def build_engine(checkpoint: str | Path, out: str | Path, settings: BuildSetting
     if dtype == "fp8" and cfg.moe_intermediate_size % 128:
         raise BuildError(f"--dtype fp8 needs moe_intermediate_size to be a multiple of 128, found "
                          f"{cfg.moe_intermediate_size}")
-    impls = _select_kernels(settings)
+    impls = _select_kernels(settings, dtype)
     plan = _parallel_plan(settings, cfg)
     if plan is not None:  # compile workers hold no process group, which graphs with collectives need
         settings = replace(settings, jobs=1)
