@@ -246,3 +246,16 @@ def test_kernels_triton_needs_fp8_kernels_for_an_fp8_checkpoint(monkeypatch) -> 
         ("causal_conv1d", "gated_delta_rule", "moe_router", "moe_experts"), object()))
     with pytest.raises(BuildError, match="fp8_linear"):
         B._select_kernels(BuildSettings(target="h100", kernels="triton"), "fp8")
+
+
+def test_prefill_checks_its_limits(engine: Engine) -> None:
+    s = engine.reset(2)
+    ids = torch.ones(2, 5, dtype=torch.int64)
+    with pytest.raises(InputError, match="every length must be in"):
+        engine.prefill(ids, torch.tensor([5, 0]), s)
+    with pytest.raises(InputError, match="expected ids"):
+        engine.prefill(ids, torch.tensor([5, 5, 5]), s)
+    engine.prefill(ids, torch.tensor([5, 3]), s)
+    long = torch.ones(2, engine.max_seq_len - 4, dtype=torch.int64)
+    with pytest.raises(InputError, match="past the engine's max sequence length"):
+        engine.prefill(long, torch.full((2,), engine.max_seq_len - 4), s)

@@ -173,6 +173,7 @@ class Engine:
         """ids [B, T] right-padded with per-row lengths [B] on top of slots `s`.
 
         Returns logits at each row's last real token [B, V] (or at every position [B, T, V])."""
+        self._check_prefill(ids, lengths, s)
         ids, lengths = ids.to(self.device), lengths.to(self.device, torch.int64)
         x = self.graphs["embed"](ids, self.globals["embed_tokens.weight"])
         x = self._layers(x, s, lengths, "prefill", hook)
@@ -181,6 +182,21 @@ class Engine:
         logits = self._final(x)
         s.lengths.add_(lengths)
         return logits if all_logits else logits[:, 0]
+
+    def _check_prefill(self, ids: Tensor, lengths: Tensor, s: Slots) -> None:
+        """Shapes and limits the graphs assume; past them positions would be clamped into wrong numbers."""
+        if ids.dim() != 2 or lengths.shape != (ids.shape[0],) or ids.shape[0] != s.batch:
+            raise InputError(f"prefill: expected ids [B, T] and lengths [B] for the {s.batch} slots given, found "
+                             f"ids {tuple(ids.shape)} and lengths {tuple(lengths.shape)}")
+        if s.batch > self.max_batch:
+            raise InputError(f"prefill: batch {s.batch} exceeds the engine's max batch {self.max_batch}")
+        lens = lengths.cpu()
+        if int(lens.min()) < 1 or int(lens.max()) > ids.shape[1]:
+            raise InputError(f"prefill: every length must be in [1, T={ids.shape[1]}], found {lens.tolist()}")
+        total = int((s.lengths.cpu() + lens).max())
+        if total > self.max_seq_len:
+            raise InputError(f"prefill: a row would reach {total} tokens, past the engine's max sequence length "
+                             f"{self.max_seq_len}")
 
     def _decode_eager(self, tokens: Tensor, s: Slots, hook: LayerHook | None = None) -> Tensor:
         ones = torch.ones_like(s.lengths)
