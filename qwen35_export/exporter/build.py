@@ -93,6 +93,33 @@ def _prepare_layer(w: dict[str, torch.Tensor], dtype: str, act: torch.dtype) -> 
                 else v.to(act)).contiguous() for k, v in w.items()}
 
 
+def write_weights(reader: CheckpointReader, tmp: Path, dtype: str, act: torch.dtype, device: torch.device,
+                  progress: bool, plan: ParallelPlan | None = None, rank_files: list[list[str]] | None = None
+                  ) -> tuple[dict[str, torch.Tensor], list[str], dict[str, dict[str, torch.Tensor]]]:
+    """Stream the weights into `tmp/weights/`, one layer at a time (per-rank shards when `plan` is set).
+
+    Returns (globals, layer files, the first layer of each kind on `device` as the capture example)."""
+    cfg = reader.config
+    (tmp / "weights").mkdir()
+    glob = {k: v.to(act) for k, v in reader.load_globals(act).items()}
+    save_file(glob, str(tmp / "weights" / "globals.safetensors"))
+    layer_files: list[str] = []
+    examples: dict[str, dict[str, torch.Tensor]] = {}
+    for i in tqdm(range(cfg.num_hidden_layers), desc="weights", disable=not progress):
+        w = _prepare_layer(reader.load_layer(i, act, keep_fp8=(dtype == "fp8")), dtype, act)
+        if plan is not None:  # every rank's file written; rank 0's shard is the capture example
+            w = save_layer_shards(w, cfg, plan, i, tmp, rank_files)
+        else:
+            rel = f"weights/layer_{i:03d}.safetensors"
+            save_file(w, str(tmp / rel))
+            layer_files.append(rel)
+        kind = C.GDN if cfg.layer_types[i] == LINEAR_ATTENTION else C.ATTN
+        if kind not in examples:
+            examples[kind] = {k: v.to(device) for k, v in w.items()}
+        del w
+    return glob, layer_files, examples
+
+
 def _select_kernels(settings: BuildSettings, dtype: str) -> dict[str, object]:
     """The op implementations a build substitutes; `dtype` is the resolved weight dtype (fp32 | bf16 | fp8)."""
     if settings.kernels not in ("auto", "triton", "reference"):
@@ -180,29 +207,13 @@ def build_engine(checkpoint: str | Path, out: str | Path, settings: BuildSetting
         settings = replace(settings, jobs=1)
     rank_files: list[list[str]] = [[] for _ in range(plan.world_size if plan else 0)]
     shapes = C.CaptureShapes(settings.max_batch, settings.max_seq_len)
-    out.parent.mkdir(parents=True, exist_ok=True)
     tmp = staging_dir(out)
     times: dict[str, float] = {}
     try:
         # 1. weights, one layer at a time
         t0 = time.time()
-        (tmp / "weights").mkdir()
-        glob = {k: v.to(act) for k, v in reader.load_globals(act).items()}
-        save_file(glob, str(tmp / "weights" / "globals.safetensors"))
-        layer_files: list[str] = []
-        examples: dict[str, dict[str, torch.Tensor]] = {}
-        for i in tqdm(range(cfg.num_hidden_layers), desc="weights", disable=not settings.progress):
-            w = _prepare_layer(reader.load_layer(i, act, keep_fp8=(dtype == "fp8")), dtype, act)
-            if plan is not None:  # every rank's file written; rank 0's shard is the capture example
-                w = save_layer_shards(w, cfg, plan, i, tmp, rank_files)
-            kind = C.GDN if cfg.layer_types[i] == LINEAR_ATTENTION else C.ATTN
-            if kind not in examples:
-                examples[kind] = {k: v.to(device) for k, v in w.items()}
-            if plan is None:
-                rel = f"weights/layer_{i:03d}.safetensors"
-                save_file(w, str(tmp / rel))
-                layer_files.append(rel)
-            del w
+        glob, layer_files, examples = write_weights(reader, tmp, dtype, act, device, settings.progress, plan,
+                                                    rank_files)
         reader.close()
         times["weights"] = time.time() - t0
 

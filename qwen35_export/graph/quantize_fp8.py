@@ -13,7 +13,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from ..checkpoint.fp8 import FP8_DTYPE, quantize_fp8_block
+from ..checkpoint.fp8 import FP8_DTYPE, dequantize_fp8_block, quantize_fp8_block
 from ..model.weights import is_fp8_quantized, scale_name
 
 
@@ -37,8 +37,6 @@ def quantize_layer_fp8(w: dict[str, Tensor]) -> tuple[dict[str, Tensor], int]:
 
 def dequantize_all(w: dict[str, Tensor], dtype: torch.dtype) -> dict[str, Tensor]:
     """Inverse, for a BF16/FP32 engine built from an FP8 checkpoint: dequantise and drop the scales."""
-    from ..checkpoint.fp8 import dequantize_fp8_block
-
     out = {}
     for name, t in w.items():
         if name.endswith("_scale_inv"):

@@ -18,15 +18,15 @@ from typing import Callable
 
 import onnx
 import torch
-from safetensors.torch import save_file
 from tqdm import tqdm
 
 from .. import __version__
 from ..checkpoint.reader import CheckpointReader
-from ..config import LINEAR_ATTENTION, Qwen35Config
+from ..config import Qwen35Config
 from ..errors import BuildError
 from ..exporter import capture as C
-from ..exporter.build import _TOKENIZER_FILES, TARGETS, BuildSettings, _prepare_layer, _resolve_dtype, check_target
+from ..exporter.build import (_TOKENIZER_FILES, TARGETS, BuildSettings, _resolve_dtype, check_target,
+                               write_weights)
 from ..exporter.engine_dir import check_out, file_table, staging_dir, swap_into_place
 from ..exporter.manifest import FORMAT_VERSION, TARGET_SM, GraphEntry, Manifest
 from .onnx import export as X
@@ -56,24 +56,6 @@ def _check(checkpoint: str | Path, out: Path, settings: BuildSettings) -> Checkp
         raise BuildError(f"--max-seq-len {settings.max_seq_len} exceeds max_position_embeddings "
                          f"{reader.config.max_position_embeddings} of {checkpoint}/config.json")
     return reader
-
-
-def _write_weights(reader: CheckpointReader, tmp: Path, dtype: str, act: torch.dtype,
-                   progress: bool) -> tuple[dict[str, torch.Tensor], list[str], dict[str, dict[str, torch.Tensor]]]:
-    """Stream the weights into `tmp/weights/`; returns (globals, layer files, first layer of each kind)."""
-    cfg = reader.config
-    (tmp / "weights").mkdir()
-    glob = {k: v.to(act) for k, v in reader.load_globals(act).items()}
-    save_file(glob, str(tmp / "weights" / "globals.safetensors"))
-    files: list[str] = []
-    examples: dict[str, dict[str, torch.Tensor]] = {}
-    for i in tqdm(range(cfg.num_hidden_layers), desc="weights", disable=not progress):
-        w = _prepare_layer(reader.load_layer(i, act, keep_fp8=(dtype == "fp8")), dtype, act)
-        examples.setdefault(C.GDN if cfg.layer_types[i] == LINEAR_ATTENTION else C.ATTN, w)
-        rel = f"weights/layer_{i:03d}.safetensors"
-        save_file(w, str(tmp / rel))
-        files.append(rel)
-    return glob, files, examples
 
 
 def _export_graphs(cfg: Qwen35Config, glob: dict[str, torch.Tensor], examples: dict[str, dict[str, torch.Tensor]],
@@ -131,12 +113,12 @@ def build_backend_engine(checkpoint: str | Path, out: str | Path, settings: Buil
                          "bfloat16 MatMul (onnxruntime 1.32); use --dtype fp32 or fp8 (fp8 weights, fp32 "
                          "activations) on cpu")
     shapes = C.CaptureShapes(settings.max_batch, settings.max_seq_len)
-    out.parent.mkdir(parents=True, exist_ok=True)
     tmp = staging_dir(out)
     times: dict[str, float] = {}
     try:
         t0 = time.time()
-        glob, layer_files, examples = _write_weights(reader, tmp, dtype, act, settings.progress)
+        glob, layer_files, examples = write_weights(reader, tmp, dtype, act, torch.device("cpu"),
+                                                    settings.progress)
         reader.close()
         times["weights"] = time.time() - t0
         t0 = time.time()
