@@ -157,13 +157,22 @@ def attention_mixer(x: Tensor, w: dict[str, Tensor], k_cache: Tensor, v_cache: T
 
 
 # -- MoE -------------------------------------------------------------------------------------------
-def moe_block(x: Tensor, w: dict[str, Tensor], cfg: Qwen35Config) -> Tensor:
-    """Sparse MoE over x [B, T, H]: routed top-k experts plus the sigmoid-gated shared expert."""
+def moe_block(x: Tensor, w: dict[str, Tensor], cfg: Qwen35Config, expert_map: Tensor | None = None) -> Tensor:
+    """Sparse MoE over x [B, T, H]: routed top-k experts plus the sigmoid-gated shared expert.
+
+    `expert_map` [E] (expert parallelism) maps global expert ids to this rank's local ones, -1 for experts
+    another rank owns: those slots go to local expert 0 with weight 0, adding exactly 0 here.
+    """
     B, T, H = x.shape
     xf = x.reshape(B * T, H)  # [N, H]
-    logits = F.linear(xf, w["mlp.gate.weight"])  # [N, E]
+    logits = F.linear(xf, w["mlp.gate.weight"])  # [N, E] over all experts: routing is global
     rw, ids = torch.ops.qwen35.moe_router(logits, cfg.num_experts_per_tok)
     rw = rw.to(x.dtype)  # HF casts the renormalised weights to the activation dtype
+    if expert_map is not None:
+        local = expert_map[ids]  # [N, k]
+        own = local >= 0
+        rw = torch.where(own, rw, torch.zeros_like(rw))
+        ids = torch.where(own, local, torch.zeros_like(local))
     if "mlp.experts.gate_up_proj_scale_inv" in w:
         routed = torch.ops.qwen35.moe_experts_fp8(
             xf, rw, ids, w["mlp.experts.gate_up_proj"], w["mlp.experts.gate_up_proj_scale_inv"],

@@ -14,15 +14,13 @@ from __future__ import annotations
 
 from typing import Callable
 
-import torch
 import torch.distributed as dist
 import torch.distributed._functional_collectives as funcol
-import torch.nn.functional as F
 from torch import Tensor
 
 from ..config import Qwen35Config
 from ..model import layers
-from ..model.layers import linear, rms_norm
+from ..model.layers import rms_norm
 from .plan import ParallelPlan
 from .shard import EXPERT_MAP
 
@@ -39,30 +37,9 @@ def moe_block_local(x: Tensor, w: dict[str, Tensor], cfg: Qwen35Config) -> Tenso
 
     Summed over the ranks this equals `layers.moe_block`; with an identity expert map and the whole shared
     expert it is `layers.moe_block` itself."""
-    B, T, H = x.shape
-    xf = x.reshape(B * T, H)  # [N, H]
-    logits = F.linear(xf, w["mlp.gate.weight"])  # [N, E] over all experts: routing is global
-    rw, ids = torch.ops.qwen35.moe_router(logits, cfg.num_experts_per_tok)
-    rw = rw.to(x.dtype)
-    local = w[EXPERT_MAP][ids]  # [N, k] local expert index, -1 where another rank owns the expert
-    own = local >= 0
-    # A slot routed elsewhere goes to local expert 0 with weight 0: it adds exactly 0 here (its owner adds
-    # the real term). Costs expert 0 some idle rows; a skip id in the kernels' align step would save them.
-    rw = torch.where(own, rw, torch.zeros_like(rw))
-    local = torch.where(own, local, torch.zeros_like(local))
-    if "mlp.experts.gate_up_proj_scale_inv" in w:
-        routed = torch.ops.qwen35.moe_experts_fp8(
-            xf, rw, local, w["mlp.experts.gate_up_proj"], w["mlp.experts.gate_up_proj_scale_inv"],
-            w["mlp.experts.down_proj"], w["mlp.experts.down_proj_scale_inv"])
-    else:
-        routed = torch.ops.qwen35.moe_experts(xf, rw, local, w["mlp.experts.gate_up_proj"],
-                                              w["mlp.experts.down_proj"])
-    s = "mlp.shared_expert."
-    # Rows of gate/up and columns of down are this rank's slice: silu(g)*u is per row, so the down
-    # projection of the slice is a partial sum of the full shared expert, scaled by the replicated gate.
-    h = F.silu(linear(xf, w, s + "gate_proj.weight")) * linear(xf, w, s + "up_proj.weight")  # [N, S/ranks]
-    shared = torch.sigmoid(F.linear(xf, w["mlp.shared_expert_gate.weight"])) * linear(h, w, s + "down_proj.weight")
-    return (routed + shared).reshape(B, T, H)
+    # Shared-expert rows of gate/up and columns of down are this rank's slice: silu(g)*u is per row, so the
+    # down projection of the slice is a partial sum of the full shared expert, scaled by the replicated gate.
+    return layers.moe_block(x, w, cfg, expert_map=w[EXPERT_MAP])
 
 
 def _block(x: Tensor, w: dict[str, Tensor], cfg: Qwen35Config, plan: ParallelPlan, reduce: Reduce,
