@@ -25,7 +25,14 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 CHILD = r"""
-import json, sys, time, torch
+import json, sys, time
+t = time.time()
+import torch
+torch.cuda.init()
+t_torch = time.time() - t
+t = time.time()
+import onnxruntime
+t_ort = time.time() - t
 sys.path.insert(0, {root!r})
 from qwen35_export.runtime.engine import Engine
 from qwen35_export.runtime.sampling import SamplingParams
@@ -33,12 +40,20 @@ t = time.time()
 e = Engine.load({engine!r}, verify_hashes={verify})
 load_s = time.time() - t
 prompts = {prompts!r}
-res = {{"load_s": load_s, "load_parts": e.load_seconds}}
+res = {{"load_s": load_s, "load_parts": e.load_seconds, "import_torch_cuda_s": t_torch, "import_ort_s": t_ort}}
 try:
+    t = time.time()
     out = e.generate(prompts, SamplingParams(max_new_tokens={gen}))
+    res["generate_s"] = time.time() - t
     res["tokens"] = out
+    res["cuda_graph_error_generate"] = e.cuda_graph_error
+    # The same prompts decoded eagerly (no CUDA graphs): graph replay must not change a token.
+    e.use_cuda_graphs = False
+    res["tokens_eager"] = e.generate(prompts, SamplingParams(max_new_tokens={gen}))
+    e.use_cuda_graphs = e.cuda_graph_error is None
 except Exception as ex:
-    res["error"] = repr(ex)
+    import traceback
+    res["error"] = traceback.format_exc()[-3000:]
     print(json.dumps(res)); sys.exit(0)
 # decode speed with CUDA graphs at batch 1 and 8
 speeds = {{}}
@@ -59,6 +74,34 @@ for B in {batches!r}:
     speeds[B] = {{"ms_per_step": ms, "tokens_per_s": B * 1e3 / ms}}
 res["decode"] = speeds
 res["cuda_graph_error"] = e.cuda_graph_error
+if e.cuda_graph_error:
+    # Which graph breaks the capture: capture each graph's decode call on its own.
+    probe = {{}}
+    orig = dict(e.graphs)
+    def wrap(name, fn):
+        def run(*args):
+            if name in probe:
+                return fn(*args)
+            torch.cuda.synchronize()
+            g = torch.cuda.CUDAGraph()
+            try:
+                with torch.cuda.graph(g):
+                    fn(*args)
+                probe[name] = "ok"
+            except Exception as ex:
+                probe[name] = repr(ex)[:400]
+            torch.cuda.synchronize()
+            return fn(*args)
+        return run
+    for name, fn in orig.items():
+        e.graphs[name] = wrap(name, fn)
+    s = e.reset(1)
+    try:
+        e._decode_eager(torch.zeros(1, dtype=torch.int64, device="cuda"), s)
+    except Exception as ex:
+        probe["_decode"] = repr(ex)[:400]
+    e.graphs.update(orig)
+    res["capture_probe"] = probe
 # per-layer diagnosis of the prefill: engine hidden states vs the reference (bf16 and fp32) per row
 if {diag}:
     from qwen35_export.checkpoint.reader import load_model_weights
@@ -114,6 +157,8 @@ def main() -> None:
     ap.add_argument("--skip-tiny", action="store_true")
     ap.add_argument("--kernels", default="auto")
     ap.add_argument("--dtypes", default="bf16,fp8")
+    ap.add_argument("--target", default="h100", choices=["h100", "h200"])
+    ap.add_argument("--tag", default="", help="suffix of the results file (engine_results{tag}.json)")
     a = ap.parse_args()
     from qwen35_export.checkpoint.reader import load_model_weights
     from qwen35_export.checkpoint.writer import write_random_checkpoint
@@ -134,7 +179,7 @@ def main() -> None:
             eng = a.work / f"eng_{dtype}"
             t = time.time()
             try:
-                build_engine(ck, eng, BuildSettings(target="h100", dtype=dtype, max_batch=8, max_seq_len=256, jobs=6,
+                build_engine(ck, eng, BuildSettings(target=a.target, dtype=dtype, max_batch=8, max_seq_len=256, jobs=6,
                                                         kernels=a.kernels))
             except Exception as ex:
                 results[f"tiny_{dtype}"] = {"build_error": repr(ex)[:2000]}
@@ -151,8 +196,10 @@ def main() -> None:
                     r[f"agree_{name}"] = agree(r["tokens"], ref)
                     r[f"first_diff_{name}"] = [next((i for i, (p, q) in enumerate(zip(x, y)) if p != q), None)
                                                for x, y in zip(r["tokens"], ref)]
+            if "tokens" in r:
+                r["agree_graph_vs_eager"] = agree(r["tokens"], r["tokens_eager"])
             results[f"tiny_{dtype}"] = r
-            print(dtype, json.dumps({k: v for k, v in r.items() if k != "tokens"}), flush=True)
+            print(dtype, json.dumps({k: v for k, v in r.items() if not k.startswith("tokens")}), flush=True)
     if a.big:
         shutil.rmtree(a.big_work, ignore_errors=True)
         cfg = preset(a.big)
@@ -165,7 +212,7 @@ def main() -> None:
         eng = a.work / "eng_big"
         t = time.time()
         try:
-            build_engine(ck, eng, BuildSettings(target="h100", dtype="fp8", max_batch=8, max_seq_len=1024, jobs=6,
+            build_engine(ck, eng, BuildSettings(target=a.target, dtype="fp8", max_batch=8, max_seq_len=1024, jobs=6,
                                                       kernels=a.kernels))
             build_s = time.time() - t
             size = sum(p.stat().st_size for p in eng.rglob("*") if p.is_file())
@@ -178,7 +225,7 @@ def main() -> None:
         results["big"] = r
         print("big", json.dumps({k: v for k, v in r.items() if k != "tokens"}), flush=True)
         shutil.rmtree(a.big_work, ignore_errors=True)
-    (a.out / "engine_results.json").write_text(json.dumps(results, indent=1))
+    (a.out / f"engine_results{a.tag}.json").write_text(json.dumps(results, indent=1))
 
 
 if __name__ == "__main__":

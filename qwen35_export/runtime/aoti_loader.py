@@ -39,4 +39,9 @@ def load_package(path: str | Path, device: torch.device):
     kwargs = {}
     if device.type == "cuda":
         kwargs["device_index"] = device.index if device.index is not None else torch.cuda.current_device()
+        # The default runner hands each call to a pool of model instances and checks/waits on a CUDA event
+        # per call (cudaEventQuery / cudaEventSynchronize), which invalidates a CUDA-graph capture of the
+        # decode step (cudaErrorStreamCaptureInvalidated, H100, 2026-11-24). The runtime calls each graph
+        # from one thread, in order, so the single-threaded runner (no events) is what it needs.
+        kwargs["run_single_threaded"] = True
     return torch._inductor.aoti_load_package(str(path), **kwargs)
