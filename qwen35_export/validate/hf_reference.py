@@ -13,13 +13,42 @@ from .trace import RowTrace
 
 
 def load_hf(checkpoint: str | Path, device: torch.device):
+    """transformers' model of the checkpoint in fp32 on `device`.
+
+    An FP8 checkpoint loads through `Qwen3_5MoeForConditionalGeneration` with its blocks dequantised: only
+    that class honours the top-level `quantization_config` of a multimodal checkpoint
+    (`Qwen3_5MoeForCausalLM` reads `text_config` alone and takes the e4m3 bytes for weights: every layer
+    wrong, seen on the H200, transformers 5.17, 2026-12-01), and on a GPU the quantizer would otherwise keep
+    FP8 matmuls, which is not an fp32 reference."""
+    from ..config import Qwen35Config
+
     try:
         import transformers
     except ImportError:
         raise InputError("--reference transformers needs the `transformers` package (pip install "
                          "'qwen35-export[test]')") from None
-    model = transformers.Qwen3_5MoeForCausalLM.from_pretrained(checkpoint, dtype=torch.float32)
-    return model.to(device).eval()
+    cfg = Qwen35Config.from_json_file(Path(checkpoint) / "config.json")
+    if cfg.fp8 is None:
+        model = transformers.Qwen3_5MoeForCausalLM.from_pretrained(checkpoint, dtype=torch.float32)
+    else:
+        try:
+            import accelerate  # noqa: F401
+        except ImportError:
+            raise InputError(f"{checkpoint}: --reference transformers on an FP8 checkpoint needs `accelerate` "
+                             "(transformers' FP8 loader imports it)") from None
+        q = transformers.FineGrainedFP8Config(weight_block_size=tuple(cfg.fp8.weight_block_size),
+                                              dequantize=True)
+        model = transformers.Qwen3_5MoeForConditionalGeneration.from_pretrained(
+            checkpoint, dtype=torch.float32, quantization_config=q)
+    # Keep-in-BF16 tensors load as bf16; bf16 -> fp32 is exact.
+    return model.float().to(device).eval()
+
+
+def decoder_layers(model) -> torch.nn.ModuleList:
+    """The text decoder layers of a CausalLM (`model.layers`) or ConditionalGeneration
+    (`model.language_model.layers`) model."""
+    inner = model.model
+    return getattr(inner, "language_model", inner).layers
 
 
 @torch.no_grad()
@@ -39,7 +68,7 @@ def hf_trace(model, prompts: list[list[int]], gen: int, n_layers: int, progress:
             teacher.append(int(tok))
         full = torch.tensor([p + teacher[:-1]], device=dev)
         last: list[torch.Tensor] = []
-        h = model.model.layers[-1].register_forward_hook(
+        h = decoder_layers(model)[-1].register_forward_hook(
             lambda mod, args, o: last.append(o[0] if isinstance(o, tuple) else o))
         try:
             out = model(input_ids=full, output_hidden_states=True)
