@@ -136,22 +136,34 @@ def attention_mixer(x: Tensor, w: dict[str, Tensor], k_cache: Tensor, v_cache: T
     valid = torch.arange(T, device=x.device)[None, :] < lengths[:, None]  # [B, T]
     pad_slot = torch.where(total < Tmax, total, start - 1).clamp(min=0, max=Tmax - 1)  # [B]
     slot = torch.where(valid, pos.clamp(max=Tmax - 1), pad_slot[:, None])  # [B, T]
-    slot = slot[:, None, :, None].expand(B, KVH, T, D)  # [B, KVH, T, D]
-    keep = valid[:, None, :, None]
-    k_cache = k_cache.scatter(2, slot, torch.where(keep, k.transpose(1, 2).to(k_cache.dtype),
-                                                   k_cache.gather(2, slot)))
-    v_cache = v_cache.scatter(2, slot, torch.where(keep, v.transpose(1, 2).to(v_cache.dtype),
-                                                   v_cache.gather(2, slot)))
+    # index_put (not scatter) so that Inductor writes the T new rows into the cache input in place instead of
+    # copying the whole [B, KVH, T_max, D] cache every step.
+    idx = (torch.arange(B, device=x.device)[:, None, None], torch.arange(KVH, device=x.device)[None, :, None],
+           slot[:, None, :])  # broadcast to [B, KVH, T]
+    keep = valid[:, None, :, None]  # [B, 1, T, 1]
+    k_cache = k_cache.index_put(idx, torch.where(keep, k.transpose(1, 2).to(k_cache.dtype), k_cache[idx]))
+    v_cache = v_cache.index_put(idx, torch.where(keep, v.transpose(1, 2).to(v_cache.dtype), v_cache[idx]))
 
     total = total.clamp(min=1)
     kv_pos = torch.arange(Tmax, device=x.device)
-    mask = (kv_pos[None, None, :] <= pos[:, :, None]) & (kv_pos[None, None, :] < total[:, None, None])
+    mask = (kv_pos[None, None, :] <= pos[:, :, None]) & (kv_pos[None, None, :] < total[:, None, None])  # [B,T,Tmax]
     G = NH // KVH
-    kf = k_cache.repeat_interleave(G, dim=1)  # [B, NH, Tmax, D]
-    vf = v_cache.repeat_interleave(G, dim=1)
-    attn = F.scaled_dot_product_attention(q.transpose(1, 2), kf.to(q.dtype), vf.to(q.dtype),
-                                          attn_mask=mask[:, None, :, :], scale=D ** -0.5)  # [B, NH, T, D]
-    attn = attn.transpose(1, 2).reshape(B, T, NH * D)
+    kc, vc = k_cache.to(q.dtype), v_cache.to(q.dtype)
+    if isinstance(T, int) and T <= 8:
+        # Decode (T is static there): the G query heads of a KV head become G*T query rows against that one
+        # KV head, so the cache is read once instead of being repeated G times ([B, NH, T_max, D] per layer
+        # per step). The mask row of (g, t) is row t: [B, 1, G*T, T_max] stays small for small T.
+        qh = q.reshape(B, T, KVH, G, D).permute(0, 2, 3, 1, 4).reshape(B, KVH, G * T, D)  # rows g*T + t
+        m = mask[:, None, None].expand(B, 1, G, T, Tmax).reshape(B, 1, G * T, Tmax)
+        attn = F.scaled_dot_product_attention(qh, kc, vc, attn_mask=m, scale=D ** -0.5)  # [B, KVH, G*T, D]
+        attn = attn.reshape(B, KVH, G, T, D).permute(0, 3, 1, 2, 4).reshape(B, T, NH * D)
+    else:
+        # Prefill: repeating K/V per query head costs about what q itself does, and keeps the mask [B,1,T,T_max].
+        kf = kc.repeat_interleave(G, dim=1)  # [B, NH, Tmax, D]
+        vf = vc.repeat_interleave(G, dim=1)
+        attn = F.scaled_dot_product_attention(q.transpose(1, 2), kf, vf, attn_mask=mask[:, None, :, :],
+                                              scale=D ** -0.5)  # [B, NH, T, D]
+        attn = attn.transpose(1, 2).reshape(B, T, NH * D)
     attn = attn * torch.sigmoid(gate)
     return linear(attn, w, p + "o_proj.weight"), k_cache, v_cache
 
