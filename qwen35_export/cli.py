@@ -185,6 +185,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("engine", type=Path)
     s.add_argument("--checkpoint", required=True, type=Path)
     s.add_argument("--reference", default="ours", choices=["ours", "transformers"])
+    s.add_argument("--reference-mode", default="auto", choices=["auto", "whole", "stream"],
+                   help="auto: the whole fp32 reference when it fits on the engine's device, else one layer "
+                   "at a time (stream; --reference ours only)")
     s.add_argument("--prompts", type=Path)
     s.add_argument("--random", type=int, default=3)
     s.add_argument("--gen", type=int, default=16)

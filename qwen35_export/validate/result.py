@@ -40,6 +40,7 @@ class ValidationResult:
     seconds: float = 0.0
     skipped: list[str] = field(default_factory=list)
     end_to_end: dict[str, Any] = field(default_factory=dict)  # logit metrics per phase, greedy match
+    reference_mode: str = "whole"  # "whole" (one fp32 model in memory) or "stream" (one layer at a time)
 
     @property
     def passed(self) -> bool:
@@ -65,7 +66,8 @@ class ValidationResult:
 
     def summary(self) -> str:
         """The table printed by the CLI (also the top of the markdown report)."""
-        lines = [f"engine {self.engine}  precision {self.precision}  reference {self.reference}  "
+        lines = [f"engine {self.engine}  precision {self.precision}  reference {self.reference} "
+                 f"({self.reference_mode})  "
                  f"prompts {len(self.prompt_lengths)} (lengths {','.join(map(str, self.prompt_lengths))})  "
                  f"gen {self.gen}",
                  f"{'check':<34} {'value':>11} {'':>2} {'bound':>11}  {'result':<6} where"]

@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import os
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -19,10 +20,12 @@ from ..model.model import Qwen35Model
 from ..runtime.engine import Engine
 from .checks import largest_jumps, layer_checks, layer_metrics, logit_checks
 from .result import ValidationResult
+from .stream import fits, stream_trace
 from .thresholds import thresholds_for
 from .trace import EngineRunner, ModelRunner, RowTrace, routing_from_engine_inputs, trace
 
 REFERENCES = ("ours", "transformers")
+REFERENCE_MODES = ("auto", "whole", "stream")
 
 
 def load_prompts(path: str | Path) -> list[list[int]]:
@@ -54,22 +57,63 @@ def reference_device(engine: Engine) -> torch.device:
     else the CPU."""
     if engine.device.type != "cuda":
         return torch.device("cpu")
-    need = param_counts(engine.cfg).total * 4 * 1.25
-    free, _ = torch.cuda.mem_get_info(engine.device)
-    return engine.device if need < free else torch.device("cpu")
+    return engine.device if fits(engine.device, param_counts(engine.cfg).total * 4) else torch.device("cpu")
 
 
-def _collect(eng: Engine, checkpoint: str | Path, reference: str, batches: list[list[list[int]]], gen: int,
+@dataclass(frozen=True)
+class ReferencePlan:
+    """How the reference runs: the whole fp32 model on `device`, or streamed one layer at a time (each
+    layer on `device` when it fits there, else on the CPU)."""
+
+    mode: str  # "whole" or "stream"
+    device: torch.device
+
+    def describe(self) -> str:
+        if self.mode == "whole":
+            return f"whole fp32 model on {self.device}"
+        where = "the CPU" if self.device.type == "cpu" else f"{self.device} when it fits, else the CPU"
+        return f"fp32 layer streaming (one layer's weights at a time, on {where})"
+
+
+def _check_mode(reference: str, mode: str) -> None:
+    if mode not in REFERENCE_MODES:
+        raise InputError(f"--reference-mode: expected one of {REFERENCE_MODES}, found {mode!r}")
+    if mode == "stream" and reference != "ours":
+        raise InputError(f"--reference-mode stream: only our reference runs layer by layer; --reference "
+                         f"{reference} loads the whole model (use --reference ours)")
+
+
+def reference_plan(engine: Engine, reference: str = "ours", mode: str = "auto") -> ReferencePlan:
+    """auto: the whole fp32 model on the engine's device when it fits there (GPU memory, or host memory for
+    a cpu engine), else layer streaming, its layers on the engine's GPU when they fit. whole: the whole
+    model, on the engine's GPU when it fits, else the CPU. stream: layer streaming whatever fits.
+    transformers' model cannot be streamed: it always runs whole."""
+    _check_mode(reference, mode)
+    if reference != "ours" or mode == "whole":
+        return ReferencePlan("whole", reference_device(engine))
+    if mode == "auto" and fits(engine.device, param_counts(engine.cfg).total * 4):
+        return ReferencePlan("whole", engine.device)
+    return ReferencePlan("stream", engine.device)
+
+
+def _collect(eng: Engine, checkpoint: str | Path, reference: str, plan: ReferencePlan,
+             batches: list[list[list[int]]], gen: int,
              progress: bool) -> tuple[list[RowTrace], list[RowTrace], list[list[torch.Tensor]] | None]:
-    """Trace the reference, then the engine fed the reference's tokens, batch by batch.
-    Returns engine rows, reference rows, and (our reference only) router picks from the engine's inputs."""
-    ref_dev = reference_device(eng)
+    """Trace both sides batch by batch: whole, the reference first and the engine fed its tokens; streamed,
+    the engine first (own greedy tokens) and the reference fed those. Returns engine rows, reference rows,
+    and (our reference only) router picks from the engine's inputs."""
+    if plan.mode == "stream":
+        eng_batches = [trace(EngineRunner(eng), batch, gen, desc="engine decode", progress=progress)
+                       for batch in tqdm(batches, desc="engine batches", disable=not progress or len(batches) < 2)]
+        gpu = plan.device if plan.device.type == "cuda" else None
+        ref_rows, routing = stream_trace(checkpoint, eng_batches, eng.max_seq_len, gpu, progress)
+        return [r for rows in eng_batches for r in rows], ref_rows, routing
     if reference == "ours":
-        model = Qwen35Model(load_model_weights(checkpoint, torch.float32, device=ref_dev, progress=progress))
+        model = Qwen35Model(load_model_weights(checkpoint, torch.float32, device=plan.device, progress=progress))
     else:
         from .hf_reference import hf_trace, load_hf
 
-        hf = load_hf(checkpoint, ref_dev)
+        hf = load_hf(checkpoint, plan.device)
     eng_rows: list[RowTrace] = []
     ref_rows: list[RowTrace] = []
     routing: list[list[torch.Tensor]] = []
@@ -91,11 +135,13 @@ def _collect(eng: Engine, checkpoint: str | Path, reference: str, batches: list[
 def validate(engine: str | Path | Engine, checkpoint: str | Path, reference: str = "ours",
              prompts: list[list[int]] | None = None, random_n: int = 3, gen: int = 16,
              report_dir: str | Path | None = None, device: str | None = None,
-             progress: bool = True) -> ValidationResult:
-    """Compare `engine` (a directory or a loaded Engine) with the fp32 reference built from `checkpoint`."""
+             progress: bool = True, reference_mode: str = "auto") -> ValidationResult:
+    """Compare `engine` (a directory or a loaded Engine) with the fp32 reference built from `checkpoint`,
+    run whole or streamed layer by layer as `reference_plan` decides for `reference_mode`."""
     t0 = time.perf_counter()
     if reference not in REFERENCES:
         raise InputError(f"--reference: expected one of {REFERENCES}, found {reference!r}")
+    _check_mode(reference, reference_mode)
     if gen < 1:
         raise InputError(f"--gen: expected >= 1, found {gen}")
     eng = engine if isinstance(engine, Engine) else Engine.load(engine, device)
@@ -110,8 +156,11 @@ def validate(engine: str | Path | Engine, checkpoint: str | Path, reference: str
     for batch in batches:
         eng.check_prompts(batch, gen)
     kinds = ["gdn" if t == LINEAR_ATTENTION else "attn" for t in cfg.layer_types]
+    plan = reference_plan(eng, reference, reference_mode)
+    if progress:
+        print(f"reference {reference}: {plan.describe()}")
 
-    eng_rows, ref_rows, routing = _collect(eng, checkpoint, reference, batches, gen, progress)
+    eng_rows, ref_rows, routing = _collect(eng, checkpoint, reference, plan, batches, gen, progress)
     skipped = [] if routing is not None else [
         "GDN state and routing checks (they need our reference's explicit state and router; use --reference ours)"]
 
@@ -121,7 +170,7 @@ def validate(engine: str | Path | Engine, checkpoint: str | Path, reference: str
     result = ValidationResult(engine=str(eng.dir), precision=eng.manifest.dtype, reference=reference,
                               prompt_lengths=[len(p) for p in prompts], gen=gen, checks=checks + lchecks,
                               layers=layers, largest_jump=largest_jumps(layers), skipped=skipped,
-                              end_to_end=e2e)
+                              end_to_end=e2e, reference_mode=plan.mode)
     result.seconds = time.perf_counter() - t0
     if report_dir is not None:
         from .report import write_report
@@ -134,7 +183,7 @@ def validate_cli(args: argparse.Namespace) -> int:
     """`qwen35-export validate`: print the summary table; exit 0 only when every check passes."""
     prompts = load_prompts(args.prompts) if args.prompts else None
     r = validate(args.engine, args.checkpoint, reference=args.reference, prompts=prompts, random_n=args.random,
-                 gen=args.gen, report_dir=args.report, device=args.device)
+                 gen=args.gen, report_dir=args.report, device=args.device, reference_mode=args.reference_mode)
     print(r.summary())
     if args.report:
         print(f"report: {args.report}/validation.{{json,md,png}}")
@@ -148,7 +197,8 @@ def record_in_manifest(engine_dir: str | Path, result: ValidationResult) -> None
     man = Manifest.load(engine_dir)
     man.validation = {
         "passed": result.passed, "summary": result.headline(), "precision": result.precision,
-        "reference": result.reference, "first_bad_layer": result.first_bad_layer,
+        "reference": result.reference, "reference_mode": result.reference_mode,
+        "first_bad_layer": result.first_bad_layer,
         "prompt_lengths": result.prompt_lengths, "gen": result.gen, "seconds": round(result.seconds, 1),
         "checks": {c.name: {"value": c.value, "op": c.op, "bound": c.bound, "passed": c.passed,
                             "layer": c.layer} for c in result.checks},

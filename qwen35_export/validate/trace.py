@@ -15,7 +15,7 @@ import torch
 from torch import Tensor
 from tqdm import tqdm
 
-from ..config import LINEAR_ATTENTION
+from ..config import LINEAR_ATTENTION, Qwen35Config
 from ..model import layers
 from ..model.model import LayerHook, Qwen35Model, State
 from ..runtime.engine import Engine
@@ -26,7 +26,9 @@ class RowTrace:
     """One prompt of T tokens and S = gen - 1 teacher-forced decode steps; L layers."""
 
     prompt: list[int]
-    teacher: list[int]  # gen tokens; teacher[0] follows the prompt, teacher[:-1] are the decode inputs
+    # gen tokens; teacher[0] follows the prompt, teacher[:-1] are the decode inputs (stream.py's reference rows:
+    # the reference's own greedy pick at each generated position, the inputs having been the engine's)
+    teacher: list[int]
     prefill_hidden: Tensor  # [L, T, H] output of each decoder layer
     prefill_logits: Tensor  # [T, V]
     decode_hidden: Tensor  # [L, S, H]
@@ -105,7 +107,7 @@ def pad_batch(prompts: list[list[int]]) -> tuple[Tensor, Tensor]:
     return ids, torch.tensor([len(p) for p in prompts], dtype=torch.int64)
 
 
-def _cpu(x: Tensor) -> Tensor:
+def cpu_copy(x: Tensor) -> Tensor:
     # A copy always: engine slots and graph outputs are buffers the next call overwrites in place.
     return x.detach().to("cpu", torch.float32, copy=True)
 
@@ -119,20 +121,20 @@ def trace(runner: Runner, prompts: list[list[int]], gen: int, teacher: list[list
     hid: dict[int, Tensor] = {}
 
     def hook(i: int, x: Tensor) -> None:
-        hid[i] = _cpu(x)
+        hid[i] = cpu_copy(x)
 
     ctx = record_router() if routing else contextlib.nullcontext([])
     with ctx as calls:
-        logits = _cpu(runner.start(ids, lengths, hook))  # [B, T, V]
+        logits = cpu_copy(runner.start(ids, lengths, hook))  # [B, T, V]
     L = len(hid)
     pre_hidden = torch.stack([hid[i] for i in range(L)])  # [L, B, T, H]
-    conv, rec = (list(map(_cpu, s)) for s in runner.gdn_state())
+    conv, rec = (list(map(cpu_copy, s)) for s in runner.gdn_state())
     last = logits[torch.arange(B), lengths - 1]  # [B, V]
     toks = torch.tensor([t[0] for t in teacher]) if teacher else last.argmax(-1)
     out_tok, dec_hidden, dec_logits = [toks], [], []
     for s in tqdm(range(gen - 1), desc=desc, leave=False, disable=not progress or gen < 8):
         hid.clear()
-        step_logits = _cpu(runner.step(toks, hook))  # [B, V]
+        step_logits = cpu_copy(runner.step(toks, hook))  # [B, V]
         dec_hidden.append(torch.stack([hid[i][:, 0] for i in range(L)]))  # [L, B, H]
         dec_logits.append(step_logits)
         toks = torch.tensor([t[s + 1] for t in teacher]) if teacher else step_logits.argmax(-1)
@@ -151,6 +153,52 @@ def trace(runner: Runner, prompts: list[list[int]], gen: int, teacher: list[list
     return rows
 
 
+def fresh_layer_state(cfg: Qwen35Config, layer: int, batch: int, max_seq_len: int,
+                      device: torch.device) -> list[Tensor]:
+    """Zero state of decoder layer `layer` alone, fp32: [conv [B, C, W-1], rec [B, HV, K, V]] for a GDN layer,
+    [k_cache, v_cache [B, KVH, T_max, D]] for attention. Shapes come from `State.zeros`, built on the meta
+    device so that no other layer's state is allocated."""
+    meta = State.zeros(cfg, batch, max_seq_len, torch.float32, "meta")
+    if cfg.layer_types[layer] == LINEAR_ATTENTION:
+        j = cfg.gdn_layers.index(layer)
+        parts = [meta.conv[j], meta.recurrent[j]]
+    else:
+        j = cfg.attention_layers.index(layer)
+        parts = [meta.k_cache[j], meta.v_cache[j]]
+    return [torch.zeros(t.shape, dtype=t.dtype, device=device) for t in parts]
+
+
+def run_layer(cfg: Qwen35Config, layer: int, w: dict[str, Tensor], x: Tensor, state: list[Tensor], start: Tensor,
+              lengths: Tensor) -> Tensor:
+    """Decoder layer `layer` over x [B, T, H] (row b: lengths[b] real tokens at positions start[b] + t) on top
+    of `state` (as `fresh_layer_state` shapes it), which is replaced by the state after the call."""
+    if cfg.layer_types[layer] == LINEAR_ATTENTION:
+        x, state[0], state[1] = layers.gdn_layer(x, w, state[0], state[1], lengths, cfg)
+    else:
+        x, state[0], state[1] = layers.attention_layer(x, w, state[0], state[1], start, lengths, cfg)
+    return x
+
+
+def engine_layer_input(engine_rows: list[RowTrace], layer: int, x0: Tensor) -> Tensor:
+    """The engine's input to `layer` at the prompt positions, right-padded like x0 [B, T, H] (the reference's
+    embeddings, which are also the input to layer 0)."""
+    if layer == 0:
+        return x0
+    x = torch.zeros_like(x0)
+    for b, er in enumerate(engine_rows):
+        x[b, : len(er.prompt)] = er.prefill_hidden[layer - 1].to(x0.device)
+    return x
+
+
+def engine_input_picks(cfg: Qwen35Config, layer: int, w: dict[str, Tensor], x: Tensor, lengths: Tensor) -> Tensor:
+    """Router picks [B, T, k] of the reference layer (fresh state, as at prefill) run on x [B, T, H]."""
+    B, T, _ = x.shape
+    state = fresh_layer_state(cfg, layer, B, T, x.device)
+    with record_router() as calls:
+        run_layer(cfg, layer, w, x, state, torch.zeros_like(lengths), lengths)
+    return calls[0].view(B, T, -1)
+
+
 @torch.no_grad()
 def routing_from_engine_inputs(model: Qwen35Model, rows: list[RowTrace], engine_rows: list[RowTrace]) -> list[list[Tensor]]:
     """Router picks [T, k] per row and layer, recomputed in fp32 from the *engine's* input to each layer.
@@ -160,30 +208,14 @@ def routing_from_engine_inputs(model: Qwen35Model, rows: list[RowTrace], engine_
     choices the engine's accumulated drift flips; a flip inside the layer's own mixer is not seen here
     (that shows in the layer's hidden-state error instead).
     """
-    cfg, dev = model.cfg, model.device
+    dev = model.device
     prompts = [r.prompt for r in rows]
     ids, lengths = pad_batch(prompts)
-    B, T = ids.shape
     lengths = lengths.to(dev)
-    state = State.zeros(cfg, B, T, torch.float32, dev)
     x0 = layers.embed(ids.to(dev), model.w.globals["embed_tokens.weight"]).float()  # [B, T, H]
     out: list[list[Tensor]] = [[] for _ in rows]
-    g = a = 0
     for i, lw in enumerate(model.w.layers):
-        if i == 0:
-            x = x0
-        else:
-            x = torch.zeros_like(x0)
-            for b, er in enumerate(engine_rows):
-                x[b, : len(er.prompt)] = er.prefill_hidden[i - 1].to(dev)
-        with record_router() as calls:
-            if cfg.layer_types[i] == LINEAR_ATTENTION:
-                layers.gdn_layer(x, lw, state.conv[g], state.recurrent[g], lengths, cfg)
-                g += 1
-            else:
-                layers.attention_layer(x, lw, state.k_cache[a], state.v_cache[a], state.lengths, lengths, cfg)
-                a += 1
-        picks = calls[0].view(B, T, -1)
+        picks = engine_input_picks(model.cfg, i, lw, engine_layer_input(engine_rows, i, x0), lengths)
         for b, p in enumerate(prompts):
             out[b].append(picks[b, : len(p)])
     return out

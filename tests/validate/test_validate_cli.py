@@ -29,6 +29,22 @@ def test_cli_validate_writes_report(cpu_engine_fp32: Path, engine_ckpt_fp32: Pat
     assert (tmp_path / "rep" / "validation.png").read_bytes()[:4] == b"\x89PNG"
 
 
+def test_cli_validate_reference_mode_stream(cpu_engine_fp32: Path, engine_ckpt_fp32: Path, tmp_path: Path,
+                                            capsys: pytest.CaptureFixture) -> None:
+    """`--reference-mode stream` runs the layer-streaming reference, says so, and records it in the report."""
+    rc = cli_main(["validate", str(cpu_engine_fp32), "--checkpoint", str(engine_ckpt_fp32), "--random", "2",
+                   "--gen", "3", "--reference-mode", "stream", "--report", str(tmp_path / "rep")])
+    out = capsys.readouterr().out
+    assert rc == 0, out
+    assert "fp32 layer streaming" in out and "reference ours (stream)" in out and "PASS" in out
+    d = json.loads((tmp_path / "rep" / "validation.json").read_text())
+    assert d["passed"] is True and d["reference_mode"] == "stream"
+    # transformers' model cannot be streamed: a clean error, before the engine is even loaded
+    assert cli_main(["validate", str(cpu_engine_fp32), "--checkpoint", str(engine_ckpt_fp32), "--reference",
+                     "transformers", "--reference-mode", "stream"]) == 2
+    assert "only our reference" in capsys.readouterr().err
+
+
 def test_cli_validate_bad_prompts_file(cpu_engine_fp32: Path, engine_ckpt_fp32: Path, tmp_path: Path) -> None:
     bad = tmp_path / "p.txt"
     bad.write_text("1,2,x\n")

@@ -1,5 +1,6 @@
 """Mutation tests: validate passes on the correct tiny cpu engine and fails, naming the first broken layer,
-when one layer of that engine carries a known bug (tests/validate/engine_mutations.py)."""
+when one layer of that engine carries a known bug (tests/validate/engine_mutations.py). Our reference runs
+both ways: the whole fp32 model, and streamed one layer at a time (validate/stream.py)."""
 
 from __future__ import annotations
 
@@ -15,6 +16,7 @@ from qwen35_export.validate.result import ValidationResult
 # Two rows of unequal length (right padding in the batch), a few decode steps: enough for every check.
 PROMPTS = [[5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15, 16], [300, 2, 99, 7, 41, 8, 800]]
 GEN = 4
+MODES = [pytest.param("whole", id="whole"), pytest.param("stream", id="stream")]
 
 
 @pytest.fixture(scope="module")
@@ -22,12 +24,15 @@ def engine(cpu_engine_fp32: Path) -> Engine:
     return Engine.load(cpu_engine_fp32)
 
 
-def run(engine: Engine, ckpt: Path, reference: str = "ours") -> ValidationResult:
-    return validate(engine, ckpt, reference=reference, prompts=PROMPTS, gen=GEN, progress=False)
+def run(engine: Engine, ckpt: Path, reference: str = "ours", mode: str = "whole") -> ValidationResult:
+    r = validate(engine, ckpt, reference=reference, prompts=PROMPTS, gen=GEN, progress=False, reference_mode=mode)
+    assert r.reference_mode == mode
+    return r
 
 
-def test_correct_engine_passes(engine: Engine, engine_ckpt_fp32: Path) -> None:
-    r = run(engine, engine_ckpt_fp32)
+@pytest.mark.parametrize("mode", MODES)
+def test_correct_engine_passes(engine: Engine, engine_ckpt_fp32: Path, mode: str) -> None:
+    r = run(engine, engine_ckpt_fp32, mode=mode)
     assert r.passed, r.summary()
     assert r.first_bad_layer is None
     assert {c.name for c in r.checks} >= {"prefill hidden rel_l2 (max)", "decode hidden rel_l2 (max)",
@@ -45,12 +50,13 @@ CASES = [
 ]
 
 
+@pytest.mark.parametrize("mode", MODES)
 @pytest.mark.parametrize("mutation,layer,check", CASES)
 def test_broken_layer_fails_and_is_named(engine: Engine, engine_ckpt_fp32: Path, mutation: str, layer: int,
-                                         check: str) -> None:
+                                         check: str, mode: str) -> None:
     graphs = dict(engine.graphs)
     with broken_layer(engine, layer, MUTATIONS[mutation]):
-        r = run(engine, engine_ckpt_fp32)
+        r = run(engine, engine_ckpt_fp32, mode=mode)
     assert engine.graphs == graphs, "broken_layer must restore the compiled graphs"
     assert not r.passed, r.summary()
     assert r.first_bad_layer == layer, r.summary()
