@@ -17,8 +17,7 @@ log = logging.getLogger(__name__)
 def triton_implementations() -> dict[str, object]:
     """The `qwen35_triton` ops that are registered (importing the kernel packages registers them)."""
     found: dict[str, object] = {}
-    for name in ("causal_conv1d", "gated_delta_rule", "moe_router", "moe_experts", "moe_experts_fp8",
-                 "fp8_linear"):
+    for name in _PACKAGE:
         try:
             __import__(f"qwen35_export.kernels.{_PACKAGE[name]}")
         except ImportError as e:  # a kernel package that has not landed (or no triton): keep the reference
@@ -31,7 +30,8 @@ def triton_implementations() -> dict[str, object]:
 
 
 _PACKAGE = {"causal_conv1d": "causal_conv1d", "gated_delta_rule": "gated_delta_rule", "moe_router": "moe",
-            "moe_experts": "moe", "moe_experts_fp8": "moe", "fp8_linear": "fp8_linear"}
+            "moe_experts": "moe", "moe_experts_fp8": "moe", "fp8_linear": "fp8_linear",
+            "decode_attention": "attention"}
 
 
 def substitute_custom_ops(ep: ExportedProgram, impls: dict[str, object]) -> tuple[ExportedProgram, dict[str, int]]:

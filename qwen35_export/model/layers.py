@@ -144,23 +144,18 @@ def attention_mixer(x: Tensor, w: dict[str, Tensor], k_cache: Tensor, v_cache: T
     k_cache = k_cache.index_put(idx, torch.where(keep, k.transpose(1, 2).to(k_cache.dtype), k_cache[idx]))
     v_cache = v_cache.index_put(idx, torch.where(keep, v.transpose(1, 2).to(v_cache.dtype), v_cache[idx]))
 
-    total = total.clamp(min=1)
-    kv_pos = torch.arange(Tmax, device=x.device)
-    mask = (kv_pos[None, None, :] <= pos[:, :, None]) & (kv_pos[None, None, :] < total[:, None, None])  # [B,T,Tmax]
-    G = NH // KVH
-    kc, vc = k_cache.to(q.dtype), v_cache.to(q.dtype)
     if isinstance(T, int) and T <= 8:
-        # Decode (T is static there): the G query heads of a KV head become G*T query rows against that one
-        # KV head, so the cache is read once instead of being repeated G times ([B, NH, T_max, D] per layer
-        # per step). The mask row of (g, t) is row t: [B, 1, G*T, T_max] stays small for small T.
-        qh = q.reshape(B, T, KVH, G, D).permute(0, 2, 3, 1, 4).reshape(B, KVH, G * T, D)  # rows g*T + t
-        m = mask[:, None, None].expand(B, 1, G, T, Tmax).reshape(B, 1, G * T, Tmax)
-        attn = F.scaled_dot_product_attention(qh, kc, vc, attn_mask=m, scale=D ** -0.5)  # [B, KVH, G*T, D]
-        attn = attn.reshape(B, KVH, G, T, D).permute(0, 3, 1, 2, 4).reshape(B, T, NH * D)
+        # Decode (T is static there): one op that reads each live cache position once per KV head, for its
+        # G query heads together, instead of the cache repeated G times and masked to T_max.
+        attn = torch.ops.qwen35.decode_attention(q, k_cache, v_cache, start, lengths, D ** -0.5)
+        attn = attn.reshape(B, T, NH * D)
     else:
-        # Prefill: repeating K/V per query head costs about what q itself does, and keeps the mask [B,1,T,T_max].
-        kf = kc.repeat_interleave(G, dim=1)  # [B, NH, Tmax, D]
-        vf = vc.repeat_interleave(G, dim=1)
+        total = total.clamp(min=1)
+        kv_pos = torch.arange(Tmax, device=x.device)
+        mask = (kv_pos[None, None, :] <= pos[:, :, None]) & (kv_pos[None, None, :] < total[:, None, None])
+        G = NH // KVH
+        kf = k_cache.to(q.dtype).repeat_interleave(G, dim=1)  # [B, NH, Tmax, D]
+        vf = v_cache.to(q.dtype).repeat_interleave(G, dim=1)
         attn = F.scaled_dot_product_attention(q.transpose(1, 2), kf, vf, attn_mask=mask[:, None, :, :],
                                               scale=D ** -0.5)  # [B, NH, T, D]
         attn = attn.transpose(1, 2).reshape(B, T, NH * D)

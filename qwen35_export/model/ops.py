@@ -17,6 +17,10 @@ export and AOTInductor can trace shapes. Signatures (all shapes are contracts th
 - `qwen35::moe_experts_fp8(x, weights, ids, w_gate_up fp8, w_gate_up_scale [E,2I/128,ceil(H/128)],
    w_down fp8, w_down_scale [E,ceil(H/128),ceil(I/128)]) -> [N,H]`: block-scaled e4m3 experts.
 - `qwen35::fp8_linear(x [..., in], w fp8 [out, in], w_scale [ceil(out/128), ceil(in/128)]) -> [..., out]`.
+- `qwen35::decode_attention(q [B,T,NH,D], k_cache [B,KVH,T_max,D], v_cache, start [B], lengths [B] int64,
+   scale) -> [B,T,NH,D]` in q's dtype: the caches already hold this call's keys; query t of row b (position
+   start[b] + t) attends to positions j <= its own and j < max(start[b] + lengths[b], 1); query head h reads
+   KV head h // (NH / KVH). Used for T <= 8 (decode, speculative verification).
 """
 
 from __future__ import annotations
@@ -150,6 +154,20 @@ def _(x, w, w_scale):
     return x.new_empty(*x.shape[:-1], w.shape[0])
 
 
+# -- decode attention ---------------------------------------------------------------------------------
+@torch.library.custom_op(f"{LIB}::decode_attention", mutates_args=())
+def decode_attention(q: Tensor, k_cache: Tensor, v_cache: Tensor, start: Tensor, lengths: Tensor,
+                     scale: float) -> Tensor:
+    from ..kernels.attention.reference import naive_decode_attention
+
+    return naive_decode_attention(q, k_cache, v_cache, start, lengths, scale, torch.float32).to(q.dtype)
+
+
+@decode_attention.register_fake
+def _(q, k_cache, v_cache, start, lengths, scale):
+    return torch.empty_like(q, memory_format=torch.contiguous_format)
+
+
 REFERENCE_OPS = {
     "causal_conv1d": torch.ops.qwen35.causal_conv1d.default,
     "gated_delta_rule": torch.ops.qwen35.gated_delta_rule.default,
@@ -157,4 +175,5 @@ REFERENCE_OPS = {
     "moe_experts": torch.ops.qwen35.moe_experts.default,
     "moe_experts_fp8": torch.ops.qwen35.moe_experts_fp8.default,
     "fp8_linear": torch.ops.qwen35.fp8_linear.default,
+    "decode_attention": torch.ops.qwen35.decode_attention.default,
 }

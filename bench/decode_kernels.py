@@ -1,0 +1,130 @@
+"""Decode-regime kernels on the device: split-KV decode attention vs torch SDPA, and a tile sweep of the dense
+FP8 linear at decode token counts (the two largest items of the 35B-A3B decode profile, bench/results/).
+
+    python3 bench/decode_kernels.py --out $OUT
+
+Writes decode_kernels.json and prints two tables. Times: triton.testing.do_bench medians (ms -> us) over
+rotating input sets larger than L2; roofline bytes: live KV read once (attention), weight + scales (linear).
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import sys
+from pathlib import Path
+
+import torch
+import triton
+from triton.testing import do_bench
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from qwen35_export.kernels.attention import decode_attention_triton, naive_decode_attention  # noqa: E402
+from qwen35_export.kernels.fp8_linear.gemm import _w8a8_gemm_kernel, default_config  # noqa: E402
+from qwen35_export.kernels.fp8_linear.quant import quantize_act  # noqa: E402
+from qwen35_export.runtime.bench import hbm_bandwidth  # noqa: E402
+
+GEOMS = {"35b-a3b": (16, 2), "397b-a17b": (32, 2)}  # (query heads, KV heads), head_dim 256
+LINEARS = {  # name: (N, K) of the dense FP8 linears of a layer
+    "35b in_proj_qkv": (8192, 2048), "35b in_proj_z": (4096, 2048), "35b out_proj": (2048, 4096),
+    "35b q_proj": (8192, 2048), "35b k_proj": (512, 2048), "35b shared up": (512, 2048),
+    "35b shared down": (2048, 512),
+    "397b in_proj_qkv": (12288, 4096), "397b out_proj": (4096, 8192), "397b q_proj": (16384, 4096),
+    "397b shared up": (1024, 4096), "397b shared down": (4096, 1024),
+}
+
+
+def bench_attention(bw: float) -> list[dict]:
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    rows = []
+    Tmax, D = 8448, 256
+    for geom, (NH, KVH) in GEOMS.items():
+        for B, ctx in itertools.product((1, 8, 64), (512, 8192)):
+            q = torch.randn(B, 1, NH, D, device="cuda", dtype=torch.bfloat16)
+            kc = torch.randn(B, KVH, Tmax, D, device="cuda", dtype=torch.bfloat16)
+            vc = torch.randn_like(kc)
+            start = torch.full((B,), ctx - 1, device="cuda")
+            lens = torch.ones(B, dtype=torch.int64, device="cuda")
+            out = decode_attention_triton(q, kc, vc, start, lens, D ** -0.5)
+            ref = naive_decode_attention(q, kc, vc, start, lens, D ** -0.5, torch.float32)
+            err = float((out.float() - ref).norm() / ref.norm())
+            us = do_bench(lambda: decode_attention_triton(q, kc, vc, start, lens, D ** -0.5),
+                          return_mode="median") * 1e3
+            # what the graph did before: the cache repeated per query head, masked to T_max (default backend)
+            mask = (torch.arange(Tmax, device="cuda") < ctx)[None, None, None, :].expand(B, 1, 1, Tmax)
+
+            def sdpa():
+                kf = kc.repeat_interleave(NH // KVH, 1)
+                vf = vc.repeat_interleave(NH // KVH, 1)
+                return torch.nn.functional.scaled_dot_product_attention(q.transpose(1, 2), kf, vf, attn_mask=mask)
+
+            sdpa_us = do_bench(sdpa, return_mode="median") * 1e3
+            with sdpa_kernel([SDPBackend.EFFICIENT_ATTENTION]):
+                eff_us = do_bench(sdpa, return_mode="median") * 1e3
+            live = B * KVH * ctx * D * 2 * 2  # K and V of the live positions, bf16
+            rows.append(dict(geom=geom, B=B, ctx=ctx, rel_err=err, triton_us=us, sdpa_default_us=sdpa_us,
+                             sdpa_efficient_us=eff_us, live_bytes=live,
+                             roofline_pct=live / bw / (us * 1e-6) * 100))
+            print(f"attn {geom:10s} B={B:3d} ctx={ctx:5d}: ours {us:8.1f} us ({rows[-1]['roofline_pct']:5.1f}% HBM, "
+                  f"err {err:.1e})  sdpa default {sdpa_us:8.1f}  efficient {eff_us:8.1f}", flush=True)
+    return rows
+
+
+def bench_fp8_linear(bw: float) -> list[dict]:
+    rows = []
+    cands = [dict(BLOCK_M=16, BLOCK_N=bn, BLOCK_K=128, GROUP_M=1, num_warps=w, num_stages=s)
+             for bn, w, s in itertools.product((16, 32, 64, 128), (2, 4), (3, 5))] + [default_config(1)]
+    for (name, (N, K)), M in itertools.product(LINEARS.items(), (1, 8, 64)):
+        nbuf = max(1, int(4 * 60e6 // (N * K)) + 1)  # rotate weights past the 60 MB L2
+        ws = [torch.randn(N, K, device="cuda").to(torch.float8_e4m3fn) for _ in range(nbuf)]
+        ss = [torch.rand(triton.cdiv(N, 128), triton.cdiv(K, 128), device="cuda") + 0.5 for _ in range(nbuf)]
+        x = torch.randn(M, K, device="cuda", dtype=torch.bfloat16)
+        xq, xs = quantize_act(x)
+        out = torch.empty(M, N, device="cuda", dtype=torch.bfloat16)
+        nbytes = N * K + ss[0].numel() * 4
+        res = []
+        for cfg in cands:
+            c = dict(cfg)
+            grid = (triton.cdiv(M, c["BLOCK_M"]) * triton.cdiv(N, c["BLOCK_N"]),)
+            it = itertools.cycle(range(nbuf))
+
+            def run():
+                i = next(it)
+                _w8a8_gemm_kernel[grid](xq, xs, ws[i], ss[i], out, M, N, K, xq.stride(0), xs.stride(0),
+                                        ws[i].stride(0), ss[i].stride(0), out.stride(0), UPCAST=False, **c)
+            try:
+                us = do_bench(run, warmup=5, rep=15, return_mode="median") * 1e3
+            except Exception as e:  # a config the compiler rejects (shared memory): skip it
+                print("skip", name, c, str(e)[:80])
+                continue
+            res.append((us, c))
+        res.sort(key=lambda r: r[0])
+        dflt = default_config(M)
+        d_us = next((us for us, c in res if c == dflt), None)
+        best_us, best = res[0]
+        rows.append(dict(name=name, N=N, K=K, M=M, best=best, best_us=best_us, default_us=d_us,
+                         best_roofline_pct=nbytes / bw / (best_us * 1e-6) * 100, top5=[(u, c) for u, c in res[:5]]))
+        print(f"fp8 {name:18s} M={M:3d}: best {best_us:7.1f} us ({rows[-1]['best_roofline_pct']:5.1f}% HBM) "
+              f"BN={best['BLOCK_N']} w={best['num_warps']} s={best['num_stages']}; default {d_us}", flush=True)
+    return rows
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--out", type=Path, required=True)
+    a = ap.parse_args()
+    bw = hbm_bandwidth(torch.device("cuda")) or 3.35e12
+    res = {"gpu": torch.cuda.get_device_name(), "torch": torch.__version__, "triton": triton.__version__,
+           "hbm_bytes_per_s": bw}
+    res["attention"] = bench_attention(bw)
+    (a.out / "decode_kernels.json").write_text(json.dumps(res, indent=1))
+    res["fp8_linear"] = bench_fp8_linear(bw)
+    (a.out / "decode_kernels.json").write_text(json.dumps(res, indent=1))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,118 @@
+"""Split-KV decode attention (flash-decoding) for T <= 8 query tokens per row with grouped KV heads.
+
+One program per (row, KV head, split of SPLIT cache positions) scores the G*T query rows that share the KV
+head against its positions with an online softmax, reading only positions below the row's length (a split
+past it exits at once), so a step reads each live key and value once and never the preallocated tail.
+A second kernel merges the splits. The cache length T_max and the head counts are static under export; the
+batch is symbolic, so every launch decision here depends on static sizes only.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+from torch import Tensor
+from torch.library import wrap_triton
+
+SPLIT = 256  # cache positions per program: 33 programs per KV head at T_max = 8448
+BLOCK_N = 64
+
+
+@triton.jit
+def _decode_attn_partial(q_ptr, k_ptr, v_ptr, start_ptr, len_ptr, acc_ptr, ml_ptr, T, KVH, NSPLIT, scale,
+                         sq_b, sq_t, sq_h, sk_b, sk_h, sk_t, sv_b, sv_h, sv_t,
+                         G: tl.constexpr, D: tl.constexpr, ROWS: tl.constexpr, SPLIT: tl.constexpr,
+                         BLOCK_N: tl.constexpr):
+    pid = tl.program_id(0)  # b * KVH + h
+    sp = tl.program_id(1)
+    b = pid // KVH
+    h = pid % KVH
+    start = tl.load(start_ptr + b)
+    total = tl.maximum(start + tl.load(len_ptr + b), 1)
+    lo = sp * SPLIT
+    if lo >= total:
+        return  # the merge reads only the splits below the row's length
+    hi = tl.minimum(lo + SPLIT, total)
+    r = tl.arange(0, ROWS)
+    g = r // T
+    t = r % T
+    row_ok = r < G * T
+    pos = start + t
+    d = tl.arange(0, D)
+    q = tl.load(q_ptr + b.to(tl.int64) * sq_b + t[:, None] * sq_t + (h * G + g)[:, None] * sq_h + d[None, :],
+                mask=row_ok[:, None], other=0.0)  # [ROWS, D]
+    k_base = k_ptr + b.to(tl.int64) * sk_b + h * sk_h
+    v_base = v_ptr + b.to(tl.int64) * sv_b + h * sv_h
+    m_i = tl.full((ROWS,), float("-inf"), tl.float32)
+    l_i = tl.zeros((ROWS,), tl.float32)
+    acc = tl.zeros((ROWS, D), tl.float32)
+    for j0 in range(lo, hi, BLOCK_N):
+        j = j0 + tl.arange(0, BLOCK_N)
+        kv_ok = j < hi
+        k = tl.load(k_base + j[:, None].to(tl.int64) * sk_t + d[None, :], mask=kv_ok[:, None], other=0.0)
+        s = tl.dot(q, tl.trans(k)) * scale  # [ROWS, BLOCK_N] fp32
+        s = tl.where(kv_ok[None, :] & (j[None, :] <= pos[:, None]), s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # a row with no key yet: keep exp() at 0, not NaN
+        p = tl.exp(s - m_safe[:, None])
+        alpha = tl.exp(m_i - m_safe)
+        v = tl.load(v_base + j[:, None].to(tl.int64) * sv_t + d[None, :], mask=kv_ok[:, None], other=0.0)
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+        l_i = l_i * alpha + tl.sum(p, 1)
+        m_i = m_new
+    w = (pid.to(tl.int64) * NSPLIT + sp) * ROWS
+    tl.store(acc_ptr + (w + r[:, None]) * D + d[None, :], acc)
+    tl.store(ml_ptr + (w + r) * 2, m_i)
+    tl.store(ml_ptr + (w + r) * 2 + 1, l_i)
+
+
+@triton.jit
+def _decode_attn_merge(acc_ptr, ml_ptr, start_ptr, len_ptr, o_ptr, T, KVH, NSPLIT,
+                       so_b, so_t, so_h, G: tl.constexpr, D: tl.constexpr, ROWS: tl.constexpr,
+                       SPLIT: tl.constexpr, NSPLIT_P: tl.constexpr):
+    pid = tl.program_id(0)  # b * KVH + h
+    r = tl.program_id(1)  # query row g * T + t
+    b = pid // KVH
+    h = pid % KVH
+    g = r // T
+    t = r % T
+    total = tl.maximum(tl.load(start_ptr + b) + tl.load(len_ptr + b), 1)
+    sp = tl.arange(0, NSPLIT_P)
+    used = sp < tl.cdiv(total, SPLIT)
+    w = (pid.to(tl.int64) * NSPLIT + sp) * ROWS + r  # [NSPLIT_P]
+    m = tl.load(ml_ptr + w * 2, mask=used, other=float("-inf"))
+    lsum = tl.load(ml_ptr + w * 2 + 1, mask=used, other=0.0)
+    m_max = tl.max(m, 0)  # finite: split 0 always holds position 0 <= every query position
+    scale = tl.where(used, tl.exp(m - m_max), 0.0)
+    d = tl.arange(0, D)
+    acc = tl.load(acc_ptr + w[:, None] * D + d[None, :], mask=used[:, None], other=0.0)  # [NSPLIT_P, D]
+    o = tl.sum(acc * scale[:, None], 0) / tl.sum(lsum * scale, 0)
+    tl.store(o_ptr + b.to(tl.int64) * so_b + t * so_t + (h * G + g) * so_h + d, o.to(o_ptr.dtype.element_ty))
+
+
+def decode_attention_triton(q: Tensor, k_cache: Tensor, v_cache: Tensor, start: Tensor, lengths: Tensor,
+                            scale: float) -> Tensor:
+    """Triton version of `qwen35::decode_attention`: q [B, T, NH, D], caches [B, KVH, T_max, D] -> [B, T, NH, D]."""
+    B, T, NH, D = q.shape
+    KVH, Tmax = k_cache.shape[1], k_cache.shape[2]
+    G = NH // KVH
+    if q.stride(-1) != 1 or k_cache.stride(-1) != 1 or v_cache.stride(-1) != 1:
+        q, k_cache, v_cache = q.contiguous(), k_cache.contiguous(), v_cache.contiguous()
+    if k_cache.dtype != q.dtype or v_cache.dtype != q.dtype:
+        k_cache, v_cache = k_cache.to(q.dtype), v_cache.to(q.dtype)
+    ROWS = max(16, triton.next_power_of_2(G * T))  # tl.dot needs >= 16 rows
+    nsplit = triton.cdiv(Tmax, SPLIT)
+    acc = torch.empty(B * KVH, nsplit, ROWS, D, dtype=torch.float32, device=q.device)
+    ml = torch.empty(B * KVH, nsplit, ROWS, 2, dtype=torch.float32, device=q.device)
+    out = torch.empty(B, T, NH, D, dtype=q.dtype, device=q.device)
+    start, lengths = start.contiguous(), lengths.contiguous()
+    wrap_triton(_decode_attn_partial)[(B * KVH, nsplit)](
+        q, k_cache, v_cache, start, lengths, acc, ml, T, KVH, nsplit, scale,
+        q.stride(0), q.stride(1), q.stride(2), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
+        v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
+        G=G, D=D, ROWS=ROWS, SPLIT=SPLIT, BLOCK_N=BLOCK_N, num_warps=4, num_stages=2)
+    wrap_triton(_decode_attn_merge)[(B * KVH, G * T)](
+        acc, ml, start, lengths, out, T, KVH, nsplit, out.stride(0), out.stride(1), out.stride(2),
+        G=G, D=D, ROWS=ROWS, SPLIT=SPLIT, NSPLIT_P=triton.next_power_of_2(nsplit), num_warps=4)
+    return out
