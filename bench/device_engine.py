@@ -182,8 +182,8 @@ def main() -> None:
                 build_engine(ck, eng, BuildSettings(target=a.target, dtype=dtype, max_batch=8, max_seq_len=256, jobs=6,
                                                         kernels=a.kernels))
             except Exception as ex:
-                results[f"tiny_{dtype}"] = {"build_error": repr(ex)[:2000]}
-                print("BUILD FAILED", dtype, repr(ex)[:2000], flush=True)
+                results[f"tiny_{dtype}"] = {"build_error": repr(ex)[-6000:]}
+                print("BUILD FAILED", dtype, repr(ex)[-6000:], flush=True)
                 continue
             build_s = time.time() - t
             r = child(eng, prompts, gen, [1, 8], 50, ckpt=ck)

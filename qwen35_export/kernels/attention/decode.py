@@ -20,7 +20,7 @@ BLOCK_N = 64
 
 
 @triton.jit
-def _decode_attn_partial(q_ptr, k_ptr, v_ptr, start_ptr, len_ptr, acc_ptr, ml_ptr, T, KVH, NSPLIT, scale,
+def _decode_attn_partial(q_ptr, k_ptr, v_ptr, start_ptr, len_ptr, acc_ptr, ml_ptr, T, KVH, NSPLIT, Tmax, scale,
                          sq_b, sq_t, sq_h, sk_b, sk_h, sk_t, sv_b, sv_h, sv_t,
                          G: tl.constexpr, D: tl.constexpr, ROWS: tl.constexpr, SPLIT: tl.constexpr,
                          BLOCK_N: tl.constexpr):
@@ -29,10 +29,11 @@ def _decode_attn_partial(q_ptr, k_ptr, v_ptr, start_ptr, len_ptr, acc_ptr, ml_pt
     b = pid // KVH
     h = pid % KVH
     start = tl.load(start_ptr + b)
-    total = tl.maximum(start + tl.load(len_ptr + b), 1)
+    # Clamped to the cache so that no input can make a load leave it (AOTI also runs kernels on random
+    # example inputs while compiling). A split at or past the row's length runs no iteration; the merge
+    # reads only the splits below it.
+    total = tl.minimum(tl.maximum(start + tl.load(len_ptr + b), 1), Tmax)
     lo = sp * SPLIT
-    if lo >= total:
-        return  # the merge reads only the splits below the row's length
     hi = tl.minimum(lo + SPLIT, total)
     r = tl.arange(0, ROWS)
     g = r // T
@@ -68,7 +69,7 @@ def _decode_attn_partial(q_ptr, k_ptr, v_ptr, start_ptr, len_ptr, acc_ptr, ml_pt
 
 
 @triton.jit
-def _decode_attn_merge(acc_ptr, ml_ptr, start_ptr, len_ptr, o_ptr, T, KVH, NSPLIT,
+def _decode_attn_merge(acc_ptr, ml_ptr, start_ptr, len_ptr, o_ptr, T, KVH, NSPLIT, Tmax,
                        so_b, so_t, so_h, G: tl.constexpr, D: tl.constexpr, ROWS: tl.constexpr,
                        SPLIT: tl.constexpr, NSPLIT_P: tl.constexpr):
     pid = tl.program_id(0)  # b * KVH + h
@@ -77,7 +78,7 @@ def _decode_attn_merge(acc_ptr, ml_ptr, start_ptr, len_ptr, o_ptr, T, KVH, NSPLI
     h = pid % KVH
     g = r // T
     t = r % T
-    total = tl.maximum(tl.load(start_ptr + b) + tl.load(len_ptr + b), 1)
+    total = tl.minimum(tl.maximum(tl.load(start_ptr + b) + tl.load(len_ptr + b), 1), Tmax)
     sp = tl.arange(0, NSPLIT_P)
     used = sp < tl.cdiv(total, SPLIT)
     w = (pid.to(tl.int64) * NSPLIT + sp) * ROWS + r  # [NSPLIT_P]
@@ -108,11 +109,11 @@ def decode_attention_triton(q: Tensor, k_cache: Tensor, v_cache: Tensor, start: 
     out = torch.empty(B, T, NH, D, dtype=q.dtype, device=q.device)
     start, lengths = start.contiguous(), lengths.contiguous()
     wrap_triton(_decode_attn_partial)[(B * KVH, nsplit)](
-        q, k_cache, v_cache, start, lengths, acc, ml, T, KVH, nsplit, scale,
+        q, k_cache, v_cache, start, lengths, acc, ml, T, KVH, nsplit, Tmax, scale,
         q.stride(0), q.stride(1), q.stride(2), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
         G=G, D=D, ROWS=ROWS, SPLIT=SPLIT, BLOCK_N=BLOCK_N, num_warps=4, num_stages=2)
     wrap_triton(_decode_attn_merge)[(B * KVH, G * T)](
-        acc, ml, start, lengths, out, T, KVH, nsplit, out.stride(0), out.stride(1), out.stride(2),
-        G=G, D=D, ROWS=ROWS, SPLIT=SPLIT, NSPLIT_P=triton.next_power_of_2(nsplit), num_warps=4)
+        acc, ml, start, lengths, out, T, KVH, nsplit, Tmax, out.stride(0), out.stride(1), out.stride(2),
+        G=G, D=D, ROWS=ROWS, SPLIT=SPLIT, NSPLIT_P=max(2, triton.next_power_of_2(nsplit)), num_warps=4)
     return out
