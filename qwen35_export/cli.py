@@ -148,7 +148,7 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("build", help="export + compile an engine directory")
     s.add_argument("checkpoint", type=Path)
     s.add_argument("--target", required=True, choices=["h100", "h200", "cpu"])
-    s.add_argument("--backend", default="aoti", choices=["aoti", "onnxruntime", "tensorrt"])
+    s.add_argument("--backend", default="aoti", choices=["aoti", "onnxruntime", "tensorrt", "torch-tensorrt"])
     s.add_argument("--dtype", default=None, choices=["fp8", "bf16", "fp32"],
                    help="default: fp32 on cpu, bf16 on GPU targets (fp8 when the checkpoint is FP8)")
     s.add_argument("--max-batch", type=int, default=8)

@@ -1,9 +1,12 @@
-"""`build --backend onnxruntime|tensorrt`: checkpoint -> engine directory, the same layout as the AOTI build.
+"""`build --backend onnxruntime|tensorrt|torch-tensorrt`: checkpoint -> engine directory, the same layout
+as the AOTI build.
 
 Weights stream one layer at a time into `weights/` exactly as exporter/build.py writes them (so the
 runtime binds them the same way), one ONNX graph per (layer kind, phase) plus embed/final goes to
-`graphs/*.onnx`, and for TensorRT each graph is then compiled to `graphs/*.engine`. The directory is
-built in a temp dir beside `out` and renamed into place at the end, so a failed build leaves nothing.
+`graphs/*.onnx`, and for TensorRT each graph is then compiled to `graphs/*.engine`; torch-tensorrt
+compiles the graphs it takes (tensorrt/torch_trt.py) from their ExportedPrograms to `graphs/*.ep`
+instead. The directory is built in a temp dir beside `out` and renamed into place at the end, so a
+failed build leaves nothing.
 """
 
 from __future__ import annotations
@@ -18,6 +21,7 @@ from typing import Callable
 
 import onnx
 import torch
+from torch.export import ExportedProgram
 from tqdm import tqdm
 
 from .. import __version__
@@ -31,11 +35,14 @@ from ..exporter.engine_dir import check_out, file_table, staging_dir, swap_into_
 from ..exporter.manifest import FORMAT_VERSION, TARGET_SM, GraphEntry, Manifest
 from .onnx import export as X
 
-BACKENDS = ("onnxruntime", "tensorrt")
+BACKENDS = ("onnxruntime", "tensorrt", "torch-tensorrt")
+TRT_BACKENDS = ("tensorrt", "torch-tensorrt")
 
-# Compiles the ONNX graphs in `graphs_dir` in place for a backend; returns {graph name: file relative to
-# the engine dir} for graphs it replaced, and extra version strings for the manifest.
-Compiler = Callable[[Path, Path, dict[str, GraphEntry], Qwen35Config, BuildSettings],
+# Graph entry -> the functional ExportedProgram its ONNX file was exported from, captured again.
+Capture = Callable[[GraphEntry], ExportedProgram]
+# Compiles the graphs in `graphs_dir` (their ONNX files are there) in place for a backend; returns {graph
+# name: file relative to the engine dir} for graphs it replaced, and extra version strings for the manifest.
+Compiler = Callable[[Path, Path, dict[str, GraphEntry], Qwen35Config, BuildSettings, Capture],
                     tuple[dict[str, str], dict[str, str]]]
 
 
@@ -45,8 +52,9 @@ def _check(checkpoint: str | Path, out: Path, settings: BuildSettings) -> Checkp
         raise BuildError(f"--backend: build_backend_engine builds {BACKENDS}, found {settings.backend!r}")
     if settings.target not in TARGETS:
         raise BuildError(f"--target: expected one of {TARGETS}, found {settings.target!r}")
-    if settings.backend == "tensorrt" and settings.target == "cpu":
-        raise BuildError("--backend tensorrt: TensorRT engines run on NVIDIA GPUs; use --target h100 or h200")
+    if settings.backend in TRT_BACKENDS and settings.target == "cpu":
+        raise BuildError(f"--backend {settings.backend}: TensorRT engines run on NVIDIA GPUs; use --target h100 "
+                         "or h200")
     check_out(out, settings.force)
     if settings.max_batch < 1 or settings.max_seq_len < 2:
         raise BuildError(f"--max-batch >= 1 and --max-seq-len >= 2 expected, found {settings.max_batch}, "
@@ -82,6 +90,26 @@ def _export_graphs(cfg: Qwen35Config, glob: dict[str, torch.Tensor], examples: d
     return entries
 
 
+def functional_capture(cfg: Qwen35Config, glob: dict[str, torch.Tensor],
+                       examples: dict[str, dict[str, torch.Tensor]], shapes: C.CaptureShapes, act: torch.dtype,
+                       device: torch.device) -> Capture:
+    """`capture(entry)`: graph `entry` captured on `device` as the ONNX export captured it (functional layer
+    modules: the new states are outputs), from the same globals and example layers."""
+
+    def capture(e: GraphEntry) -> ExportedProgram:
+        if e.kind == C.EMBED:
+            return C.capture_embed(cfg, glob["embed_tokens.weight"].to(device), shapes, device)
+        if e.kind == C.FINAL:
+            return C.capture_final(cfg, glob["norm.weight"].to(device), glob["lm_head.weight"].to(device), shapes,
+                                   act, device)
+        w = {k: v.to(device) for k, v in examples[e.kind].items()}
+        if e.kind == C.GDN:
+            return C.capture_gdn(cfg, w, e.phase, shapes, act, device, layer=X.GDNLayerFn)[0]
+        return C.capture_attention(cfg, w, e.phase, shapes, act, device, layer=X.AttentionLayerFn)[0]
+
+    return capture
+
+
 def _finish(tmp: Path, out: Path, checkpoint: str | Path, man: Manifest) -> None:
     """Tokenizer files, file hashes, manifest; then swap `tmp` into `out` (an old engine goes last)."""
     for f in _TOKENIZER_FILES:
@@ -95,17 +123,23 @@ def _finish(tmp: Path, out: Path, checkpoint: str | Path, man: Manifest) -> None
 
 
 def build_backend_engine(checkpoint: str | Path, out: str | Path, settings: BuildSettings) -> Path:
-    """Build an engine directory at `out` with the ONNX Runtime or TensorRT backend."""
+    """Build an engine directory at `out` with the ONNX Runtime, TensorRT or torch-tensorrt backend."""
     out = Path(out)
     t_all = time.time()
     reader = _check(checkpoint, out, settings)
     compiler: Compiler | None = None
-    if settings.backend == "tensorrt":
-        from .tensorrt.build import compile_graphs, require_tensorrt
+    device = torch.device("cpu")
+    if settings.backend in TRT_BACKENDS:  # fail before any work when a module or the GPU is missing
+        from .tensorrt import build as trt_build
 
-        require_tensorrt()  # fail before any work when the module or the GPU is missing
-        check_target(settings.target)
-        compiler = compile_graphs
+        compiler = trt_build.compile_graphs
+        if settings.backend == "torch-tensorrt":
+            from .tensorrt import torch_trt
+
+            torch_trt.require_torch_tensorrt()
+            compiler = torch_trt.compile_graphs
+        trt_build.require_tensorrt(settings.backend)
+        device = check_target(settings.target)
     cfg = reader.config
     dtype, act = _resolve_dtype(settings, cfg.fp8 is not None)
     if settings.backend == "onnxruntime" and settings.target == "cpu" and act == torch.bfloat16:
@@ -128,7 +162,8 @@ def build_backend_engine(checkpoint: str | Path, out: str | Path, settings: Buil
                     "onnx": onnx.__version__}
         if compiler is not None:
             t0 = time.time()
-            files, extra = compiler(tmp, tmp / "graphs", entries, cfg, settings)
+            files, extra = compiler(tmp, tmp / "graphs", entries, cfg, settings,
+                                    functional_capture(cfg, glob, examples, shapes, act, device))
             for name, rel in files.items():
                 entries[name].file = rel
             versions.update(extra)

@@ -76,7 +76,8 @@ class Engine:
         self.max_batch, self.max_seq_len = man.max_batch, man.max_seq_len
         self.load_seconds: dict[str, float] = {}
         t0 = time.perf_counter()
-        load_graph = {"onnxruntime": load_onnx_graph, "tensorrt": load_trt_graph}.get(man.backend, load_package)
+        load_graph = {"onnxruntime": load_onnx_graph, "tensorrt": load_trt_graph,
+                      "torch-tensorrt": load_trt_graph}.get(man.backend, load_package)
         self.graphs = {}
         for name, g in man.graphs.items():
             t1 = time.perf_counter()

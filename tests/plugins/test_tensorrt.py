@@ -1,7 +1,7 @@
 """TensorRT backend. Without a builder (CI): the plug-in contract against the torch fake kernels and the
-ONNX schemas, the ONNX graph the parser will see, the AOT kernel adapters (numbers under Triton's
-interpreter, PTX for sm_90 with the parameter list TensorRT launches). With `tensorrt` importable:
-plug-in registration and a tiny engine build."""
+ONNX schemas, the ONNX graph the parser will see, the builder config, the AOT kernel adapters (numbers
+under Triton's interpreter, PTX for sm_90 with the parameter list TensorRT launches). With `tensorrt`
+importable: plug-in registration and a tiny engine build (also with `--backend torch-tensorrt`)."""
 
 from __future__ import annotations
 
@@ -22,16 +22,11 @@ from qwen35_export.plugins.onnx.schemas import DOMAIN, SCHEMAS
 from qwen35_export.plugins.tensorrt.build import profile_shapes, require_tensorrt
 from qwen35_export.plugins.tensorrt.onnx_prep import prepare_for_tensorrt
 from qwen35_export.plugins.tensorrt.specs import PLUGINS, TYPE_COMBINATIONS, describe
+from trt_markers import HAVE_TRT, needs_trt, needs_ttrt
 
-try:
-    import tensorrt  # noqa: F401
 
-    HAVE_TRT = True
-except ImportError:
-    HAVE_TRT = False
-needs_trt = pytest.mark.skipif(not HAVE_TRT, reason="needs tensorrt (the TensorRT builder cannot be installed on "
-                                                    "this machine)")
-
+needs_sm90 = pytest.mark.skipif(not torch.cuda.is_available() or torch.cuda.get_device_capability() != (9, 0),
+                                reason="needs an sm_90 GPU (TensorRT builds for the GPU it runs on)")
 HERE = Path(__file__).parent
 # torch op -> the plug-ins that replace it, in order (MoE is split in two for TensorRT)
 _CHAINS = {"causal_conv1d": ["CausalConv1d"], "gated_delta_rule": ["GatedDeltaRule"],
@@ -131,6 +126,28 @@ def test_profile_shapes() -> None:
     assert profile_shapes((16, 256), 8, 512) == ((16, 256),) * 3
 
 
+def test_builder_config_enables_aliased_plugin_io() -> None:
+    """The state plug-ins declare aliased outputs: TensorRT builds them only with ALIASED_PLUGIN_IO_10_03 on
+    (stand-ins for the tensorrt enums and IBuilderConfig record what builder_config sets)."""
+    import types
+
+    from qwen35_export.plugins.tensorrt.build import TARGET_CONFIGS, builder_config
+
+    calls: list = []
+
+    class Config:
+        def __getattr__(self, name):
+            return lambda *a, **k: calls.append((name, a))
+
+    trt = types.SimpleNamespace(MemoryPoolType=types.SimpleNamespace(WORKSPACE="WORKSPACE"),
+                                HardwareCompatibilityLevel=types.SimpleNamespace(NONE="NONE"),
+                                PreviewFeature=types.SimpleNamespace(ALIASED_PLUGIN_IO_10_03="ALIASED_PLUGIN_IO"))
+    config = builder_config(trt, types.SimpleNamespace(create_builder_config=Config), "h200", b"")
+    assert ("set_preview_feature", ("ALIASED_PLUGIN_IO", True)) in calls
+    assert ("set_memory_pool_limit", ("WORKSPACE", TARGET_CONFIGS["h200"].workspace_gib << 30)) in calls
+    assert config.hardware_compatibility_level == "NONE"
+
+
 @pytest.mark.skipif(HAVE_TRT, reason="checks the message on a machine without tensorrt")
 def test_require_tensorrt_names_the_module() -> None:
     with pytest.raises(BuildError, match=r"the `tensorrt` Python module \(TensorRT >= 10\) cannot be imported"):
@@ -215,14 +232,18 @@ def test_plugins_register() -> None:
         assert hasattr(trtp.op.qwen35, name)
 
 
-@needs_trt
-@pytest.mark.skipif(not torch.cuda.is_available() or torch.cuda.get_device_capability() != (9, 0),
-                    reason="needs an sm_90 GPU (TensorRT builds for the GPU it runs on)")
-def test_tiny_engine_builds(engine_ckpt_fp32: Path, tmp_path: Path) -> None:
+@pytest.mark.parametrize("backend", [pytest.param("tensorrt", marks=[needs_trt, needs_sm90]),
+                                     pytest.param("torch-tensorrt", marks=[needs_ttrt, needs_trt, needs_sm90])])
+def test_tiny_engine_builds(backend: str, engine_ckpt_fp32: Path, tmp_path: Path) -> None:
+    """torch-tensorrt compiles the attention, embed and final graphs itself (.ep); GDN takes the parser."""
     from qwen35_export.exporter.build import BuildSettings
     from qwen35_export.plugins.build import build_backend_engine
+    from qwen35_export.runtime.engine import Engine
+    from qwen35_export.runtime.sampling import SamplingParams
 
     out = build_backend_engine(engine_ckpt_fp32, tmp_path / "trt", BuildSettings(
-        target="h100", backend="tensorrt", dtype="bf16", max_batch=2, max_seq_len=32, progress=False))
+        target="h100", backend=backend, dtype="bf16", max_batch=2, max_seq_len=32, progress=False))
     m = json.loads((out / "manifest.json").read_text())
-    assert m["backend"] == "tensorrt" and all(g["file"].endswith(".engine") for g in m["graphs"].values())
+    want = {n: ".engine" if backend == "tensorrt" or n.startswith("gdn") else ".ep" for n in m["graphs"]}
+    assert m["backend"] == backend and {n: Path(g["file"]).suffix for n, g in m["graphs"].items()} == want
+    assert len(Engine.load(out).generate([[5, 6, 7]], SamplingParams(max_new_tokens=4))[0]) == 4

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import onnx
 
@@ -23,16 +23,16 @@ from .onnx_prep import prepare_for_tensorrt
 MIN_MAJOR = 10
 
 
-def require_tensorrt() -> Any:
-    """The `tensorrt` module, or a BuildError naming it."""
+def require_tensorrt(backend: str = "tensorrt") -> Any:
+    """The `tensorrt` module, or a BuildError naming it (`backend`: the --backend that needs it)."""
     try:
         import tensorrt as trt
     except ImportError as e:
-        raise BuildError(f"--backend tensorrt: the `tensorrt` Python module (TensorRT >= {MIN_MAJOR}) cannot be "
+        raise BuildError(f"--backend {backend}: the `tensorrt` Python module (TensorRT >= {MIN_MAJOR}) cannot be "
                          f"imported here ({e}). Install TensorRT on a machine with an sm_90 GPU, or build with "
                          "--backend onnxruntime / aoti.") from None
     if int(trt.__version__.split(".")[0]) < MIN_MAJOR:
-        raise BuildError(f"--backend tensorrt: TensorRT >= {MIN_MAJOR} needed (tensorrt.plugin), found "
+        raise BuildError(f"--backend {backend}: TensorRT >= {MIN_MAJOR} needed (tensorrt.plugin), found "
                          f"{trt.__version__}")
     return trt
 
@@ -52,12 +52,15 @@ TARGET_CONFIGS = {"h100": TargetConfig(TARGET_SM["h100"], 8), "h200": TargetConf
 
 def builder_config(trt: Any, builder: Any, target: str, timing_cache: bytes) -> Any:
     """IBuilderConfig for `target`: workspace, optimisation level, timing cache (strong typing is a
-    network flag, so no precision flags here: the ONNX graph's dtypes and Q/DQ nodes decide)."""
+    network flag, so no precision flags here: the ONNX graph's dtypes and Q/DQ nodes decide), and aliased
+    plug-in I/O (the GDN and conv plug-ins update their state inputs in place: specs.py `alias`)."""
     t = TARGET_CONFIGS[target]
     config = builder.create_builder_config()
     config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, t.workspace_gib << 30)
     config.builder_optimization_level = t.optimization_level
     config.hardware_compatibility_level = trt.HardwareCompatibilityLevel.NONE  # sm_90 only, fastest kernels
+    # without it the build refuses plug-ins that declare `aliased()` outputs (a preview feature since 10.3)
+    config.set_preview_feature(trt.PreviewFeature.ALIASED_PLUGIN_IO_10_03, True)
     cache = config.create_timing_cache(timing_cache)
     config.set_timing_cache(cache, ignore_mismatch=False)
     return config
@@ -98,9 +101,10 @@ def _build_one(trt: Any, builder: Any, logger: Any, onnx_path: Path, settings: B
 
 
 def compile_graphs(tmp: Path, graphs_dir: Path, entries: dict[str, GraphEntry], cfg: Qwen35Config,
-                   settings: BuildSettings) -> tuple[dict[str, str], dict[str, str]]:
-    """Build `graphs/<name>.engine` from each `graphs/<name>.onnx` (plugins/build.py's Compiler)."""
-    trt = require_tensorrt()
+                   settings: BuildSettings, capture: Callable | None = None) -> tuple[dict[str, str], dict[str, str]]:
+    """Build `graphs/<name>.engine` from each `graphs/<name>.onnx` (plugins/build.py's Compiler; `capture` is
+    unused: the parser reads the ONNX files)."""
+    trt = require_tensorrt(settings.backend)
     check_target(settings.target)  # the builder tunes kernels on the GPU it runs on
     from .plugins import register_plugins
 

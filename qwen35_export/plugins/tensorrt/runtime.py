@@ -1,13 +1,16 @@
 """TensorRT engines behind the calling convention of the AOTInductor graphs (runtime/engine.py), as
 runtime/ort_session.py does for ONNX Runtime: positional torch inputs, the main output returned, each
-`<state>.next` output copied back into the state tensor passed in.
+`<state>.next` output copied back into the state tensor passed in. The same for the programs of the
+torch-tensorrt path (torch_trt.py, `graphs/<name>.ep`), whose new states follow the main output.
 
-Written to the public TensorRT >= 10 API (Runtime, ICudaEngine, IExecutionContext.execute_async_v3);
-unverified: the builder and runtime cannot be installed on our machines.
+Written to the public TensorRT >= 10 API (Runtime, ICudaEngine, IExecutionContext.execute_async_v3) and to
+torch-tensorrt's (`torch.export.load` of its saved programs once `torch_tensorrt` is imported); unverified:
+neither can be installed on our machines.
 """
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any
 
@@ -77,6 +80,33 @@ class TrtGraph:
         return outs[self._main]
 
 
-def load_trt_graph(path: str | Path, device: torch.device) -> TrtGraph:
-    """Load one TensorRT graph of an engine (same signature as aoti_loader.load_package)."""
-    return TrtGraph(path, device)
+class TorchTrtGraph:
+    """A torch-tensorrt program as a callable `graph(*inputs) -> Tensor`: it returns (main output, new
+    states), and each new state is copied into the input `<name>.states.json` lists for it."""
+
+    def __init__(self, path: str | Path, device: torch.device):
+        try:
+            import torch_tensorrt  # noqa: F401  (registers the engine op and class the program calls)
+        except ImportError as e:
+            raise EngineError(f"{path}: built with --backend torch-tensorrt; loading it needs the `torch_tensorrt` "
+                              f"Python module, which cannot be imported here ({e})") from None
+        from .plugins import register_plugins
+
+        register_plugins()  # the engines inside hold our plug-ins
+        self.path, self.device = Path(path), device
+        self.states = json.loads(self.path.with_suffix(".states.json").read_text())["state_inputs"]
+        self.module = torch.export.load(str(self.path)).module()
+
+    def __call__(self, *args: Tensor) -> Tensor:
+        out = self.module(*args)
+        if not self.states:
+            return out
+        for i, new in zip(self.states, out[1:]):
+            args[i].copy_(new)
+        return out[0]
+
+
+def load_trt_graph(path: str | Path, device: torch.device) -> TrtGraph | TorchTrtGraph:
+    """Load one TensorRT graph of an engine (same signature as aoti_loader.load_package): a serialised engine
+    (`.engine`, the ONNX parser route) or a torch-tensorrt program (`.ep`)."""
+    return TorchTrtGraph(path, device) if Path(path).suffix == ".ep" else TrtGraph(path, device)
