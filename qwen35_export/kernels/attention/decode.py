@@ -53,7 +53,7 @@ def _decode_attn_partial(q_ptr, k_ptr, v_ptr, start_ptr, len_ptr, acc_ptr, ml_pt
         kv_ok = j < hi
         k = tl.load(k_base + j[:, None].to(tl.int64) * sk_t + d[None, :], mask=kv_ok[:, None], other=0.0)
         # AOTI passes a Python float as fp64: keep the loop-carried softmax state fp32.
-        s = tl.dot(q, tl.trans(k)) * scale.to(tl.float32)  # [ROWS, BLOCK_N] fp32
+        s = (tl.dot(q, tl.trans(k)) * scale).to(tl.float32)  # [ROWS, BLOCK_N]
         s = tl.where(kv_ok[None, :] & (j[None, :] <= pos[:, None]), s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, 1))
         m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # a row with no key yet: keep exp() at 0, not NaN
