@@ -128,10 +128,51 @@ def bench_fp8_linear(bw: float) -> list[dict]:
     return rows
 
 
+def report(res: dict, md: Path, png: Path) -> None:
+    """Markdown table and plot of a decode_kernels.json (run here, after the device run)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    lines = [f"Device: {res['gpu']}, torch {res['torch']}, triton {res['triton']}; CUDA-graph replay medians.", "",
+             "| geometry | batch | context | ours (us) | % HBM (live KV) | SDPA default (us) | SDPA efficient (us) "
+             "| ours vs default | rel. error |", "|---|---|---|---|---|---|---|---|---|"]
+    for r in res["attention"]:
+        lines.append(f"| {r['geom']} | {r['B']} | {r['ctx']} | {r['triton_us']:.1f} | {r['roofline_pct']:.1f} | "
+                     f"{r['sdpa_default_us']:.1f} | {r['sdpa_efficient_us']:.1f} | "
+                     f"{r['sdpa_default_us'] / r['triton_us']:.1f}x | {r['rel_err']:.1e} |")
+    lines += ["", "| FP8 linear | M | best (us) | % HBM | best tile (BLOCK_N, warps, stages) | current default (us) |",
+              "|---|---|---|---|---|---|"]
+    for r in res.get("fp8_linear", []):
+        b = r["best"]
+        lines.append(f"| {r['name']} ({r['N']}x{r['K']}) | {r['M']} | {r['best_us']:.1f} | {r['best_roofline_pct']:.1f} | "
+                     f"{b['BLOCK_N']}, {b['num_warps']}, {b['num_stages']} | {r['default_us']:.1f} |")
+    md.write_text("\n".join(lines) + "\n")
+    fig, ax = plt.subplots(1, 2, figsize=(11, 4))
+    for geom in GEOMS:
+        for ctx in (512, 8192):
+            rs = [r for r in res["attention"] if r["geom"] == geom and r["ctx"] == ctx]
+            ax[0].plot([r["B"] for r in rs], [r["triton_us"] for r in rs], "o-", label=f"ours {geom} ctx {ctx}")
+            ax[0].plot([r["B"] for r in rs], [r["sdpa_default_us"] for r in rs], "x--", label=f"SDPA {geom} ctx {ctx}")
+            ax[1].plot([r["B"] for r in rs], [r["roofline_pct"] for r in rs], "o-", label=f"{geom} ctx {ctx}")
+    ax[0].set(xscale="log", yscale="log", xlabel="batch", ylabel="us per layer", title="decode attention")
+    ax[1].set(xscale="log", xlabel="batch", ylabel="% of HBM roofline (live KV bytes)", title="ours vs roofline")
+    for x in ax:
+        x.grid(alpha=0.3)
+        x.legend(fontsize=6)
+    fig.tight_layout()
+    fig.savefig(png, dpi=120)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", type=Path, required=True)
+    ap.add_argument("--report", type=Path, help="only write the markdown + plot of this decode_kernels.json")
     a = ap.parse_args()
+    if a.report:
+        report(json.loads(a.report.read_text()), a.out / "decode_kernels_h200.md", a.out / "decode_kernels_h200.png")
+        return
     bw = hbm_bandwidth(torch.device("cuda")) or 3.35e12
     res = {"gpu": torch.cuda.get_device_name(), "torch": torch.__version__, "triton": triton.__version__,
            "hbm_bytes_per_s": bw}
