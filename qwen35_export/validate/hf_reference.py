@@ -19,7 +19,10 @@ def load_hf(checkpoint: str | Path, device: torch.device):
     that class honours the top-level `quantization_config` of a multimodal checkpoint
     (`Qwen3_5MoeForCausalLM` reads `text_config` alone and takes the e4m3 bytes for weights: every layer
     wrong, seen on the H200, transformers 5.17, 2026-12-01), and on a GPU the quantizer would otherwise keep
-    FP8 matmuls, which is not an fp32 reference."""
+    FP8 matmuls, which is not an fp32 reference. A text-only FP8 checkpoint (`qwen3_5_moe_text`, `model.`
+    prefix, the quantization_config at its top level) loads through the CausalLM class, which honours it:
+    ConditionalGeneration would build its default full-size multimodal model around the flat text config
+    and find none of its `model.language_model.` keys."""
     from ..config import Qwen35Config
 
     try:
@@ -38,8 +41,9 @@ def load_hf(checkpoint: str | Path, device: torch.device):
                              "(transformers' FP8 loader imports it)") from None
         q = transformers.FineGrainedFP8Config(weight_block_size=tuple(cfg.fp8.weight_block_size),
                                               dequantize=True)
-        model = transformers.Qwen3_5MoeForConditionalGeneration.from_pretrained(
-            checkpoint, dtype=torch.float32, quantization_config=q)
+        cls = (transformers.Qwen3_5MoeForConditionalGeneration if cfg.model_type == "qwen3_5_moe"
+               else transformers.Qwen3_5MoeForCausalLM)
+        model = cls.from_pretrained(checkpoint, dtype=torch.float32, quantization_config=q)
     # Keep-in-BF16 tensors load as bf16; bf16 -> fp32 is exact.
     return model.float().to(device).eval()
 
