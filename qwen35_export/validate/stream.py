@@ -54,8 +54,13 @@ def host_available_bytes() -> int:
 
 def fits(device: torch.device, weight_bytes: int, activation_bytes: int = 0) -> bool:
     """Whether weights (plus HEADROOM) and activations fit in the free memory of `device` (a GPU) or of the
-    host (`cpu`)."""
-    free = torch.cuda.mem_get_info(device)[0] if device.type == "cuda" else host_available_bytes()
+    host (`cpu`). On a GPU, blocks torch's caching allocator holds but does not use (a dropped layer's
+    weights) count as free: the driver's count alone misses them."""
+    if device.type == "cuda":
+        free = (torch.cuda.mem_get_info(device)[0] + torch.cuda.memory_reserved(device)
+                - torch.cuda.memory_allocated(device))
+    else:
+        free = host_available_bytes()
     return weight_bytes * HEADROOM + activation_bytes < free
 
 

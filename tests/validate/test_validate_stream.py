@@ -113,3 +113,15 @@ def test_reference_plan(monkeypatch: pytest.MonkeyPatch) -> None:
         validate_run.reference_plan(eng, "transformers", "stream")
     with pytest.raises(InputError, match="--reference-mode"):
         validate_run.reference_plan(eng, mode="layers")
+
+
+def test_fits_counts_memory_cached_by_torch_as_free(monkeypatch: pytest.MonkeyPatch) -> None:
+    """After a streamed layer ran on the GPU and was dropped, its blocks stay reserved by torch's caching
+    allocator, which the driver's free count (mem_get_info) no longer shows; the next layer reuses them."""
+    gib = 1 << 30
+    dev = torch.device("cuda", 0)
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda d=None: (10 * gib, 140 * gib))
+    monkeypatch.setattr(torch.cuda, "memory_reserved", lambda d=None: 9 * gib)
+    monkeypatch.setattr(torch.cuda, "memory_allocated", lambda d=None: 1 * gib)
+    assert stream.fits(dev, 12 * gib)  # 12 GiB x 1.25 = 15 GiB < 10 free + 8 cached
+    assert not stream.fits(dev, 15 * gib)  # 18.75 GiB > 18
