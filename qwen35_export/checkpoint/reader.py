@@ -218,11 +218,12 @@ class CheckpointReader:
         return {"w": self._read_checked(key, shape, fp8=False).to(dtype)}
 
     def load_globals(self, dtype: torch.dtype) -> dict[str, Tensor]:
-        out = {}
-        for name, shape in global_weight_shapes(self.config).items():
-            key = name if name == "lm_head.weight" else self.info.prefix + name
-            out[name] = self._read_checked(key, shape, fp8=False).to(dtype)
-        return out
+        return {name: self.load_global(name, dtype) for name in global_weight_shapes(self.config)}
+
+    def load_global(self, name: str, dtype: torch.dtype) -> Tensor:
+        """One of `embed_tokens.weight`, `norm.weight`, `lm_head.weight`, shape- and dtype-checked."""
+        key = name if name == "lm_head.weight" else self.info.prefix + name
+        return self._read_checked(key, global_weight_shapes(self.config)[name], fp8=False).to(dtype)
 
     def load_layer(self, i: int, dtype: torch.dtype, keep_fp8: bool = False) -> dict[str, Tensor]:
         """Weights of decoder layer i in internal layout (fused experts), cast to `dtype`.

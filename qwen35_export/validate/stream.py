@@ -27,7 +27,6 @@ from tqdm import tqdm
 
 from ..checkpoint.reader import CheckpointReader
 from ..config import LINEAR_ATTENTION, Qwen35Config
-from ..errors import CheckpointError
 from ..model import layers
 from ..model.weights import global_weight_shapes, layer_weight_shapes
 from .trace import (RowTrace, cpu_copy, engine_input_picks, engine_layer_input, fresh_layer_state, pad_batch,
@@ -77,12 +76,7 @@ def _activation_bytes(cfg: Qwen35Config, batches: list[list[RowTrace]], max_seq_
 
 def _read_global(reader: CheckpointReader, name: str) -> Tensor:
     # One tensor at a time: `load_globals` would hold embed_tokens and lm_head together (2 x 2 GB at 35B).
-    key = name if name == "lm_head.weight" else reader.info.prefix + name
-    t = reader.read(key)
-    want = global_weight_shapes(reader.config)[name]
-    if tuple(t.shape) != want:
-        raise CheckpointError(f"{reader.path}: tensor '{key}': expected shape {list(want)}, found {list(t.shape)}")
-    return t.float()
+    return reader.load_global(name, torch.float32)
 
 
 @dataclass

@@ -125,3 +125,24 @@ def test_fits_counts_memory_cached_by_torch_as_free(monkeypatch: pytest.MonkeyPa
     monkeypatch.setattr(torch.cuda, "memory_allocated", lambda d=None: 1 * gib)
     assert stream.fits(dev, 12 * gib)  # 12 GiB x 1.25 = 15 GiB < 10 free + 8 cached
     assert not stream.fits(dev, 15 * gib)  # 18.75 GiB > 18
+
+
+def test_stream_rejects_a_global_stored_fp8(engine_ckpt_fp32: Path, tmp_path: Path) -> None:
+    """embed_tokens / norm / lm_head are never block-quantised; one stored as e4m3 is refused naming the
+    tensor and dtype (as the whole-model load refuses it), not read as e4m3 values without their scales."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    from qwen35_export.errors import CheckpointError
+
+    ckpt = tmp_path / "ckpt"
+    shutil.copytree(engine_ckpt_fp32, ckpt)
+    [f] = [p for p in ckpt.glob("*.safetensors")]
+    t = load_file(f)
+    t["lm_head.weight"] = t["lm_head.weight"].to(torch.float8_e4m3fn)
+    save_file(t, f, metadata={"format": "pt"})
+    with pytest.raises(CheckpointError, match="lm_head.weight.*float dtype"):
+        load_model_weights(ckpt, torch.float32, progress=False)
+    with pytest.raises(CheckpointError, match="lm_head.weight.*float dtype"):
+        stream_trace(ckpt, [[_row([5, 6, 7], [9, 9])]], MAX_SEQ, progress=False)
