@@ -80,3 +80,25 @@ def test_op_matches_reference_op():
     out = torch.ops.qwen35_triton.decode_attention(q, kc, vc, start, lens, 128 ** -0.5)
     ref = torch.ops.qwen35.decode_attention(q, kc, vc, start, lens, 128 ** -0.5)
     assert_close("op vs reference op", out, ref, bound(torch.bfloat16))
+
+
+@pytest.mark.parametrize("shapes,match", [
+    pytest.param(dict(NH=6, KVH=4), "multiple of", id="NH-not-multiple-of-KVH"),
+    pytest.param(dict(D=80), "power of two", id="D80"),
+    pytest.param(dict(cache_D=32), "k_cache", id="cache-D-differs"),
+    pytest.param(dict(cache_B=1), "k_cache", id="cache-batch-differs"),
+    pytest.param(dict(v_Tmax=40), "v_cache", id="v-cache-shorter"),
+    pytest.param(dict(len_B=3), "lengths", id="lengths-not-B"),
+])
+def test_launcher_rejects_bad_shapes(shapes, match):
+    """Shapes the kernel cannot index correctly (heads of a group left unwritten, loads past a cache) are
+    refused before launching, naming the tensor."""
+    s = dict(B=2, T=1, NH=4, KVH=2, D=64, Tmax=48) | shapes
+    B, D = s["B"], s["D"]
+    q = torch.randn(B, s["T"], s["NH"], D, device=DEVICE)
+    kc = torch.randn(s.get("cache_B", B), s["KVH"], s["Tmax"], s.get("cache_D", D), device=DEVICE)
+    vc = torch.randn(B, s["KVH"], s.get("v_Tmax", s["Tmax"]), D, device=DEVICE)
+    start = torch.zeros(B, dtype=torch.int64, device=DEVICE)
+    lens = torch.ones(s.get("len_B", B), dtype=torch.int64, device=DEVICE)
+    with pytest.raises(ValueError, match=match):
+        decode_attention_triton(q, kc, vc, start, lens, 0.125)

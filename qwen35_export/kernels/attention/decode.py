@@ -93,9 +93,32 @@ def _decode_attn_merge(acc_ptr, ml_ptr, start_ptr, len_ptr, o_ptr, T, KVH, NSPLI
     tl.store(o_ptr + b.to(tl.int64) * so_b + t * so_t + (h * G + g) * so_h + d, o.to(o_ptr.dtype.element_ty))
 
 
+def _check_shapes(q: Tensor, k_cache: Tensor, v_cache: Tensor, start: Tensor, lengths: Tensor) -> None:
+    """What the kernel indexes by: every query head in a group of one KV head, D a power of two (tl.arange,
+    tl.dot), caches and per-row vectors of q's batch (else loads leave them)."""
+    if q.dim() != 4 or k_cache.dim() != 4:
+        raise ValueError(f"decode_attention: q {tuple(q.shape)} and k_cache {tuple(k_cache.shape)}, expected "
+                         "[B, T, NH, D] and [B, KVH, T_max, D]")
+    B, T, NH, D = q.shape
+    KVH = k_cache.shape[1]
+    if NH % KVH != 0:
+        raise ValueError(f"decode_attention: NH={NH} query heads is not a multiple of KVH={KVH} KV heads")
+    if D < 16 or D & (D - 1):
+        raise ValueError(f"decode_attention: head dim D={D}; the kernel needs a power of two >= 16")
+    want = (B, KVH, k_cache.shape[2], D)
+    for name, t in (("k_cache", k_cache), ("v_cache", v_cache)):
+        if tuple(t.shape) != want:
+            raise ValueError(f"decode_attention: {name} {tuple(t.shape)}, expected {want} for q {tuple(q.shape)} "
+                             f"(and k_cache's T_max)")
+    for name, t in (("start", start), ("lengths", lengths)):
+        if tuple(t.shape) != (B,):
+            raise ValueError(f"decode_attention: {name} {tuple(t.shape)}, expected ({B},) for q {tuple(q.shape)}")
+
+
 def decode_attention_triton(q: Tensor, k_cache: Tensor, v_cache: Tensor, start: Tensor, lengths: Tensor,
                             scale: float) -> Tensor:
     """Triton version of `qwen35::decode_attention`: q [B, T, NH, D], caches [B, KVH, T_max, D] -> [B, T, NH, D]."""
+    _check_shapes(q, k_cache, v_cache, start, lengths)
     B, T, NH, D = q.shape
     KVH, Tmax = k_cache.shape[1], k_cache.shape[2]
     G = NH // KVH
