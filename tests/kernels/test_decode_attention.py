@@ -58,6 +58,22 @@ def test_padding_rows_and_empty_rows(poison_empty):
                  bound(torch.float32))
 
 
+@pytest.mark.parametrize("T,Tmax,start,lengths", [
+    pytest.param(3, 2 * SPLIT + 3, [SPLIT - 1, SPLIT - 2, 2 * SPLIT], [3, 3, 3], id="queries-across-a-split"),
+    pytest.param(3, 2 * SPLIT + 3, [2 * SPLIT + 3, 7, 2 * SPLIT + 1], [0, 1, 2], id="full-row-and-end-of-cache"),
+    pytest.param(8, SPLIT + 8, [SPLIT, 0], [8, 5], id="T8-tail-split"),
+])
+def test_rows_spanning_splits(T, Tmax, start, lengths, poison_empty):
+    """The T queries of one row straddle a split boundary (query 0 sees none of the next split), a row whose
+    cache is full (start == T_max, lengths 0), rows ending at T_max with padding queries after them."""
+    B, NH, KVH, D = len(start), 16, 2, 64
+    q, kc, vc, _, _ = case(B, T, NH, KVH, D, Tmax, torch.float32, seed=T)
+    start, lens = torch.tensor(start, device=DEVICE), torch.tensor(lengths, device=DEVICE)
+    out = decode_attention_triton(q, kc, vc, start, lens, 0.125)
+    assert_close("decode_attention across splits", out, naive_decode_attention(q, kc, vc, start, lens, 0.125),
+                 bound(torch.float32))
+
+
 def test_never_reads_past_the_row_length():
     """Positions at or past max(start + lengths) must not matter: NaN there leaves the output finite and equal."""
     B, T, NH, KVH, D, Tmax = 2, 1, 8, 2, 64, 2 * SPLIT
