@@ -125,3 +125,17 @@ def test_padding_past_the_cache_end_never_overwrites_a_real_token(model: Qwen35M
     b, s = run(model, [x[10:], y[20:]], state=s)  # T = 20; row 1 has 10 real tokens, start 20
     assert_logits_close(b[1, :10], one[1, 20:], REL, "second part, row 1 (ends at the cache end)")
     assert_state_close(s, s_one, REL, n_kv=30)
+
+
+def test_short_chunks_through_decode_attention_equal_one_call(model: Qwen35Model, assert_logits_close) -> None:
+    """Calls of T <= 8 tokens take qwen35::decode_attention instead of SDPA: with a padded row, a row of no
+    real token (lengths 0) and a row that ends exactly at the cache end, they continue one long call."""
+    x, y = tokens(20, 31), tokens(13, 32)
+    one, s_one = run(model, [x, y], max_len=20)
+    _, s = run(model, [x[:12], y[:6]], max_len=20)
+    b, s = run(model, [x[12:17], y[6:13]], state=s)  # T = 7: row 0 has 5 real tokens
+    c, s = run(model, [x[17:20], y[13:]], state=s)  # T = 3: row 0 ends at T_max, row 1 has none
+    assert_logits_close(b[0, :5], one[0, 12:17], REL, "T=7 call, padded row 0")
+    assert_logits_close(b[1], one[1, 6:13], REL, "T=7 call, row 1")
+    assert_logits_close(c[0], one[0, 17:20], REL, "T=3 call, row 0 up to the cache end")
+    assert_state_close(s, s_one, REL, n_kv=13)
