@@ -17,7 +17,7 @@ from qwen35_export.cli import main as cli_main
 from qwen35_export.errors import BuildError, EngineError, InputError
 from qwen35_export.exporter.build import BuildSettings, build_engine
 from qwen35_export.model.model import Qwen35Model
-from qwen35_export.runtime.engine import Engine
+from qwen35_export.runtime.engine import Engine, prefill_groups
 from qwen35_export.runtime.sampling import SamplingParams
 
 PROMPTS = [[5, 6, 7, 8, 9, 10, 11, 12, 13], [3], [100, 200, 300, 400]]  # unequal lengths, one of 1 token
@@ -39,6 +39,44 @@ def test_greedy_tokens_identical_to_reference(engine: Engine, reference: Qwen35M
     ref = reference.generate_greedy(PROMPTS, GEN)
     assert [len(o) for o in out] == [GEN] * 3
     assert out == ref
+
+
+@pytest.mark.parametrize("max_padding", [0.0, 0.1, float("inf")])
+def test_grouped_prefill_gives_the_same_tokens(engine: Engine, reference: Qwen35Model, monkeypatch,
+                                               max_padding: float) -> None:
+    """generate() prefills length groups into slots held longest first and reports rows in the caller's
+    order: per-length calls (0), the default, and one padded call (inf) all give the reference's tokens."""
+    prompts = [[3], [100, 200, 300, 400], [5, 6, 7, 8, 9, 10, 11, 12, 13], [7, 8, 9, 10]]  # max batch 4
+    calls = []
+    prefill = engine.prefill
+    monkeypatch.setattr(engine, "prefill", lambda ids, *a, **k: calls.append(tuple(ids.shape)) or prefill(ids, *a, **k))
+    monkeypatch.setattr(engine, "max_prefill_padding", max_padding)
+    out = engine.generate(prompts, SamplingParams(max_new_tokens=6))
+    assert out == reference.generate_greedy(prompts, 6)
+    expect = {0.0: [(1, 9), (2, 4), (1, 1)], 0.1: [(1, 9), (2, 4), (1, 1)], float("inf"): [(4, 9)]}[max_padding]
+    assert calls == expect
+
+
+@pytest.mark.parametrize("lengths,max_padding,groups", [
+    ([9, 4, 4, 1, 1], 0.0, [(0, 1), (1, 3), (3, 5)]),
+    ([9, 4, 4, 1, 1], 1.0, [(0, 4), (4, 5)]),  # 4 rows x 9 = 36 <= 2 x 18 real tokens; a fifth row breaks it
+    ([9, 4, 4, 1, 1], float("inf"), [(0, 5)]),
+    ([5], 0.0, [(0, 1)]),
+    ([1, 8], 0.0, [(0, 1), (1, 2)]),  # unsorted rows still work, only consecutive rows are grouped
+])
+def test_prefill_groups(lengths, max_padding, groups) -> None:
+    assert prefill_groups(lengths, max_padding) == groups
+
+
+def test_prefill_groups_bound_padding() -> None:
+    g = torch.Generator().manual_seed(0)
+    lengths = sorted(torch.randint(1, 300, (64,), generator=g).tolist(), reverse=True)
+    for frac in (0.0, 0.1, 0.5):
+        groups = prefill_groups(lengths, frac)
+        assert groups[0][0] == 0 and groups[-1][1] == len(lengths)
+        assert all(a[1] == b[0] for a, b in zip(groups, groups[1:]))
+        for lo, hi in groups:
+            assert (hi - lo) * max(lengths[lo:hi]) <= (1 + frac) * sum(lengths[lo:hi])
 
 
 def test_prefill_logits_match_reference(engine: Engine, reference: Qwen35Model) -> None:

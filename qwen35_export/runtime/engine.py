@@ -65,9 +65,35 @@ class Slots:
     v: list[Tensor]
     lengths: Tensor
 
+    def rows(self, lo: int, hi: int) -> "Slots":
+        """Views of rows lo..hi-1 of these slots."""
+        return Slots(hi - lo, [c[lo:hi] for c in self.conv], [r[lo:hi] for r in self.rec],
+                     [k[lo:hi] for k in self.k], [v[lo:hi] for v in self.v], self.lengths[lo:hi])
+
+
+def prefill_groups(lengths: list[int], max_padding: float) -> list[tuple[int, int]]:
+    """Split rows into consecutive ranges [lo, hi) prefilled by one call each: a range grows while its padded
+    tokens (rows x longest row) stay within (1 + max_padding) x its real tokens. Rows sorted by length
+    make few ranges; max_padding 0 batches only equal lengths (no padding compute at all)."""
+    groups, lo = [], 0
+    while lo < len(lengths):
+        hi, longest, real = lo + 1, lengths[lo], lengths[lo]
+        while hi < len(lengths):
+            m, r = max(longest, lengths[hi]), real + lengths[hi]
+            if (hi + 1 - lo) * m > (1 + max_padding) * r:
+                break
+            hi, longest, real = hi + 1, m, r
+        groups.append((lo, hi))
+        lo = hi
+    return groups
+
 
 class Engine:
     """A loaded engine. `Engine.load(dir)` checks the manifest, hashes and target, then loads everything."""
+
+    # generate()/stream() prefill prompts of different lengths in groups of similar length (prompts sorted
+    # longest first), so that padding adds at most this fraction of compute (0: none, inf: one padded call).
+    max_prefill_padding: float = 0.1
 
     def __init__(self, engine_dir: Path, man: Manifest, device: torch.device, use_cuda_graphs: bool = True):
         self.dir, self.manifest, self.device = engine_dir, man, device
@@ -184,6 +210,19 @@ class Engine:
         s.lengths.add_(lengths)
         return logits if all_logits else logits[:, 0]
 
+    def prefill_grouped(self, prompts: list[list[int]], s: Slots) -> Tensor:
+        """Prefill each prompt into its slot of `s` (row b <- prompts[b]), one call per group of consecutive rows
+        from `prefill_groups`; returns logits at each row's last token [B, V]."""
+        lens = [len(p) for p in prompts]
+        out = []
+        for lo, hi in prefill_groups(lens, self.max_prefill_padding):
+            T = max(lens[lo:hi])
+            ids = torch.zeros(hi - lo, T, dtype=torch.int64)
+            for b in range(lo, hi):
+                ids[b - lo, : lens[b]] = torch.tensor(prompts[b], dtype=torch.int64)
+            out.append(self.prefill(ids, torch.tensor(lens[lo:hi]), s.rows(lo, hi)))
+        return torch.cat(out)
+
     def _check_prefill(self, ids: Tensor, lengths: Tensor, s: Slots) -> None:
         """Shapes and limits the graphs assume; past them positions would be clamped into wrong numbers."""
         if ids.dim() != 2 or lengths.shape != (ids.shape[0],) or ids.shape[0] != s.batch:
@@ -290,27 +329,25 @@ class Engine:
         params.validate()
         self.check_prompts(prompts, params.max_new_tokens)
         B = len(prompts)
-        T = max(len(p) for p in prompts)
-        ids = torch.zeros(B, T, dtype=torch.int64)
-        for b, p in enumerate(prompts):
-            ids[b, : len(p)] = torch.tensor(p, dtype=torch.int64)
-        lengths = torch.tensor([len(p) for p in prompts], dtype=torch.int64)
+        # Slots hold the prompts longest first, so that prefill groups of similar length are consecutive rows;
+        # rows are reported in the caller's order.
+        order = sorted(range(B), key=lambda b: -len(prompts[b]))
         gen = None
         if params.temperature > 0:
             gen = torch.Generator(device=self.device)
             gen.manual_seed(params.seed or 0)
         s = self.reset(B)
-        logits = self.prefill(ids, lengths, s)
+        logits = self.prefill_grouped([prompts[b] for b in order], s)
         done = [False] * B
         stop = set(params.stop_token_ids)
         for step in range(params.max_new_tokens):
             nxt = sample(logits, params, gen)
             toks = nxt.tolist()
-            out: list[int | None] = []
-            for b in range(B):
-                out.append(None if done[b] else toks[b])
-                if not done[b] and toks[b] in stop:
-                    done[b] = True
+            out: list[int | None] = [None] * B
+            for row, b in enumerate(order):
+                if not done[row]:
+                    out[b] = toks[row]
+                    done[row] = toks[row] in stop
             yield out
             if all(done) or step == params.max_new_tokens - 1:
                 return
