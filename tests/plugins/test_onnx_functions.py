@@ -88,3 +88,37 @@ def test_moe_experts_fp8() -> None:
     ref = ops.moe_experts_fp8(x, w, ids, q13, s13, q2, s2)
     (y,) = run_node("MoEFP8", [x, w, ids, q13, s13, q2, s2], [ref])
     assert_close("y", y, ref, REL)
+
+
+class _DecodeAttention(torch.nn.Module):
+    def forward(self, q, k_cache, v_cache, start, lengths):
+        return torch.ops.qwen35.decode_attention(q, k_cache, v_cache, start, lengths, 0.125)
+
+
+@pytest.mark.parametrize("start,lengths", [
+    pytest.param([5, 0, 37], [1, 1, 1], id="decode"),
+    pytest.param([0, 36, 12], [0, 4, 2], id="T4-lengths0-cache-end-padded"),
+])
+def test_decode_attention_standard_ops(tmp_path, start, lengths) -> None:
+    """`qwen35::decode_attention` exports as standard ops (no custom node); ONNX Runtime on that graph equals the
+    reference op, padding queries, a lengths-0 row and a row ending at the cache end included."""
+    import onnx
+    import onnxruntime as ort
+
+    from qwen35_export.plugins.onnx.translate import translation_table
+
+    B, NH, KVH, D, Tmax = 3, 8, 2, 64, 40
+    T = 1 if max(lengths) <= 1 else 4
+    g = torch.Generator().manual_seed(1)
+    q, kc, vc = torch.randn(B, T, NH, D, generator=g), torch.randn(B, KVH, Tmax, D, generator=g), \
+        torch.randn(B, KVH, Tmax, D, generator=g)
+    args = (q, kc, vc, torch.tensor(start), torch.tensor(lengths))
+    path = tmp_path / "da.onnx"
+    torch.onnx.export(_DecodeAttention(), args, str(path), dynamo=True, opset_version=23,
+                      custom_translation_table=translation_table())
+    m = onnx.load(str(path))
+    assert not [n for n in m.graph.node if n.domain not in ("", "ai.onnx")], "expected standard ops only"
+    sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    names = [i.name for i in sess.get_inputs()]
+    out = sess.run(None, {n: a.numpy() for n, a in zip(names, args)})[0]
+    assert_close("decode_attention", torch.from_numpy(out), ops.decode_attention(*args, 0.125), REL)
