@@ -282,7 +282,8 @@ class Engine:
         tok_buf.zero_()
         tok_buf[:B].copy_(tokens)
         graph.replay()
-        return out[:B]
+        # A copy: the graph's output buffer is overwritten by the next replay, and callers keep logits.
+        return out[:B].clone()
 
     def _capture(self, nb: int) -> None:
         tok = torch.zeros(nb, dtype=torch.int64, device=self.device)
