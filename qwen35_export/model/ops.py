@@ -84,12 +84,17 @@ def _(q, k, v, g, beta, h0):
 
 
 # -- MoE --------------------------------------------------------------------------------------------
-@torch.library.custom_op(f"{LIB}::moe_router", mutates_args=())
-def moe_router(logits: Tensor, top_k: int) -> tuple[Tensor, Tensor]:
+def moe_router_math(logits: Tensor, top_k: int) -> tuple[Tensor, Tensor]:
+    """The body of `qwen35::moe_router` in standard torch ops (also what backends decompose the op into)."""
     probs = torch.softmax(logits.float(), dim=-1)
     w, ids = torch.topk(probs, top_k, dim=-1)
     w = w / w.sum(dim=-1, keepdim=True)
     return w, ids.to(torch.int64)
+
+
+@torch.library.custom_op(f"{LIB}::moe_router", mutates_args=())
+def moe_router(logits: Tensor, top_k: int) -> tuple[Tensor, Tensor]:
+    return moe_router_math(logits, top_k)
 
 
 @moe_router.register_fake
@@ -155,12 +160,19 @@ def _(x, w, w_scale):
 
 
 # -- decode attention ---------------------------------------------------------------------------------
-@torch.library.custom_op(f"{LIB}::decode_attention", mutates_args=())
-def decode_attention(q: Tensor, k_cache: Tensor, v_cache: Tensor, start: Tensor, lengths: Tensor,
-                     scale: float) -> Tensor:
+def decode_attention_math(q: Tensor, k_cache: Tensor, v_cache: Tensor, start: Tensor, lengths: Tensor,
+                          scale: float) -> Tensor:
+    """The body of `qwen35::decode_attention` in standard torch ops, fp32 (also what backends decompose the
+    op into): the kernels' oracle run in fp32."""
     from ..kernels.attention.reference import naive_decode_attention
 
     return naive_decode_attention(q, k_cache, v_cache, start, lengths, scale, torch.float32).to(q.dtype)
+
+
+@torch.library.custom_op(f"{LIB}::decode_attention", mutates_args=())
+def decode_attention(q: Tensor, k_cache: Tensor, v_cache: Tensor, start: Tensor, lengths: Tensor,
+                     scale: float) -> Tensor:
+    return decode_attention_math(q, k_cache, v_cache, start, lengths, scale)
 
 
 @decode_attention.register_fake

@@ -30,7 +30,6 @@ from pathlib import Path
 from typing import Any, Callable
 
 import torch
-from torch import Tensor
 from torch.export import ExportedProgram
 
 from ...config import Qwen35Config
@@ -38,8 +37,7 @@ from ...errors import BuildError
 from ...exporter import capture as C
 from ...exporter.build import BuildSettings, check_target
 from ...exporter.manifest import GraphEntry
-from ...kernels.attention.reference import naive_decode_attention
-from ...model.ops import LIB
+from ...model.ops import LIB, decode_attention_math, moe_router_math
 from . import build as B
 from .specs import NAMESPACE, PLUGINS
 
@@ -53,20 +51,8 @@ def _overload(op: str) -> Any:
     return getattr(getattr(torch.ops, LIB), op).default
 
 
-def _moe_router(logits: Tensor, top_k: int) -> tuple[Tensor, Tensor]:
-    """model/ops.py's moe_router in standard ops: softmax in fp32 over all experts, top-k, renormalised."""
-    w, ids = torch.topk(torch.softmax(logits.float(), dim=-1), top_k, dim=-1)
-    return w / w.sum(dim=-1, keepdim=True), ids.to(torch.int64)
-
-
-def _decode_attention(q: Tensor, k_cache: Tensor, v_cache: Tensor, start: Tensor, lengths: Tensor,
-                      scale: float) -> Tensor:
-    """model/ops.py's decode_attention: its fp32 reference, in standard ops."""
-    return naive_decode_attention(q, k_cache, v_cache, start, lengths, scale, torch.float32).to(q.dtype)
-
-
 # qwen35 ops replaced by standard ops before compiling (TensorRT has layers for them), as their ONNX forms are
-DECOMPOSITIONS: dict[str, Callable] = {"moe_router": _moe_router, "decode_attention": _decode_attention}
+DECOMPOSITIONS: dict[str, Callable] = {"moe_router": moe_router_math, "decode_attention": decode_attention_math}
 
 # The state inputs of a layer kind, by name: its functional program (plugins/onnx/export.py) returns their
 # new values after the main output, in this order.
