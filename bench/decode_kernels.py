@@ -3,7 +3,7 @@ FP8 linear at decode token counts (the two largest items of the 35B-A3B decode p
 
     python3 bench/decode_kernels.py --out $OUT
 
-Writes decode_kernels.json and prints two tables. Times: triton.testing.do_bench medians (ms -> us) over
+Writes decode_kernels.json and prints two tables. Times: medians of CUDA-graph replays (gdn.bench_graph) over
 rotating input sets larger than L2; roofline bytes: live KV read once (attention), weight + scales (linear).
 """
 
@@ -17,11 +17,11 @@ from pathlib import Path
 
 import torch
 import triton
-from triton.testing import do_bench
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from gdn import bench_graph  # noqa: E402  (bench/ is on the path when this runs as a script)
 from qwen35_export.kernels.attention import decode_attention_triton, naive_decode_attention  # noqa: E402
 from qwen35_export.kernels.fp8_linear.gemm import _w8a8_gemm_kernel, default_config  # noqa: E402
 from qwen35_export.kernels.fp8_linear.quant import quantize_act  # noqa: E402
@@ -38,20 +38,9 @@ LINEARS = {  # name: (N, K) of the dense FP8 linears of a layer
 
 
 def graph_us(fn, n: int = 20) -> float:
-    """Median us per call of `fn` replayed from a CUDA graph of n calls: launch overhead (Python, the
-    launcher) is what the engine's graphed decode step does not pay, so it is kept out of the number."""
-    fn()
-    torch.cuda.synchronize()
-    s = torch.cuda.Stream()
-    s.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(s):
-        fn()
-    torch.cuda.current_stream().wait_stream(s)
-    g = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(g):
-        for _ in range(n):
-            fn()
-    return do_bench(g.replay, warmup=5, rep=30, return_mode="median") * 1e3 / n
+    """us per call of `fn` replayed from a CUDA graph of n calls (gdn.py's timing): launch overhead, which the
+    engine's graphed decode step does not pay, stays out of the number."""
+    return bench_graph(fn, n) * 1e3
 
 
 def bench_attention(bw: float) -> list[dict]:
