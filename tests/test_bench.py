@@ -34,3 +34,29 @@ def test_decode_step_bytes_counts_touched_experts(cpu_engine_fp32: Path) -> None
     assert abs(one["expert_weights"] / many["expert_weights"] - cfg.num_experts_per_tok / cfg.num_experts) < 1e-3
     assert one["dense_weights"] == many["dense_weights"] > 0
     assert many["kv"] == 4096 * one["kv"]
+
+
+def test_bench_per_layer_times_every_graph_and_leaves_engine_usable(cpu_engine_fp32: Path, tmp_path: Path) -> None:
+    from qwen35_export.runtime.bench import layer_times, project_step_us
+    from qwen35_export.runtime.sampling import SamplingParams
+
+    out = tmp_path / "b.json"
+    rc = cli_main(["bench", str(cpu_engine_fp32), "--batch", "1,2", "--prompt-len", "4", "--gen", "4",
+                   "--json", str(out), "--per-layer"])
+    assert rc == 0
+    got = {(r["graph"], r["phase"], r["batch"], r["tokens"]) for r in json.loads(out.read_text())["layers"]}
+    want = {(g, "decode", b, 1) for g in ("gdn", "attn", "embed", "final") for b in (1, 2)}
+    want |= {(g, "prefill", 1, 4) for g in ("gdn", "attn", "embed", "final")}
+    assert got == want
+
+    eng = Engine.load(cpu_engine_fp32, verify_hashes=False)
+    prompts, sp = [[3, 1, 4, 1, 5], [9]], SamplingParams(max_new_tokens=4)
+    before = eng.generate(prompts, sp)
+    rows = layer_times(eng, [1, 2], [4], context=3)
+    assert all(r.us > 0 for r in rows)
+    # timing feeds the layers random activations into the state pools: generate must not see any of it
+    assert eng.generate(prompts, sp) == before
+    t = {r.graph: r.us for r in rows if r.phase == "decode" and r.batch == 2}
+    n_gdn = len(eng.cfg.gdn_layers)
+    assert project_step_us(rows, eng.cfg, "decode", 2) == \
+        t["embed"] + n_gdn * t["gdn"] + (eng.cfg.num_hidden_layers - n_gdn) * t["attn"] + t["final"]

@@ -134,6 +134,117 @@ def bench_engine(eng: Engine, batches: list[int], prompt_lens: list[int], gen: i
     return rows
 
 
+@dataclass
+class LayerTime:
+    """One graph called alone: `phase` decode (one token per row, `context` cached) or prefill (`tokens` per row)."""
+
+    graph: str  # gdn / attn / embed / final
+    phase: str
+    batch: int
+    tokens: int
+    context: int
+    us: float
+    cuda_graph: bool
+
+
+def _replay_us(fn, device: torch.device, use_graph: bool, iters: int, repeats: int = 5) -> float:
+    """Median microseconds of one `fn()`: CUDA-graph replays of `iters` calls when `use_graph` (what the
+    engine's graphed decode step sees: no launch or Python overhead), else eager calls timed back to back."""
+    fn()  # warm-up: lazy init, first-call allocations
+    if use_graph:
+        stream = torch.cuda.Stream(device)
+        stream.wait_stream(torch.cuda.current_stream(device))
+        with torch.cuda.stream(stream):
+            fn()
+        torch.cuda.current_stream(device).wait_stream(stream)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            for _ in range(iters):
+                fn()
+        run = graph.replay
+    else:
+        def run():
+            for _ in range(iters):
+                fn()
+    run()
+    ts = []
+    for _ in range(repeats):
+        with _Timer(device) as t:
+            run()
+        ts.append(t.ms * 1e3 / iters)
+    return statistics.median(ts)
+
+
+@torch.no_grad()
+def layer_times(eng: Engine, batches: list[int], prompt_lens: list[int], context: int = 512,
+                seed: int = 0) -> list[LayerTime]:
+    """Time each graph of the engine alone (the first GDN and the first attention layer's weights): decode at
+    every batch with `context` tokens already cached, prefill of one row of each prompt length.
+
+    Per-layer numbers make a deep model's step time explainable (and projectable: 60 layers = 45 GDN + 15
+    attention) without building all of it. Decode uses CUDA graphs where the engine does."""
+    cfg, dev, act = eng.cfg, eng.device, eng.act_dtype
+    g = torch.Generator(device="cpu").manual_seed(seed)
+    kinds = {}
+    for i, t in enumerate(cfg.layer_types):
+        kinds.setdefault("gdn" if t == LINEAR_ATTENTION else "attn", i)
+    graphed = eng.use_cuda_graphs and dev.type == "cuda"
+    rows: list[LayerTime] = []
+
+    def x_of(B: int, T: int) -> torch.Tensor:
+        return (torch.randn(B, T, cfg.hidden_size, generator=g) * 0.5).to(dev, act)
+
+    context = min(context, eng.max_seq_len - 1)  # a short engine times decode at its own last position
+    for phase, shapes in (("decode", [(B, 1) for B in batches]), ("prefill", [(1, L) for L in prompt_lens])):
+        for B, T in shapes:
+            if B > eng.max_batch or T > eng.max_seq_len:
+                continue
+            s = eng.reset(B)
+            ctx = context if phase == "decode" else 0
+            s.lengths.fill_(ctx)
+            lengths = torch.full((B,), T, dtype=torch.int64, device=dev)
+            x = x_of(B, T)
+            use_graph = graphed and phase == "decode"
+            iters = 20 if phase == "decode" else 1
+            for kind, i in kinds.items():
+                graph, w = eng.graphs[f"{kind}_{phase}"], eng.layer_weights[i]
+                if kind == "gdn":
+                    j = cfg.gdn_layers.index(i)
+                    fn = lambda: graph(x, lengths, s.conv[j], s.rec[j], *w)  # noqa: E731
+                else:
+                    j = cfg.attention_layers.index(i)
+                    fn = lambda: graph(x, s.lengths, lengths, s.k[j], s.v[j], *w)  # noqa: E731
+                us = _replay_us(fn, dev, use_graph, iters)
+                rows.append(LayerTime(kind, phase, B, T, ctx, us, use_graph))
+            ids = torch.randint(0, cfg.vocab_size, (B, T), generator=g).to(dev)
+            emb = lambda: eng.graphs["embed"](ids, eng.globals["embed_tokens.weight"])  # noqa: E731
+            rows.append(LayerTime("embed", phase, B, T, ctx, _replay_us(emb, dev, use_graph, iters), use_graph))
+            xl = x[:, -1:]  # the engine runs the head on each row's last token only
+            fin = lambda: eng._final(xl)  # noqa: E731
+            rows.append(LayerTime("final", phase, B, T, ctx, _replay_us(fin, dev, use_graph, iters), use_graph))
+    eng.reset(max(batches))
+    return rows
+
+
+def project_step_us(rows: list[LayerTime], cfg, phase: str, batch: int, tokens: int = 1) -> float | None:
+    """Step time of the whole model from per-graph times: embed + n_gdn * gdn + n_attn * attn + final."""
+    t = {r.graph: r.us for r in rows if r.phase == phase and r.batch == batch and r.tokens == tokens}
+    if not {"gdn", "attn", "embed", "final"} <= t.keys():
+        return None
+    n_gdn = len(cfg.gdn_layers)
+    return t["embed"] + n_gdn * t["gdn"] + (cfg.num_hidden_layers - n_gdn) * t["attn"] + t["final"]
+
+
+def print_layer_times(rows: list[LayerTime], cfg) -> None:
+    print(f"{'graph':>6} {'phase':>8} {'batch':>5} {'tokens':>6} {'us':>10}")
+    for r in rows:
+        print(f"{r.graph:>6} {r.phase:>8} {r.batch:>5} {r.tokens:>6} {r.us:10.1f}")
+    for B in sorted({r.batch for r in rows if r.phase == "decode"}):
+        us = project_step_us(rows, cfg, "decode", B)
+        if us:
+            print(f"decode step from per-layer times, batch {B}, {cfg.num_hidden_layers} layers: {us / 1e3:.3f} ms")
+
+
 def environment(device: torch.device) -> dict:
     env = {"torch": torch.__version__, "device": str(device)}
     if device.type == "cuda":
@@ -176,6 +287,10 @@ def bench_cli(a) -> int:
     rows = bench_engine(eng, a.batch, a.prompt_len, a.gen)
     result = {"engine": str(a.engine), "target": eng.manifest.target, "dtype": eng.manifest.dtype,
               "env": environment(eng.device), "rows": [asdict(r) for r in rows]}
+    if getattr(a, "per_layer", False):
+        lt = layer_times(eng, a.batch, a.prompt_len)
+        print_layer_times(lt, eng.cfg)
+        result["layers"] = [asdict(r) for r in lt]
     if a.json:
         Path(a.json).write_text(json.dumps(result, indent=1))
     if a.plot and rows:
