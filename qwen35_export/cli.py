@@ -7,7 +7,7 @@ import os
 import sys
 from pathlib import Path
 
-from .errors import Qwen35Error
+from .errors import InputError, Qwen35Error
 
 
 def _int_list(s: str) -> list[int]:
@@ -22,6 +22,11 @@ def cmd_init_checkpoint(a: argparse.Namespace) -> int:
     from .config import preset
 
     cfg = preset(a.preset)
+    if a.layers:
+        if a.layers < 1:
+            raise InputError(f"--layers: expected a positive layer count, found {a.layers}")
+        # the preset's full geometry at a reduced depth (the layer pattern restarts: 3 GDN + 1 attention)
+        cfg = cfg.replace(num_hidden_layers=a.layers)
     if a.text_only:
         cfg = cfg.replace(model_type="qwen3_5_moe_text")
     out = write_random_checkpoint(cfg, a.out, dtype=a.dtype, seed=a.seed, max_shard_size=a.max_shard_mb << 20,
@@ -39,7 +44,6 @@ def cmd_info(a: argparse.Namespace) -> int:
 
 def cmd_generate(a: argparse.Namespace) -> int:
     from .checkpoint.reader import CheckpointReader, load_model_weights
-    from .errors import InputError
     from .model.model import Qwen35Model
 
     import torch
@@ -131,6 +135,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--seed", type=int, default=0)
     s.add_argument("--expert-layout", choices=["fused", "per_expert"], default=None)
     s.add_argument("--max-shard-mb", type=int, default=5120)
+    s.add_argument("--layers", type=int, default=0, help="depth (default: the preset's); full geometry otherwise")
     s.add_argument("--text-only", action="store_true", help="flat qwen3_5_moe_text config, `model.` prefix")
     s.add_argument("--device", default="cpu", help="where random values are drawn (cuda is faster at size)")
     s.set_defaults(fn=cmd_init_checkpoint)

@@ -75,3 +75,19 @@ def test_generate_bad_input_is_a_clean_error(capsys, tiny_ckpt_fp32) -> None:
         assert main(["generate", str(tiny_ckpt_fp32), *argv]) == 2, argv
         err = capsys.readouterr().err
         assert err.startswith("error: ") and msg in err, (argv, err[-300:])
+
+
+def test_init_checkpoint_layers_keeps_geometry_at_reduced_depth(tmp_path) -> None:
+    import json
+
+    from qwen35_export.cli import main as cli_main
+    from qwen35_export.config import preset
+
+    assert cli_main(["init-checkpoint", "--preset", "tiny", "--layers", "5", "--out", str(tmp_path / "c")]) == 0
+    cfg = json.loads((tmp_path / "c" / "config.json").read_text())
+    cfg = cfg.get("text_config", cfg)
+    full = preset("tiny")
+    assert cfg["num_hidden_layers"] == 5 and cfg["hidden_size"] == full.hidden_size
+    assert cfg["layer_types"] == ["linear_attention"] * 3 + ["full_attention", "linear_attention"]
+    assert cli_main(["init-checkpoint", "--preset", "tiny", "--layers", "-2", "--out", str(tmp_path / "d")]) == 2
+    assert not (tmp_path / "d").exists()
