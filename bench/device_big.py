@@ -57,6 +57,11 @@ out = e.generate([[1, 2, 3, 4, 5, 6, 7, 8], [9, 10, 11]], SamplingParams(max_new
 res["generate_s"] = time.time() - t
 res["tokens"] = out
 res["cuda_graph_error"] = e.cuda_graph_error
+from qwen35_export.runtime.bench import layer_times
+res["layers"] = [asdict(r) for r in layer_times(e, {batches!r}, [2048, 8192])]
+if {quick!r}:
+    print("RESULT " + json.dumps(res))
+    sys.exit(0)
 rows = bench_engine(e, {batches!r}, [512], 128)
 rows += bench_engine(e, [1], [8192], 128)
 res["bench"] = [asdict(r) for r in rows]
@@ -111,7 +116,22 @@ def main() -> None:
     ap.add_argument("--max-batch", type=int, default=64)
     ap.add_argument("--max-seq-len", type=int, default=8448)
     ap.add_argument("--batches", default="1,8,64")
+    ap.add_argument("--layer-types", default="", help="comma list, e.g. linear_attention,full_attention")
+    ap.add_argument("--set", default="", help="config overrides k=v,k=v (ints), e.g. one rank's shard shape")
+    ap.add_argument("--tag", default="")
+    ap.add_argument("--quick", action="store_true", help="after loading, per-layer times only (no bench/profile)")
+    ap.add_argument("--run-after", type=Path, help="build at once, but time only once this file exists (two "
+                    "device_big runs built side by side must not time at the same moment)")
+    ap.add_argument("--done-flag", type=Path, help="touched when this run is over, whatever happened")
     a = ap.parse_args()
+    try:
+        run(a)
+    finally:
+        if a.done_flag:
+            a.done_flag.touch()
+
+
+def run(a: argparse.Namespace) -> None:
     import torch
 
     from qwen35_export.checkpoint.writer import write_random_checkpoint
@@ -121,10 +141,16 @@ def main() -> None:
     cfg = preset(a.preset)
     if a.layers:
         cfg = cfg.replace(num_hidden_layers=a.layers)
+    if a.layer_types:
+        cfg = cfg.replace(layer_types=tuple(a.layer_types.split(",")))
+    if a.set:
+        cfg = cfg.replace(**{k: int(v) for k, v in (kv.split("=") for kv in a.set.split(","))})
+    cfg.validate()
     res: dict = {"preset": a.preset, "layers": cfg.num_hidden_layers, "dtype": a.dtype, "target": a.target,
                  "gpu": torch.cuda.get_device_name(), "torch": torch.__version__,
-                 "params": param_counts(cfg).__dict__}
-    tag = f"big_{a.preset}_{a.dtype}"
+                 "params": param_counts(cfg).__dict__, "layer_types": list(cfg.layer_types),
+                 "overrides": a.set}
+    tag = f"big_{a.preset}_{a.dtype}{a.tag}"
     shutil.rmtree(a.ckpt, ignore_errors=True)
     shutil.rmtree(a.engine, ignore_errors=True)
     t = time.time()
@@ -152,9 +178,13 @@ def main() -> None:
     print("build", json.dumps({k: v for k, v in res.items() if k != "build_log_tail"}), flush=True)
     shutil.rmtree(a.ckpt, ignore_errors=True)
     save()
+    t = time.time()
+    while a.run_after and not a.run_after.exists() and time.time() - t < 480:
+        time.sleep(1)
     if "error" not in r:
         code = RUN.format(root=str(ROOT), eng=str(a.engine), batches=[int(b) for b in a.batches.split(",")],
-                          plot=str(a.out / f"{tag}.png"), preset=a.preset, dtype=a.dtype)
+                          plot=str(a.out / f"{tag}.png"), preset=a.preset, dtype=a.dtype,
+                          quick=a.quick)
         r, log = child(code, 480)
         res["run"] = r
         print(log[-6000:])

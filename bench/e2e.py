@@ -1,7 +1,11 @@
 """End-to-end comparison on one GPU (run on the device): our engine (FP8, BF16) vs transformers eager
 (with fla's GDN kernels when carried) vs torch.compile of the transformers model, same random checkpoint.
 
-    python bench/e2e.py --out $OUT --preset 35b-a3b --layers 8 --systems ours-fp8,ours-bf16,hf-eager,hf-compile
+    python bench/e2e.py --out $OUT --preset 35b-a3b --layers 8 --target h200 --work DIR \
+        --systems ours-fp8,ours-bf16,hf-eager,hf-compile
+
+DIR holds the BF16 checkpoint (`ckpt/`) and our engines (`eng_bf16/`, `eng_fp8/`: FP8 = the BF16 weights
+quantised at build); what is there already is reused (bench/device_35b.sh builds and validates them).
 
 Each system runs in its own process (memory, and one crash must not take the run down). Decode ms/step at
 batch 1/8/64 after a 512-token prompt, prefill of 512 and 8192 tokens at batch 1. Results: e2e.json.
@@ -46,15 +50,17 @@ def _time(fn, repeats: int = 3) -> float:
     return sorted(ts)[len(ts) // 2]
 
 
-def run_ours(ckpt: Path, work: Path, dtype: str, profile: bool) -> dict:
+def run_ours(ckpt: Path, work: Path, dtype: str, profile: bool, target: str) -> dict:
     from qwen35_export.exporter.build import BuildSettings, build_engine
-    from qwen35_export.runtime.bench import decode_step_bytes, hbm_bandwidth
+    from dataclasses import asdict
+
+    from qwen35_export.runtime.bench import decode_step_bytes, hbm_bandwidth, layer_times
     from qwen35_export.runtime.engine import Engine
 
-    eng_dir = work / f"engine_{dtype}"
+    eng_dir = work / f"eng_{dtype}"
     t = time.time()
     if not (eng_dir / "manifest.json").exists():
-        build_engine(ckpt, eng_dir, BuildSettings(target="h100", dtype=dtype, max_batch=max(DECODE_BATCHES),
+        build_engine(ckpt, eng_dir, BuildSettings(target=target, dtype=dtype, max_batch=max(DECODE_BATCHES),
                                                   max_seq_len=max(PREFILL_LENS) + 64, progress=False, jobs=6))
     build_s = time.time() - t
     t = time.time()
@@ -85,6 +91,7 @@ def run_ours(ckpt: Path, work: Path, dtype: str, profile: bool) -> dict:
         res["prefill"][L] = {"ms": ms, "tokens_per_s": L * 1e3 / ms}
         print(f"ours-{dtype} prefill T={L}: {ms:.2f} ms", flush=True)
     res["gpu_mem_gib"] = torch.cuda.max_memory_allocated() / 2**30
+    res["layers"] = [asdict(r) for r in layer_times(eng, list(DECODE_BATCHES), list(PREFILL_LENS), PROMPT)]
     if profile:
         s = eng.reset(1)
         tok = eng.prefill(torch.randint(0, 100, (1, 16)), torch.tensor([16]), s).argmax(-1)
@@ -154,12 +161,13 @@ def main() -> None:
     ap.add_argument("--work", type=Path, default=Path("/dev/shm/q35e2e"))
     ap.add_argument("--one", default=None, help=argparse.SUPPRESS)  # child mode
     ap.add_argument("--timeout", type=int, default=400)
+    ap.add_argument("--target", default="h100", choices=["h100", "h200"])
     a = ap.parse_args()
-    ckpt_bf16 = a.work / "ckpt_bf16"
+    ckpt_bf16 = a.work / "ckpt"
     if a.one:
         if a.one.startswith("ours"):
             dtype = a.one.split("-")[1]
-            r = run_ours(ckpt_bf16, a.work, dtype, profile=(dtype == "fp8"))
+            r = run_ours(ckpt_bf16, a.work, dtype, profile=(dtype == "fp8"), target=a.target)
         else:
             r = run_hf(ckpt_bf16, a.one == "hf-compile")
         print("RESULT " + json.dumps(r))
@@ -179,11 +187,11 @@ def main() -> None:
     results = {"gpu": torch.cuda.get_device_name(), "torch": torch.__version__, "preset": a.preset,
                "layers": a.layers, "of_layers": preset(a.preset).num_hidden_layers, "write_s": time.time() - t,
                "steps": STEPS, "prompt": PROMPT}
-    for sysname in a.systems.split(","):
+    for sysname in filter(None, a.systems.split(",")):  # --systems "": write the checkpoint only
         t = time.time()
         try:
             p = subprocess.run([sys.executable, __file__, "--out", str(a.out), "--work", str(a.work), "--preset",
-                                a.preset, "--layers", str(a.layers), "--one", sysname],
+                                a.preset, "--layers", str(a.layers), "--target", a.target, "--one", sysname],
                                capture_output=True, text=True, timeout=a.timeout)
             line = [ln for ln in p.stdout.splitlines() if ln.startswith("RESULT ")]
             results[sysname] = json.loads(line[-1][7:]) if line else {"error": p.stderr[-3000:]}
