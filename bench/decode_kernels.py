@@ -1,7 +1,8 @@
-"""Decode-regime kernels on the device: split-KV decode attention vs torch SDPA, and a tile sweep of the dense
-FP8 linear at decode token counts (the two largest items of the 35B-A3B decode profile, bench/results/).
+"""Decode-regime kernels on the device: split-KV decode attention vs torch SDPA, a tile sweep of the dense
+FP8 linear at decode token counts (the two largest items of the 35B-A3B decode profile, bench/results/), and
+the conv1d op at T = 1 (update kernel, with the prefill kernel it launched before).
 
-    python3 bench/decode_kernels.py --out $OUT
+    python3 bench/decode_kernels.py --out $OUT [--conv1d-only]
 
 Writes decode_kernels.json and prints two tables. Times: medians of CUDA-graph replays (gdn.bench_graph) over
 rotating input sets larger than L2; roofline bytes: live KV read once (attention), weight + scales (linear).
@@ -21,8 +22,10 @@ import triton
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from gdn import bench_graph  # noqa: E402  (bench/ is on the path when this runs as a script)
+from gdn import bench_graph, rel  # noqa: E402  (bench/ is on the path when this runs as a script)
 from qwen35_export.kernels.attention import decode_attention_triton, naive_decode_attention  # noqa: E402
+from qwen35_export.kernels.causal_conv1d import causal_conv1d, causal_conv1d_fwd, naive_causal_conv1d  # noqa: E402
+from qwen35_export.kernels.causal_conv1d import conv as conv_mod  # noqa: E402
 from qwen35_export.kernels.fp8_linear.gemm import _w8a8_gemm_kernel, default_config  # noqa: E402
 from qwen35_export.kernels.fp8_linear.quant import quantize_act  # noqa: E402
 from qwen35_export.runtime.bench import hbm_bandwidth  # noqa: E402
@@ -117,6 +120,54 @@ def bench_fp8_linear(bw: float) -> list[dict]:
     return rows
 
 
+CONV_C, CONV_W = 8192, 4  # 35B-A3B conv_dim: q, k (2 x 16 x 128) and v (32 x 128); kernel width
+CONV_TILES = [(64, 1), (128, 1), (128, 2), (256, 2), (256, 4), (512, 4)]  # (BC, num_warps) of the update kernel
+
+
+def bench_conv1d(bw: float) -> list[dict]:
+    """`qwen35_triton::causal_conv1d` at T = 1 (the decode graph's call, through the op) at 35B-A3B geometry:
+    the default update tile and a sweep of others, and the prefill kernel the op launched at T = 1 before."""
+    rows = []
+    default = conv_mod.UPDATE_CONFIG
+    for B in (1, 8, 64):
+        nbytes = (2 * B * CONV_C + CONV_C * CONV_W + 2 * B * CONV_C * (CONV_W - 1)) * 2  # x, y, w, state in/out
+        nbuf = max(1, int(2 * 60e6 // nbytes) + 1)  # input sets rotated past the 60 MB L2
+        xs = torch.randn(nbuf, B, 1, CONV_C, device="cuda", dtype=torch.bfloat16)
+        ws = torch.randn(nbuf, CONV_C, CONV_W, device="cuda", dtype=torch.bfloat16)
+        ss = torch.randn(nbuf, B, CONV_C, CONV_W - 1, device="cuda", dtype=torch.bfloat16)
+        lens = torch.ones(B, dtype=torch.int64, device="cuda")
+        lens[1::2] = 0  # padded decode rows keep their state
+        y, st = causal_conv1d(xs[0], ws[0], ss[0], lens)
+        ry, rst = naive_causal_conv1d(xs[0], ws[0], ss[0], lengths=lens)
+        err, state_exact = rel(y, ry), bool(torch.equal(st, rst.to(st.dtype)))
+
+        def run():
+            for i in range(nbuf):
+                causal_conv1d(xs[i], ws[i], ss[i], lens)
+
+        def run_fwd():
+            for i in range(nbuf):
+                causal_conv1d_fwd(xs[i], ws[i], ss[i], torch.empty_like(ss[i]), lengths=lens)
+
+        sweep = {}
+        try:
+            for cfg in dict.fromkeys([default, *CONV_TILES]):
+                conv_mod.UPDATE_CONFIG = cfg
+                sweep[cfg] = graph_us(run, 2) / nbuf
+        finally:
+            conv_mod.UPDATE_CONFIG = default
+        best = min(sweep, key=sweep.get)
+        fwd_us = graph_us(run_fwd, 2) / nbuf
+        rows.append(dict(C=CONV_C, B=B, rel_err=err, state_exact=state_exact, op_us=sweep[default],
+                         default=list(default), best=list(best), best_us=sweep[best], fwd_kernel_us=fwd_us,
+                         sweep={str(k): v for k, v in sweep.items()}, bytes=nbytes,
+                         roofline_pct=nbytes / bw / (sweep[default] * 1e-6) * 100))
+        print(f"conv1d op T=1 C={CONV_C} B={B:3d}: {sweep[default]:6.2f} us ({rows[-1]['roofline_pct']:5.1f}% HBM, "
+              f"err {err:.1e}, state exact {state_exact}); best tile {best} {sweep[best]:6.2f} us; "
+              f"prefill kernel at T=1 {fwd_us:6.2f} us", flush=True)
+    return rows
+
+
 def report(res: dict, md: Path, png: Path) -> None:
     """Markdown table and plot of a decode_kernels.json (run here, after the device run)."""
     import matplotlib
@@ -137,6 +188,13 @@ def report(res: dict, md: Path, png: Path) -> None:
         b = r["best"]
         lines.append(f"| {r['name']} ({r['N']}x{r['K']}) | {r['M']} | {r['best_us']:.1f} | {r['best_roofline_pct']:.1f} | "
                      f"{b['BLOCK_N']}, {b['num_warps']}, {b['num_stages']} | {r['default_us']:.1f} |")
+    if res.get("conv1d"):
+        lines += ["", "| conv1d op, T = 1 | batch | op (us) | % HBM | best tile (BC, warps) | best (us) "
+                  "| prefill kernel at T = 1 (us) | rel. error | state exact |", "|---|---|---|---|---|---|---|---|---|"]
+        for r in res["conv1d"]:
+            lines.append(f"| C = {r['C']} | {r['B']} | {r['op_us']:.2f} | {r['roofline_pct']:.1f} | "
+                         f"{tuple(r['best'])} | {r['best_us']:.2f} | {r['fwd_kernel_us']:.2f} | {r['rel_err']:.1e} "
+                         f"| {r['state_exact']} |")
     md.write_text("\n".join(lines) + "\n")
     fig, ax = plt.subplots(1, 2, figsize=(11, 4))
     for geom in GEOMS:
@@ -158,6 +216,7 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", type=Path, required=True)
     ap.add_argument("--report", type=Path, help="only write the markdown + plot of this decode_kernels.json")
+    ap.add_argument("--conv1d-only", action="store_true", help="only the conv1d op rows (a short device call)")
     a = ap.parse_args()
     if a.report:
         report(json.loads(a.report.read_text()), a.out / "decode_kernels_h200.md", a.out / "decode_kernels_h200.png")
@@ -165,7 +224,13 @@ def main() -> None:
     bw = hbm_bandwidth(torch.device("cuda")) or 3.35e12
     res = {"gpu": torch.cuda.get_device_name(), "torch": torch.__version__, "triton": triton.__version__,
            "hbm_bytes_per_s": bw}
+    if a.conv1d_only:
+        res["conv1d"] = bench_conv1d(bw)
+        (a.out / "decode_kernels.json").write_text(json.dumps(res, indent=1))
+        return
     res["attention"] = bench_attention(bw)
+    (a.out / "decode_kernels.json").write_text(json.dumps(res, indent=1))
+    res["conv1d"] = bench_conv1d(bw)
     (a.out / "decode_kernels.json").write_text(json.dumps(res, indent=1))
     res["fp8_linear"] = bench_fp8_linear(bw)
     (a.out / "decode_kernels.json").write_text(json.dumps(res, indent=1))

@@ -10,9 +10,11 @@ from __future__ import annotations
 import pytest
 import torch
 
-from gdn_compare import DEVICE, assert_close
+from gdn_compare import DEVICE, ON_GPU, assert_close
 from qwen35_export.kernels.causal_conv1d import (
-    causal_conv1d_update, causal_conv1d_varlen, naive_causal_conv1d)
+    causal_conv1d_fwd, causal_conv1d_update, causal_conv1d_varlen, naive_causal_conv1d)
+from qwen35_export.kernels.causal_conv1d import conv as conv_mod
+from qwen35_export.kernels.causal_conv1d import op as op_mod
 
 
 def bound(dtype: torch.dtype) -> float:
@@ -34,13 +36,14 @@ def make(shape, dtype, gen):
 def test_op_matches_reference_ops(T, B, C, dtype, poison_empty):
     """`qwen35_triton::causal_conv1d` equals `qwen35::causal_conv1d`, right-padded rows included
     (lengths shorter than W-1 take part of the final state from the initial state)."""
-    import qwen35_export.kernels.causal_conv1d.op  # noqa: F401  (registers the op)
     import qwen35_export.model.ops  # noqa: F401
 
     gen = torch.Generator().manual_seed(T + B)
     x, w, s = make((B, T, C), dtype, gen), make((C, 4), dtype, gen), make((B, C, 3), dtype, gen)
     lengths = torch.tensor([T, max(1, T // 2), 1][:B], dtype=torch.int64, device=DEVICE)
+    s0 = s.clone()
     y, st = torch.ops.qwen35_triton.causal_conv1d(x, w, s, lengths)
+    assert torch.equal(s, s0), "the op is functional: conv_state must not be written"
     ry, rst = naive_causal_conv1d(x, w, s, lengths=lengths)
     assert y.dtype == dtype and st.dtype == s.dtype
     assert_close("y", y, ry, bound(dtype))
@@ -48,6 +51,63 @@ def test_op_matches_reference_ops(T, B, C, dtype, poison_empty):
     y2, st2 = torch.ops.qwen35.causal_conv1d(x, w, s, lengths)
     assert_close("y vs qwen35 op", y, y2.double(), bound(dtype))
     assert torch.equal(st, st2)
+
+
+def _decode_cases():
+    for lens in ([1], [0], [1, 0, 1], [0, 1, 0, 0, 1]):
+        for C, dtype in ((40, torch.float32), (200, torch.bfloat16), (40, torch.bfloat16), (200, torch.float32)):
+            L = "".join(map(str, lens))
+            yield pytest.param(lens, C, dtype, id=f"B{len(lens)}-L{L}-C{C}-{str(dtype)[6:]}")
+
+
+@pytest.mark.parametrize("lens,C,dtype", list(_decode_cases()))
+def test_op_decode_step(lens, C, dtype, poison_empty, monkeypatch):
+    """T = 1 through the op takes the update kernel and equals the reference, the reference op and the
+    prefill kernel; rows with lengths 0 (padded decode rows) keep their state and leak into no other row;
+    the input state is not written (C = 40, 200: tails of the channel block)."""
+    import qwen35_export.model.ops  # noqa: F401
+
+    B = len(lens)
+    calls = []
+    real_update, real_fwd = op_mod.causal_conv1d_update, op_mod.causal_conv1d_fwd
+    monkeypatch.setattr(op_mod, "causal_conv1d_update", lambda *a, **k: calls.append("update") or real_update(*a, **k))
+    monkeypatch.setattr(op_mod, "causal_conv1d_fwd", lambda *a, **k: calls.append("fwd") or real_fwd(*a, **k))
+    gen = torch.Generator().manual_seed(B * 1000 + C)
+    x, w, s = make((B, 1, C), dtype, gen), make((C, 4), dtype, gen), make((B, C, 3), dtype, gen)
+    lengths = torch.tensor(lens, dtype=torch.int64, device=DEVICE)
+    s0 = s.clone()
+    y, st = torch.ops.qwen35_triton.causal_conv1d(x, w, s, lengths)
+    assert calls == ["update"], f"T = 1 must take the update kernel, took {calls}"
+    assert torch.equal(s, s0), "the op is functional: conv_state must not be written"
+    assert y.shape == x.shape and y.dtype == dtype and st.shape == s.shape and st.dtype == s.dtype
+    ry, rst = naive_causal_conv1d(x, w, s0, lengths=lengths)
+    assert_close("y", y, ry, bound(dtype))
+    assert torch.equal(st, rst.to(dtype)), "final conv state is a copy of inputs: must be exact"
+    pad = lengths == 0
+    assert torch.equal(st[pad], s0[pad]), "a lengths-0 row must keep its state"
+    y2, st2 = torch.ops.qwen35.causal_conv1d(x, w, s0, lengths)
+    assert_close("y vs qwen35 op", y, y2.double(), bound(dtype))
+    assert torch.equal(st, st2)
+    st3 = torch.empty_like(s0)
+    y3 = causal_conv1d_fwd(x, w, s0, st3, lengths=lengths)  # what the op launched before at T = 1
+    assert_close("y vs prefill kernel", y, y3.double(), bound(dtype))
+    assert torch.equal(st, st3)
+
+
+def test_update_lengths_into_separate_state(poison_empty):
+    """Update kernel with lengths and a separate output state at T = 3: steps t >= lengths[b] leave the
+    state alone, and the input state is not written."""
+    gen = torch.Generator().manual_seed(3)
+    B, T, C = 4, 3, 200
+    x, w, s = make((B, T, C), torch.float32, gen), make((C, 4), torch.float32, gen), make((B, C, 3), torch.float32, gen)
+    lengths = torch.tensor([0, 2, 3, 1], device=DEVICE)
+    s0 = s.clone()
+    st = torch.empty_like(s)
+    y = causal_conv1d_update(x, w, s, final_state=st, lengths=lengths)
+    ry, rst = naive_causal_conv1d(x, w, s0, lengths=lengths)
+    assert_close("y", y, ry, 1e-6)
+    assert torch.equal(st, rst.float())
+    assert torch.equal(s, s0)
 
 
 @pytest.mark.parametrize("lens,dtype,use_state", [
@@ -119,19 +179,69 @@ def test_prefill_then_update_equals_longer_prefill():
     assert torch.equal(st, st_full)
 
 
+class _ConvModule(torch.nn.Module):
+    def forward(self, x, w, s, lengths):
+        return torch.ops.qwen35_triton.causal_conv1d(x, w, s, lengths)
+
+
 def test_op_exports():
     """torch.export keeps `qwen35_triton::causal_conv1d` as one node, traced through its fake kernel."""
-    import qwen35_export.kernels.causal_conv1d.op  # noqa: F401
-
-    class M(torch.nn.Module):
-        def forward(self, x, w, s, lengths):
-            return torch.ops.qwen35_triton.causal_conv1d(x, w, s, lengths)
-
     gen = torch.Generator().manual_seed(0)
     args = (make((2, 16, 64), torch.bfloat16, gen), make((64, 4), torch.bfloat16, gen),
             make((2, 64, 3), torch.bfloat16, gen), torch.tensor([16, 3], device=DEVICE))
     T = torch.export.Dim("T", min=2, max=4096)
-    ep = torch.export.export(M(), args, dynamic_shapes=({1: T}, None, None, None))
+    ep = torch.export.export(_ConvModule(), args, dynamic_shapes=({1: T}, None, None, None))
     nodes = [n for n in ep.graph.nodes if n.target == torch.ops.qwen35_triton.causal_conv1d.default]
     assert len(nodes) == 1
     assert nodes[0].meta["val"][1].shape == (2, 64, 3)
+
+
+def _kernels_traced(ep, monkeypatch) -> tuple[list[str], torch.export.ExportedProgram]:
+    """Decompose the op as AOTInductor does (its body traced on the graph's fake tensors) and return the
+    names of the Triton kernels in the decomposed graph, and the graph.
+
+    Under the interpreter wrap_triton hands the bare kernel back (it cannot be traced), so a traceable
+    JITFunction of the same source stands in: the trace is then the one the GPU build sees, except that
+    Triton cannot analyse which arguments the kernel writes without a GPU (it warns and assumes all)."""
+    from torch._higher_order_ops.triton_kernel_wrap import kernel_side_table
+    from torch.library import wrap_triton
+    from triton.runtime.jit import JITFunction
+
+    def traceable(kernel):
+        return wrap_triton(kernel if isinstance(kernel, JITFunction) else JITFunction(kernel.fn))
+
+    monkeypatch.setattr(conv_mod, "wrap_triton", traceable)
+    gm = ep.run_decompositions(decompose_custom_triton_ops=True)
+    hops = [n for n in gm.graph.nodes if n.target is torch.ops.higher_order.triton_kernel_wrapper_functional]
+    return [kernel_side_table.get_kernel(n.kwargs["kernel_idx"]).fn.__name__ for n in hops], gm
+
+
+def test_decode_graph_traces_update_kernel(monkeypatch):
+    """A graph exported with T = 1 static (the decode graph: only B dynamic) launches the update kernel,
+    once, with no copy of an input; a graph with a symbolic T launches the prefill kernel and puts no
+    guard on T (a guard bakes the example's choice into the AOTI graph)."""
+    gen = torch.Generator().manual_seed(0)
+    C = 40
+    w = make((C, 4), torch.bfloat16, gen)
+    B = torch.export.Dim("B", min=1, max=64)
+    dec_args = (make((2, 1, C), torch.bfloat16, gen), w, make((2, C, 3), torch.bfloat16, gen),
+                torch.ones(2, dtype=torch.int64, device=DEVICE))
+    ep = torch.export.export(_ConvModule(), dec_args, dynamic_shapes=({0: B}, None, {0: B}, {0: B}))
+    kernels, gm = _kernels_traced(ep, monkeypatch)
+    assert kernels == ["causal_conv1d_update_kernel"], kernels
+    copies = [n for n in gm.graph.nodes if n.target in (torch.ops.aten.clone.default, torch.ops.aten.copy.default,
+                                                         torch.ops.aten.copy_.default)]
+    assert not copies, f"the decode op copies an input: {copies}"
+    if ON_GPU:  # Triton's write analysis needs a GPU: the functional op must not write conv_state
+        hop = next(n for n in gm.graph.nodes if n.target is torch.ops.higher_order.triton_kernel_wrapper_functional)
+        assert set(hop.kwargs["tensors_to_clone"]) <= {"y", "st"}, hop.kwargs["tensors_to_clone"]
+
+    T = torch.export.Dim("T", min=1, max=4096)
+    pre_args = (make((2, 3, C), torch.bfloat16, gen), w, dec_args[2], torch.full((2,), 3, device=DEVICE))
+    ep = torch.export.export(_ConvModule(), pre_args, dynamic_shapes=({0: B, 1: T}, None, {0: B}, {0: B}))
+    kernels, gm = _kernels_traced(ep, monkeypatch)
+    assert kernels == ["causal_conv1d_fwd_kernel"], kernels
+    t_sym = next(n for n in gm.graph.nodes if n.op == "placeholder" and n.name == "x").meta["val"].shape[1]
+    assert isinstance(t_sym, torch.SymInt)
+    on_t = [g.expr for g in t_sym.node.shape_env.guards if g.expr.free_symbols & t_sym.node.expr.free_symbols]
+    assert not on_t, f"the op put guards on the symbolic T: {on_t}"

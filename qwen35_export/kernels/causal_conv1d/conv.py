@@ -81,10 +81,12 @@ def causal_conv1d_fwd_kernel(
 
 @triton.jit
 def causal_conv1d_update_kernel(
-    x, w, state, y, s_idx, T, C,
-    W: tl.constexpr, WP: tl.constexpr, BC: tl.constexpr, USE_IDX: tl.constexpr,
+    x, w, s0, y, st, lengths, s_idx, T, C,
+    W: tl.constexpr, WP: tl.constexpr, BC: tl.constexpr, USE_IDX: tl.constexpr, USE_LENGTHS: tl.constexpr,
 ):
-    """One (sequence, channel tile): T decode steps, state [C, W-1] shifted in place (pool row s_idx)."""
+    """One (sequence, channel tile): T decode steps from state s0 [C, W-1] (pool row s_idx), the shifted
+    state stored to st (st may be s0: in place). With lengths, the stored state is the one after the first
+    lengths[n] tokens (y covers all T, as in the prefill kernel)."""
     i_n, i_c = tl.program_id(0), tl.program_id(1)
     cols = i_c * BC + tl.arange(0, BC)
     mc = cols < C
@@ -93,9 +95,14 @@ def causal_conv1d_update_kernel(
         slot = tl.load(s_idx + i_n).to(tl.int64)
     else:
         slot = i_n.to(tl.int64)
+    if USE_LENGTHS:
+        L = tl.load(lengths + i_n).to(tl.int32)
+    else:
+        L = T
     ok = mc[:, None] & (o_j[None, :] < W - 1) & (o_j[None, :] * 0 + slot >= 0)
-    s_ptr = state + (slot * C + cols[:, None]) * (W - 1) + o_j[None, :]  # [BC, W-1]
-    b_s = tl.load(s_ptr, mask=ok, other=0.).to(tl.float32)
+    s_off = (slot * C + cols[:, None]) * (W - 1) + o_j[None, :]  # [BC, W-1]
+    b_s = tl.load(s0 + s_off, mask=ok, other=0.).to(tl.float32)  # window of the last W-1 inputs
+    b_f = b_s  # the final state: the window after token lengths[n] - 1
     b_w = tl.load(w + cols[:, None] * W + o_j[None, :], mask=mc[:, None] & (o_j[None, :] < W - 1),
                   other=0.).to(tl.float32)
     b_wl = tl.load(w + cols * W + (W - 1), mask=mc, other=0.).to(tl.float32)
@@ -107,7 +114,9 @@ def causal_conv1d_update_kernel(
         # shift left by one: column j takes column j+1, the last takes x
         nxt = tl.sum(tl.where(o_j[None, :, None] == o_j[None, None, :] - 1, b_s[:, None, :], 0.), axis=2)
         b_s = tl.where(o_j[None, :] == W - 2, b_x[:, None], nxt)
-    tl.store(s_ptr, b_s.to(state.dtype.element_ty), mask=ok)
+        b_f = tl.where(t < L, b_s, b_f)  # y of padding tokens still slides; the state stops at lengths[n]
+    # the loads of s0 above complete before this store (data dependence), so st may alias s0
+    tl.store(st + s_off, b_f.to(st.dtype.element_ty), mask=ok)
 
 
 # (BT, BC, num_warps) of the prefill kernel; module-level so bench/gdn.py's tune step can try others.
@@ -160,21 +169,34 @@ def causal_conv1d_varlen(
     return y[0], conv_state
 
 
-def causal_conv1d_update(x: Tensor, weight: Tensor, conv_state: Tensor,
-                         state_idx: Tensor | None = None) -> Tensor:
+# (BC, num_warps) of the update kernel; module-level so a bench can try others. Untuned.
+UPDATE_CONFIG = (256, 4)
+
+
+def causal_conv1d_update(x: Tensor, weight: Tensor, conv_state: Tensor, state_idx: Tensor | None = None,
+                         final_state: Tensor | None = None, lengths: Tensor | None = None) -> Tensor:
     """Decode: x [B, C] or [B, T, C] (T small); conv_state [B, C, W-1] or a pool [P, C, W-1] indexed by
-    state_idx [B] (-1 = padding row, left alone), updated in place. Returns y like x."""
+    state_idx [B] (-1 = padding row, left alone). The new state goes to final_state (same shape as
+    conv_state; the pool rows at state_idx) or, if None, into conv_state in place. lengths [B]: tokens
+    t >= lengths[b] do not enter the state (a row with 0 keeps it). Returns y like x."""
     x3 = x[:, None] if x.dim() == 2 else x  # [B, T, C]
     B, T, C = x3.shape
     W = weight.shape[1]
-    if conv_state.shape[1:] != (C, W - 1) or not conv_state.is_contiguous():
-        raise ValueError(f"causal_conv1d_update: conv_state {tuple(conv_state.shape)}, expected contiguous "
-                         f"[P, {C}, {W - 1}]")
+    for name, s in (("conv_state", conv_state), ("final_state", final_state)):
+        if s is not None and (s.shape[1:] != (C, W - 1) or not s.is_contiguous()):
+            raise ValueError(f"causal_conv1d_update: {name} {tuple(s.shape)}, expected contiguous "
+                             f"[P, {C}, {W - 1}]")
+    if final_state is not None and final_state.shape[0] != conv_state.shape[0]:
+        raise ValueError(f"causal_conv1d_update: final_state {tuple(final_state.shape)} and conv_state "
+                         f"{tuple(conv_state.shape)} differ in their first dim")
+    # no-ops (no copy, no launch) for the contiguous tensors the decode graph passes
     x3 = x3.contiguous()
     y = torch.empty_like(x3)
-    BC = 256
+    BC, nw = UPDATE_CONFIG
     wrap_triton(causal_conv1d_update_kernel)[(B, triton.cdiv(C, BC))](
-        x3, weight.contiguous(), conv_state, y, state_idx, T, C,
-        W=W, WP=triton.next_power_of_2(W - 1), BC=BC, USE_IDX=state_idx is not None, num_warps=4,
+        x3, weight.contiguous(), conv_state, y, conv_state if final_state is None else final_state,
+        lengths, state_idx, T, C,
+        W=W, WP=triton.next_power_of_2(W - 1), BC=BC, USE_IDX=state_idx is not None,
+        USE_LENGTHS=lengths is not None, num_warps=nw,
     )
     return y.reshape(x.shape)

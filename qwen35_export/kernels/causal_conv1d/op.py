@@ -1,4 +1,4 @@
-"""`qwen35_triton::causal_conv1d`: the Triton kernel behind the signature of `qwen35::causal_conv1d`."""
+"""`qwen35_triton::causal_conv1d`: the Triton kernels behind the signature of `qwen35::causal_conv1d`."""
 
 from __future__ import annotations
 
@@ -6,15 +6,26 @@ import torch
 from torch import Tensor
 from torch.library import triton_op
 
-from .conv import causal_conv1d_fwd
+from .conv import causal_conv1d_fwd, causal_conv1d_update
 
 
 @triton_op("qwen35_triton::causal_conv1d", mutates_args=())
 def causal_conv1d(x: Tensor, weight: Tensor, conv_state: Tensor, lengths: Tensor) -> tuple[Tensor, Tensor]:
     """x [B, T, C], weight [C, W], conv_state [B, C, W-1], lengths [B] int64 -> (y = silu(conv) [B, T, C],
-    final state [B, C, W-1]: the last W-1 inputs of each row's first lengths[b] tokens, state included)."""
+    final state [B, C, W-1]: the last W-1 inputs of each row's first lengths[b] tokens, state included).
+
+    T that is the int 1 (the decode graph; eager T = 1) takes the one-step update kernel, which reads
+    conv_state and writes the fresh final state (the op is functional: conv_state is never written). A
+    symbolic T (the prefill graph) takes the prefill kernel without a guard on T: comparing a SymInt
+    with 1 would bake the example's choice into the graph.
+    """
+    T = x.shape[1]
     final = torch.empty_like(conv_state, memory_format=torch.contiguous_format)
-    y = causal_conv1d_fwd(x, weight, conv_state.contiguous(), final, lengths=lengths)
+    conv_state = conv_state.contiguous()  # no copy for the contiguous state the graphs pass
+    if type(T) is int and T == 1:
+        y = causal_conv1d_update(x, weight, conv_state, final_state=final, lengths=lengths)
+    else:
+        y = causal_conv1d_fwd(x, weight, conv_state, final, lengths=lengths)
     return y, final
 
 
