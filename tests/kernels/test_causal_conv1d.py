@@ -57,14 +57,17 @@ def _decode_cases():
     for lens in ([1], [0], [1, 0, 1], [0, 1, 0, 0, 1]):
         for C, dtype in ((40, torch.float32), (200, torch.bfloat16), (40, torch.bfloat16), (200, torch.float32)):
             L = "".join(map(str, lens))
-            yield pytest.param(lens, C, dtype, id=f"B{len(lens)}-L{L}-C{C}-{str(dtype)[6:]}")
+            view = dtype == torch.bfloat16
+            yield pytest.param(lens, C, dtype, view,
+                               id=f"B{len(lens)}-L{L}-C{C}-{str(dtype)[6:]}" + ("-view" if view else ""))
 
 
-@pytest.mark.parametrize("lens,C,dtype", list(_decode_cases()))
-def test_op_decode_step(lens, C, dtype, poison_empty, monkeypatch):
+@pytest.mark.parametrize("lens,C,dtype,view", list(_decode_cases()))
+def test_op_decode_step(lens, C, dtype, view, poison_empty, monkeypatch):
     """T = 1 through the op takes the update kernel and equals the reference, the reference op and the
     prefill kernel; rows with lengths 0 (padded decode rows) keep their state and leak into no other row;
-    the input state is not written (C = 40, 200: tails of the channel block)."""
+    the input state is not written (C = 40, 200: tails of the channel block). `view`: x is the channel
+    slice of a wider projection output, as with fused projections (graph/fuse_weights.py)."""
     import qwen35_export.model.ops  # noqa: F401
 
     B = len(lens)
@@ -74,12 +77,15 @@ def test_op_decode_step(lens, C, dtype, poison_empty, monkeypatch):
     monkeypatch.setattr(op_mod, "causal_conv1d_fwd", lambda *a, **k: calls.append("fwd") or real_fwd(*a, **k))
     gen = torch.Generator().manual_seed(B * 1000 + C)
     x, w, s = make((B, 1, C), dtype, gen), make((C, 4), dtype, gen), make((B, C, 3), dtype, gen)
+    if view:
+        x = torch.cat([x, make((B, 1, 24), dtype, gen)], dim=-1)[..., :C]  # [B, 1, C], row stride C + 24
     lengths = torch.tensor(lens, dtype=torch.int64, device=DEVICE)
     s0 = s.clone()
     y, st = torch.ops.qwen35_triton.causal_conv1d(x, w, s, lengths)
     assert calls == ["update"], f"T = 1 must take the update kernel, took {calls}"
     assert torch.equal(s, s0), "the op is functional: conv_state must not be written"
     assert y.shape == x.shape and y.dtype == dtype and st.shape == s.shape and st.dtype == s.dtype
+    assert y.is_contiguous() and st.is_contiguous()
     ry, rst = naive_causal_conv1d(x, w, s0, lengths=lengths)
     assert_close("y", y, ry, bound(dtype))
     assert torch.equal(st, rst.to(dtype)), "final conv state is a copy of inputs: must be exact"
@@ -184,6 +190,14 @@ class _ConvModule(torch.nn.Module):
         return torch.ops.qwen35_triton.causal_conv1d(x, w, s, lengths)
 
 
+class _FusedProjConvModule(torch.nn.Module):
+    """x is a channel slice of a wider projection output, as model/layers.py's fused in_proj_qkvz gives."""
+
+    def forward(self, xz, w, s, lengths):
+        x, _ = torch.split(xz, [w.shape[0], xz.shape[-1] - w.shape[0]], dim=-1)
+        return torch.ops.qwen35_triton.causal_conv1d(x, w, s, lengths)
+
+
 def test_op_exports():
     """torch.export keeps `qwen35_triton::causal_conv1d` as one node, traced through its fake kernel."""
     gen = torch.Generator().manual_seed(0)
@@ -216,17 +230,19 @@ def _kernels_traced(ep, monkeypatch) -> tuple[list[str], torch.export.ExportedPr
     return [kernel_side_table.get_kernel(n.kwargs["kernel_idx"]).fn.__name__ for n in hops], gm
 
 
-def test_decode_graph_traces_update_kernel(monkeypatch):
+@pytest.mark.parametrize("fused", [False, True], ids=["x", "x-slice-of-qkvz"])
+def test_decode_graph_traces_update_kernel(fused, monkeypatch):
     """A graph exported with T = 1 static (the decode graph: only B dynamic) launches the update kernel,
-    once, with no copy of an input; a graph with a symbolic T launches the prefill kernel and puts no
-    guard on T (a guard bakes the example's choice into the AOTI graph)."""
+    once, with no copy of an input (x a slice of a fused projection included); a graph with a symbolic T
+    launches the prefill kernel and puts no guard on T (a guard bakes the example's choice into the graph)."""
     gen = torch.Generator().manual_seed(0)
     C = 40
     w = make((C, 4), torch.bfloat16, gen)
     B = torch.export.Dim("B", min=1, max=64)
-    dec_args = (make((2, 1, C), torch.bfloat16, gen), w, make((2, C, 3), torch.bfloat16, gen),
+    dec_args = (make((2, 1, C + 24 * fused), torch.bfloat16, gen), w, make((2, C, 3), torch.bfloat16, gen),
                 torch.ones(2, dtype=torch.int64, device=DEVICE))
-    ep = torch.export.export(_ConvModule(), dec_args, dynamic_shapes=({0: B}, None, {0: B}, {0: B}))
+    module = _FusedProjConvModule() if fused else _ConvModule()
+    ep = torch.export.export(module, dec_args, dynamic_shapes=({0: B}, None, {0: B}, {0: B}))
     kernels, gm = _kernels_traced(ep, monkeypatch)
     assert kernels == ["causal_conv1d_update_kernel"], kernels
     copies = [n for n in gm.graph.nodes if n.target in (torch.ops.aten.clone.default, torch.ops.aten.copy.default,
@@ -235,6 +251,8 @@ def test_decode_graph_traces_update_kernel(monkeypatch):
     if ON_GPU:  # Triton's write analysis needs a GPU: the functional op must not write conv_state
         hop = next(n for n in gm.graph.nodes if n.target is torch.ops.higher_order.triton_kernel_wrapper_functional)
         assert set(hop.kwargs["tensors_to_clone"]) <= {"y", "st"}, hop.kwargs["tensors_to_clone"]
+    if fused:
+        return
 
     T = torch.export.Dim("T", min=1, max=4096)
     pre_args = (make((2, 3, C), torch.bfloat16, gen), w, dec_args[2], torch.full((2,), 3, device=DEVICE))

@@ -81,12 +81,13 @@ def causal_conv1d_fwd_kernel(
 
 @triton.jit
 def causal_conv1d_update_kernel(
-    x, w, s0, y, st, lengths, s_idx, T, C,
+    x, w, s0, y, st, lengths, s_idx, T, C, sx_n, sx_t,
     W: tl.constexpr, WP: tl.constexpr, BC: tl.constexpr, USE_IDX: tl.constexpr, USE_LENGTHS: tl.constexpr,
 ):
     """One (sequence, channel tile): T decode steps from state s0 [C, W-1] (pool row s_idx), the shifted
     state stored to st (st may be s0: in place). With lengths, the stored state is the one after the first
-    lengths[n] tokens (y covers all T, as in the prefill kernel)."""
+    lengths[n] tokens (y covers all T, as in the prefill kernel). x rows at strides sx_n, sx_t (channels
+    contiguous); y contiguous [N, T, C]."""
     i_n, i_c = tl.program_id(0), tl.program_id(1)
     cols = i_c * BC + tl.arange(0, BC)
     mc = cols < C
@@ -107,10 +108,10 @@ def causal_conv1d_update_kernel(
                   other=0.).to(tl.float32)
     b_wl = tl.load(w + cols * W + (W - 1), mask=mc, other=0.).to(tl.float32)
     for t in range(0, T):
-        off = (i_n.to(tl.int64) * T + t) * C + cols
-        b_x = tl.load(x + off, mask=mc, other=0.).to(tl.float32)
+        b_x = tl.load(x + i_n.to(tl.int64) * sx_n + t * sx_t + cols, mask=mc, other=0.).to(tl.float32)
         acc = tl.sum(b_s * b_w, axis=1) + b_x * b_wl
-        tl.store(y + off, (acc * tl.sigmoid(acc)).to(y.dtype.element_ty), mask=mc)
+        tl.store(y + (i_n.to(tl.int64) * T + t) * C + cols, (acc * tl.sigmoid(acc)).to(y.dtype.element_ty),
+                 mask=mc)
         # shift left by one: column j takes column j+1, the last takes x
         nxt = tl.sum(tl.where(o_j[None, :, None] == o_j[None, None, :] - 1, b_s[:, None, :], 0.), axis=2)
         b_s = tl.where(o_j[None, :] == W - 2, b_x[:, None], nxt)
@@ -189,13 +190,15 @@ def causal_conv1d_update(x: Tensor, weight: Tensor, conv_state: Tensor, state_id
     if final_state is not None and final_state.shape[0] != conv_state.shape[0]:
         raise ValueError(f"causal_conv1d_update: final_state {tuple(final_state.shape)} and conv_state "
                          f"{tuple(conv_state.shape)} differ in their first dim")
-    # no-ops (no copy, no launch) for the contiguous tensors the decode graph passes
-    x3 = x3.contiguous()
-    y = torch.empty_like(x3)
+    if x3.stride(2) != 1:
+        x3 = x3.contiguous()
+    # x is read at its strides: the decode graph's x can be a channel slice of a fused projection's output
+    # (graph/fuse_weights.py), and a .contiguous() copy of it would cost a launch per layer
+    y = torch.empty(x3.shape, dtype=x3.dtype, device=x3.device)
     BC, nw = UPDATE_CONFIG
     wrap_triton(causal_conv1d_update_kernel)[(B, triton.cdiv(C, BC))](
         x3, weight.contiguous(), conv_state, y, conv_state if final_state is None else final_state,
-        lengths, state_idx, T, C,
+        lengths, state_idx, T, C, x3.stride(0), x3.stride(1),
         W=W, WP=triton.next_power_of_2(W - 1), BC=BC, USE_IDX=state_idx is not None,
         USE_LENGTHS=lengths is not None, num_warps=nw,
     )
