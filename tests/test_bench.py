@@ -30,8 +30,12 @@ def test_decode_step_bytes_counts_touched_experts(cpu_engine_fp32: Path) -> None
     cfg = eng.cfg
     one = decode_step_bytes(eng, 1, 8)
     many = decode_step_bytes(eng, 4096, 8)
-    # batch 1 reads top-k of E experts per layer; a huge batch touches (nearly) all of them
-    assert abs(one["expert_weights"] / many["expert_weights"] - cfg.num_experts_per_tok / cfg.num_experts) < 1e-3
+    # batch 1 reads top-k of E experts per layer; a huge batch touches (nearly) all of them. The build folds
+    # the shared expert in as expert E (graph/fuse_weights.py), which every step reads.
+    E, k = cfg.num_experts, cfg.num_experts_per_tok
+    folded = eng.layer_weights[0][eng.layer_weight_names[0].index("mlp.experts.down_proj")].shape[0] == E + 1
+    assert folded
+    assert abs(one["expert_weights"] / many["expert_weights"] - (k + 1) / (E + 1)) < 1e-3
     assert one["dense_weights"] == many["dense_weights"] > 0
     assert many["kv"] == 4096 * one["kv"]
 

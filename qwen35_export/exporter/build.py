@@ -24,6 +24,7 @@ from ..checkpoint.reader import CheckpointReader
 from ..config import LINEAR_ATTENTION
 from ..errors import BuildError
 from ..graph.pipeline import run_passes
+from ..graph.fuse_weights import fuse_layer_weights
 from ..graph.quantize_fp8 import dequantize_all, quantize_layer_fp8
 from ..graph.substitute_custom_ops import triton_implementations
 from . import capture as C
@@ -55,6 +56,9 @@ class BuildSettings:
     # Ranks of a sharded engine (parallel/plan.py): attention/GDN heads split over tp, experts over ep.
     tp: int = 1
     ep: int = 1
+    # Fuse projections that read the same input, and the shared expert into the routed MoE op
+    # (graph/fuse_weights.py); single-rank AOTI builds only.
+    fuse_projections: bool = True
 
 
 def check_target(target: str) -> torch.device:
@@ -94,9 +98,12 @@ def _prepare_layer(w: dict[str, torch.Tensor], dtype: str, act: torch.dtype) -> 
 
 
 def write_weights(reader: CheckpointReader, tmp: Path, dtype: str, act: torch.dtype, device: torch.device,
-                  progress: bool, plan: ParallelPlan | None = None, rank_files: list[list[str]] | None = None
+                  progress: bool, plan: ParallelPlan | None = None, rank_files: list[list[str]] | None = None,
+                  fused: list[str] | None = None
                   ) -> tuple[dict[str, torch.Tensor], list[str], dict[str, dict[str, torch.Tensor]]]:
     """Stream the weights into `tmp/weights/`, one layer at a time (per-rank shards when `plan` is set).
+    With a `fused` list (single rank only), each layer's projections are fused and the groups fused are
+    appended to it once.
 
     Returns (globals, layer files, the first layer of each kind on `device` as the capture example)."""
     cfg = reader.config
@@ -107,6 +114,9 @@ def write_weights(reader: CheckpointReader, tmp: Path, dtype: str, act: torch.dt
     examples: dict[str, dict[str, torch.Tensor]] = {}
     for i in tqdm(range(cfg.num_hidden_layers), desc="weights", disable=not progress):
         w = _prepare_layer(reader.load_layer(i, act, keep_fp8=(dtype == "fp8")), dtype, act)
+        if fused is not None and plan is None:
+            w, groups = fuse_layer_weights(w)
+            fused.extend(g for g in groups if g not in fused)
         if plan is not None:  # every rank's file written; rank 0's shard is the capture example
             w = save_layer_shards(w, cfg, plan, i, tmp, rank_files)
         else:
@@ -212,8 +222,9 @@ def build_engine(checkpoint: str | Path, out: str | Path, settings: BuildSetting
     try:
         # 1. weights, one layer at a time
         t0 = time.time()
+        fused: list[str] | None = [] if settings.fuse_projections and plan is None else None
         glob, layer_files, examples = write_weights(reader, tmp, dtype, act, device, settings.progress, plan,
-                                                    rank_files)
+                                                    rank_files, fused)
         reader.close()
         times["weights"] = time.time() - t0
 
@@ -263,7 +274,9 @@ def build_engine(checkpoint: str | Path, out: str | Path, settings: BuildSetting
             model_config=json.loads(json.dumps(asdict(cfg))), max_batch=settings.max_batch,
             max_seq_len=settings.max_seq_len, graphs={k: e for k, (_, e) in eps.items()},
             layer_files=layer_files, globals_file="weights/globals.safetensors",
-            passes=(["quantize_fp8 (weights, before capture)"] if dtype == "fp8" else []) + ["substitute_custom_ops"],
+            passes=(["quantize_fp8 (weights, before capture)"] if dtype == "fp8" else [])
+            + ([f"fuse_weights (weights, before capture): {', '.join(fused)}"] if fused else [])
+            + ["substitute_custom_ops"],
             files=files, build_seconds=times, tokenizer_files=tok,
             parallel=manifest_entry(plan, rank_files) if plan is not None else None)
         times["total"] = time.time() - t_all

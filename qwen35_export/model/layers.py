@@ -82,10 +82,18 @@ def gdn_mixer(x: Tensor, w: dict[str, Tensor], conv_state: Tensor, rec_state: Te
     HK, HV = cfg.linear_num_key_heads, cfg.linear_num_value_heads
     K, V = cfg.linear_key_head_dim, cfg.linear_value_head_dim
     p = "linear_attn."
-    qkv = linear(x, w, p + "in_proj_qkv.weight")  # [B, T, 2*HK*K + HV*V]
-    z = linear(x, w, p + "in_proj_z.weight").reshape(B, T, HV, V)
-    b = linear(x, w, p + "in_proj_b.weight")  # [B, T, HV]
-    a = linear(x, w, p + "in_proj_a.weight")  # [B, T, HV]
+    C = 2 * HK * K + HV * V
+    if p + "in_proj_qkvz.weight" in w:  # fused at build (graph/fuse_weights.py): one GEMM for both
+        qkv, z = torch.split(linear(x, w, p + "in_proj_qkvz.weight"), [C, HV * V], dim=-1)
+    else:
+        qkv = linear(x, w, p + "in_proj_qkv.weight")  # [B, T, C]
+        z = linear(x, w, p + "in_proj_z.weight")
+    z = z.reshape(B, T, HV, V)
+    if p + "in_proj_ba.weight" in w:
+        b, a = torch.split(linear(x, w, p + "in_proj_ba.weight"), [HV, HV], dim=-1)
+    else:
+        b = linear(x, w, p + "in_proj_b.weight")  # [B, T, HV]
+        a = linear(x, w, p + "in_proj_a.weight")  # [B, T, HV]
 
     conv_w = w[p + "conv1d.weight"][:, 0, :]  # [C, W]
     qkv, conv_state = torch.ops.qwen35.causal_conv1d(qkv, conv_w, conv_state, lengths)
@@ -116,13 +124,16 @@ def attention_mixer(x: Tensor, w: dict[str, Tensor], k_cache: Tensor, v_cache: T
     NH, KVH, D = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
     Tmax = k_cache.shape[2]
     p = "self_attn."
-    qg = linear(x, w, p + "q_proj.weight").reshape(B, T, NH, 2 * D)
+    if p + "qkv_proj.weight" in w:  # fused at build (graph/fuse_weights.py)
+        qg, k, v = torch.split(linear(x, w, p + "qkv_proj.weight"), [NH * 2 * D, KVH * D, KVH * D], dim=-1)
+    else:
+        qg, k, v = (linear(x, w, p + n + "_proj.weight") for n in ("q", "k", "v"))
+    qg = qg.reshape(B, T, NH, 2 * D)
     q, gate = qg[..., :D], qg[..., D:]  # [B, T, NH, D] each
     gate = gate.reshape(B, T, NH * D)
     q = rms_norm(q, w[p + "q_norm.weight"], cfg.rms_norm_eps)
-    k = rms_norm(linear(x, w, p + "k_proj.weight").reshape(B, T, KVH, D), w[p + "k_norm.weight"],
-                 cfg.rms_norm_eps)
-    v = linear(x, w, p + "v_proj.weight").reshape(B, T, KVH, D)
+    k = rms_norm(k.reshape(B, T, KVH, D), w[p + "k_norm.weight"], cfg.rms_norm_eps)
+    v = v.reshape(B, T, KVH, D)
 
     pos = start[:, None] + torch.arange(T, device=x.device)[None, :]  # [B, T]
     cos, sin = rope_cos_sin(pos[None].expand(3, B, T), cfg, x.dtype)
@@ -180,6 +191,12 @@ def moe_block(x: Tensor, w: dict[str, Tensor], cfg: Qwen35Config, expert_map: Te
         own = local >= 0
         rw = torch.where(own, rw, torch.zeros_like(rw))
         ids = torch.where(own, local, torch.zeros_like(local))
+    folded = w["mlp.experts.down_proj"].shape[0] == cfg.num_experts + 1 and expert_map is None
+    if folded:
+        # The shared expert is expert E (graph/fuse_weights.py): one more slot per token, weighted by its gate.
+        sg = torch.sigmoid(F.linear(xf, w["mlp.shared_expert_gate.weight"])).to(rw.dtype)  # [N, 1]
+        rw = torch.cat([rw, sg], dim=1)  # [N, k+1]
+        ids = torch.cat([ids, torch.full_like(ids[:, :1], cfg.num_experts)], dim=1)
     if "mlp.experts.gate_up_proj_scale_inv" in w:
         routed = torch.ops.qwen35.moe_experts_fp8(
             xf, rw, ids, w["mlp.experts.gate_up_proj"], w["mlp.experts.gate_up_proj_scale_inv"],
@@ -187,9 +204,14 @@ def moe_block(x: Tensor, w: dict[str, Tensor], cfg: Qwen35Config, expert_map: Te
     else:
         routed = torch.ops.qwen35.moe_experts(xf, rw, ids, w["mlp.experts.gate_up_proj"],
                                               w["mlp.experts.down_proj"])
+    if folded:
+        return routed.reshape(B, T, H)
     s = "mlp.shared_expert."
-    shared = linear(F.silu(linear(xf, w, s + "gate_proj.weight")) * linear(xf, w, s + "up_proj.weight"), w,
-                    s + "down_proj.weight")
+    if s + "gate_up_proj.weight" in w:
+        gate, up = linear(xf, w, s + "gate_up_proj.weight").chunk(2, dim=-1)
+    else:
+        gate, up = linear(xf, w, s + "gate_proj.weight"), linear(xf, w, s + "up_proj.weight")
+    shared = linear(F.silu(gate) * up, w, s + "down_proj.weight")
     shared = torch.sigmoid(F.linear(xf, w["mlp.shared_expert_gate.weight"])) * shared
     return (routed + shared).reshape(B, T, H)
 

@@ -42,7 +42,9 @@ def decode_step_bytes(eng: Engine, batch: int, context: int) -> dict[str, float]
         for n, t in zip(names, w):
             b = t.numel() * t.element_size()
             if n.startswith("mlp.experts."):
-                experts += b * touched / E
+                # a shared expert folded in as expert E (graph/fuse_weights.py) is read at every step
+                rows = t.shape[0]
+                experts += b * (touched + (rows - E)) / rows
             else:
                 dense += b
     act = torch.tensor([], dtype=eng.act_dtype).element_size()

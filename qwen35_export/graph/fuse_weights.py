@@ -1,0 +1,110 @@
+"""Horizontal fusion of a layer's projections, on its weight dict before capture (like `quantize_fp8`).
+
+A decode step is a chain of small launches: at batch 1 each projection is a GEMV of a few MB whose fixed
+cost (launch, activation quantisation, pipeline fill) is as large as its bytes' time. Projections that read
+the same input become one GEMM over their concatenated rows, and the shared expert, when it has the routed
+experts' size and format, becomes expert E of the routed MoE op (one more slot per token, weighted by its
+sigmoid gate) instead of three linears, a gate and an add:
+
+- GDN:        in_proj_qkv + in_proj_z -> in_proj_qkvz;  in_proj_b + in_proj_a -> in_proj_ba
+- attention:  q_proj + k_proj + v_proj -> qkv_proj
+- MoE:        shared_expert.{gate,up,down}_proj -> row E of mlp.experts.{gate_up,down}_proj
+              (else shared_expert.gate_proj + up_proj -> shared_expert.gate_up_proj)
+
+Concatenating rows is exact, for FP8 too: a part's 128x128 block scales stay its own as long as every part
+has a multiple of 128 rows (checked; otherwise that group is left alone). `model/layers.py` picks the
+fused names up where present. Not applied to sharded builds, whose shard maps name the unfused weights.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from ..model.weights import scale_name
+
+FP8_BLOCK = 128
+
+# fused name -> its parts, rows in this order
+ROW_GROUPS: dict[str, tuple[str, ...]] = {
+    "linear_attn.in_proj_qkvz.weight": ("linear_attn.in_proj_qkv.weight", "linear_attn.in_proj_z.weight"),
+    "linear_attn.in_proj_ba.weight": ("linear_attn.in_proj_b.weight", "linear_attn.in_proj_a.weight"),
+    "self_attn.qkv_proj.weight": ("self_attn.q_proj.weight", "self_attn.k_proj.weight", "self_attn.v_proj.weight"),
+}
+SHARED = "mlp.shared_expert."
+SHARED_GATE_UP = SHARED + "gate_up_proj.weight"
+EXPERTS_GATE_UP, EXPERTS_DOWN = "mlp.experts.gate_up_proj", "mlp.experts.down_proj"
+
+
+def _concat_rows(w: dict[str, Tensor], parts: tuple[str, ...]) -> tuple[Tensor, Tensor | None] | None:
+    """Rows of `parts` stacked (and their block scales), or None when they cannot be fused exactly."""
+    if not all(p in w for p in parts):
+        return None
+    ts = [w[p] for p in parts]
+    if len({t.dtype for t in ts}) != 1 or len({t.shape[1:] for t in ts}) != 1:
+        return None
+    fp8 = [scale_name(p) in w for p in parts]
+    if any(fp8) != all(fp8):  # one part FP8, another not: different kernels
+        return None
+    if not fp8[0]:
+        return torch.cat(ts, 0), None
+    if any(t.shape[0] % FP8_BLOCK for t in ts):  # a part's last scale row would cover the next part's rows
+        return None
+    return torch.cat(ts, 0), torch.cat([w[scale_name(p)] for p in parts], 0)
+
+
+def _fold_shared_expert(out: dict[str, Tensor]) -> bool:
+    """Append the shared expert as expert E of the routed expert tensors, when sizes and formats match."""
+    g, u, d = (SHARED + n + "_proj.weight" for n in ("gate", "up", "down"))
+    if not all(n in out for n in (g, u, d, EXPERTS_GATE_UP, EXPERTS_DOWN)):
+        return False
+    egu, edn = out[EXPERTS_GATE_UP], out[EXPERTS_DOWN]  # [E, 2I, H], [E, H, I]
+    if tuple(out[g].shape) != (egu.shape[1] // 2, egu.shape[2]) or out[u].shape != out[g].shape \
+            or tuple(out[d].shape) != tuple(edn.shape[1:]):
+        return False
+    if len({out[n].dtype for n in (g, u, d, EXPERTS_GATE_UP, EXPERTS_DOWN)}) != 1:
+        return False
+    scaled = [scale_name(n) in out for n in (g, u, d, EXPERTS_GATE_UP, EXPERTS_DOWN)]
+    if any(scaled) != all(scaled):
+        return False
+    new = {EXPERTS_GATE_UP: torch.cat([egu, torch.cat([out[g], out[u]], 0)[None]], 0),  # [E+1, 2I, H]
+           EXPERTS_DOWN: torch.cat([edn, out[d][None]], 0)}  # [E+1, H, I]
+    if scaled[0]:
+        sgu = torch.cat([out[scale_name(g)], out[scale_name(u)]], 0)[None]  # [1, 2I/128, H/128]
+        new[scale_name(EXPERTS_GATE_UP)] = torch.cat([out[scale_name(EXPERTS_GATE_UP)], sgu], 0)
+        new[scale_name(EXPERTS_DOWN)] = torch.cat([out[scale_name(EXPERTS_DOWN)], out[scale_name(d)][None]], 0)
+    for n in (g, u, d):
+        out.pop(n)
+        out.pop(scale_name(n), None)
+    out.update(new)
+    return True
+
+
+def fuse_layer_weights(w: dict[str, Tensor]) -> tuple[dict[str, Tensor], list[str]]:
+    """Return (weights with every fusable group fused, the fused names created)."""
+    out = dict(w)
+    done: list[str] = []
+    for fused, parts in ROW_GROUPS.items():
+        got = _concat_rows(out, parts)
+        if got is None:
+            continue
+        out[fused] = got[0]
+        if got[1] is not None:
+            out[scale_name(fused)] = got[1]
+        for p in parts:
+            out.pop(p)
+            out.pop(scale_name(p), None)
+        done.append(fused)
+    if _fold_shared_expert(out):
+        done.append("mlp.experts (+ shared expert as expert E)")
+    else:
+        got = _concat_rows(out, (SHARED + "gate_proj.weight", SHARED + "up_proj.weight"))
+        if got is not None:
+            out[SHARED_GATE_UP] = got[0]
+            if got[1] is not None:
+                out[scale_name(SHARED_GATE_UP)] = got[1]
+            for p in (SHARED + "gate_proj.weight", SHARED + "up_proj.weight"):
+                out.pop(p)
+                out.pop(scale_name(p), None)
+            done.append(SHARED_GATE_UP)
+    return out, done
