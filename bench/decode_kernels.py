@@ -26,7 +26,9 @@ from gdn import bench_graph, rel  # noqa: E402  (bench/ is on the path when this
 from qwen35_export.kernels.attention import decode_attention_triton, naive_decode_attention  # noqa: E402
 from qwen35_export.kernels.causal_conv1d import causal_conv1d, causal_conv1d_fwd, naive_causal_conv1d  # noqa: E402
 from qwen35_export.kernels.causal_conv1d import conv as conv_mod  # noqa: E402
-from qwen35_export.kernels.fp8_linear.gemm import _w8a8_gemm_kernel, default_config  # noqa: E402
+from qwen35_export.kernels.fp8_linear import fp8_linear_reference  # noqa: E402
+from qwen35_export.kernels.fp8_linear.gemm import (_w8a8_gemm_kernel, fp8_linear_triton, fused_config,  # noqa: E402
+                                                   two_kernel_config)
 from qwen35_export.kernels.fp8_linear.quant import quantize_act  # noqa: E402
 from qwen35_export.runtime.bench import hbm_bandwidth  # noqa: E402
 
@@ -82,14 +84,26 @@ def bench_attention(bw: float) -> list[dict]:
     return rows
 
 
+# The R <= 64 tile of `_w8a8_gemm_kernel` before the sweep below set two_kernel_config's small-R tiles.
+PREV_SMALL_TILE = dict(BLOCK_M=16, BLOCK_N=64, BLOCK_K=128, GROUP_M=1, num_warps=4, num_stages=4)
+
+
+def rotating_weights(N: int, K: int) -> tuple[list, list]:
+    """Weight sets (e4m3 [N, K], block scales) enough to rotate past the 60 MB L2 when replayed in turn."""
+    nbuf = max(1, int(4 * 60e6 // (N * K)) + 1)
+    ws = [torch.randn(N, K, device="cuda").to(torch.float8_e4m3fn) for _ in range(nbuf)]
+    ss = [torch.rand(triton.cdiv(N, 128), triton.cdiv(K, 128), device="cuda") + 0.5 for _ in range(nbuf)]
+    return ws, ss
+
+
 def bench_fp8_linear(bw: float) -> list[dict]:
+    """Tile sweep of the two-kernel path's GEMM alone (activations quantised once, outside the timing)."""
     rows = []
     cands = [dict(BLOCK_M=16, BLOCK_N=bn, BLOCK_K=128, GROUP_M=1, num_warps=w, num_stages=s)
-             for bn, w, s in itertools.product((16, 32, 64, 128), (2, 4), (3, 5))] + [default_config(1)]
+             for bn, w, s in itertools.product((16, 32, 64, 128), (2, 4), (3, 5))] + [PREV_SMALL_TILE]
     for (name, (N, K)), M in itertools.product(LINEARS.items(), (1, 64)):
-        nbuf = max(1, int(4 * 60e6 // (N * K)) + 1)  # rotate weights past the 60 MB L2
-        ws = [torch.randn(N, K, device="cuda").to(torch.float8_e4m3fn) for _ in range(nbuf)]
-        ss = [torch.rand(triton.cdiv(N, 128), triton.cdiv(K, 128), device="cuda") + 0.5 for _ in range(nbuf)]
+        ws, ss = rotating_weights(N, K)
+        nbuf = len(ws)
         x = torch.randn(M, K, device="cuda", dtype=torch.bfloat16)
         xq, xs = quantize_act(x)
         out = torch.empty(M, N, device="cuda", dtype=torch.bfloat16)
@@ -110,7 +124,7 @@ def bench_fp8_linear(bw: float) -> list[dict]:
                 continue
             res.append((us, c))
         res.sort(key=lambda r: r[0])
-        dflt = default_config(M)
+        dflt = two_kernel_config(M, N)
         d_us = next((us for us, c in res if c == dflt), None)
         best_us, best = res[0]
         rows.append(dict(name=name, N=N, K=K, M=M, best=best, best_us=best_us, default_us=d_us,
@@ -118,6 +132,99 @@ def bench_fp8_linear(bw: float) -> list[dict]:
         print(f"fp8 {name:18s} M={M:3d}: best {best_us:7.1f} us ({rows[-1]['best_roofline_pct']:5.1f}% HBM) "
               f"BN={best['BLOCK_N']} w={best['num_warps']} s={best['num_stages']}; default {d_us}", flush=True)
     return rows
+
+
+FUSED_MS = (1, 8, 16)  # decode token counts of the fused-vs-two-kernel rows
+FUSED_SPLITS = (2, 4, 8)
+
+
+def fused_candidates(M: int) -> list[dict]:
+    """Fused-path tiles to time at M rows: the per-row fp32 variant with BLOCK_M = M and 8 (an engine built
+    for up to 8 sequences runs BLOCK_M 8 at any batch; 16 at M = 16), and the tensor-core variant."""
+    bms = sorted({triton.next_power_of_2(M), 8 if M <= 8 else 16})
+    rows = [dict(FUSED=True, DOT=False, HW_CVT=False, BLOCK_M=bm, BLOCK_N=bn, SPLIT_K=1, num_warps=w, num_stages=s)
+            for bm, bn, w, s in itertools.product(bms, (16, 32, 64), (2, 4), (3, 5))]
+    dots = [dict(FUSED=True, DOT=True, HW_CVT=False, BLOCK_M=16, BLOCK_N=bn, SPLIT_K=1, num_warps=w, num_stages=s)
+            for bn, w, s in itertools.product((32, 64, 128), (4, 8), (3, 5))]
+    return rows + dots
+
+
+def fused_desc(c: dict) -> str:
+    return (f"{'dot' if c['DOT'] else 'rows'} BM{c['BLOCK_M']} BN{c['BLOCK_N']} w{c['num_warps']} "
+            f"s{c['num_stages']} split{c['SPLIT_K']}" + (" hw-cvt" if c.get("HW_CVT") else ""))
+
+
+def bench_fp8_fused(bw: float, Ms: tuple[int, ...] = FUSED_MS, rows: list | None = None, save=None) -> list[dict]:
+    """The whole op (`fp8_linear_triton`: what the graph runs) at decode token counts: the two-kernel path
+    (quantisation kernel + GEMM, current and previous tile) vs the fused path (defaults, a tile sweep, then
+    on the best tile the hardware e4m3 conversion and split-K, both off by default). Every config's output
+    is checked against the fp32 simulated reference. Rows go into `rows` as they come, and `save()` runs
+    after each (a device call cut short keeps what it measured)."""
+    rows = [] if rows is None else rows
+    done = {}
+    for (name, (N, K)), M in itertools.product(LINEARS.items(), Ms):
+        if (N, K, M) in done:  # same shape as an earlier linear: same numbers
+            rows.append(dict(done[(N, K, M)], name=name))
+            print_fused_row(rows[-1])
+            save and save()
+            continue
+        ws, ss = rotating_weights(N, K)
+        nbuf = len(ws)
+        x = torch.randn(M, K, device="cuda", dtype=torch.bfloat16)
+        ref = fp8_linear_reference(x, ws[0], ss[0], quant_act=True, dtype=torch.float32)
+        nbytes = N * K + ss[0].numel() * 4
+        timed: dict[str, tuple[float, float]] = {}  # config as JSON -> (us, rel err)
+
+        def time_cfg(cfg: dict) -> float | None:
+            key = json.dumps(cfg, sort_keys=True)
+            if key not in timed:
+                def run():  # every weight set once: a graph replays them in turn, past the L2
+                    for i in range(nbuf):
+                        fp8_linear_triton(x, ws[i], ss[i], cfg)
+                try:
+                    err = float((fp8_linear_triton(x, ws[0], ss[0], cfg).float() - ref).norm() / ref.norm())
+                    timed[key] = (graph_us(run, 4) / nbuf, err)
+                except Exception as e:  # a config the compiler rejects (shared memory, layout): skip it
+                    print("skip", name, cfg, str(e)[:80])
+                    return None
+            return timed[key][0]
+
+        two_cfg = dict(FUSED=False, **two_kernel_config(M, N))
+        two_us, prev_us = time_cfg(two_cfg), time_cfg(dict(FUSED=False, **PREV_SMALL_TILE))
+        dflt = fused_config(M, N)
+        d_us = time_cfg(dflt)
+        engine8_us = time_cfg(fused_config(8, N)) if M <= 8 else None
+        sweep = [(us, c) for c in fused_candidates(M) if (us := time_cfg(c)) is not None]
+        sweep.sort(key=lambda r: r[0])
+        if not sweep:
+            print("fp8 fused", name, M, "no fused config compiled", flush=True)
+            continue
+        best_us, best = sweep[0]
+        splits = [(us, c) for k in FUSED_SPLITS if (us := time_cfg(c := dict(best, SPLIT_K=k))) is not None]
+        split_us, split = min(splits, key=lambda r: r[0]) if splits else (None, None)
+        hw_us = time_cfg(dict(best, HW_CVT=True))
+        row = dict(name=name, N=N, K=K, M=M, two_kernel=two_cfg, two_kernel_us=two_us, prev_tile_us=prev_us,
+                   fused_default=dflt, fused_default_us=d_us, fused_bm8_us=engine8_us, best=best,
+                   best_us=best_us, best_roofline_pct=nbytes / bw / (best_us * 1e-6) * 100, best_split=split,
+                   best_split_us=split_us, best_hw_cvt_us=hw_us, max_rel_err=max(e for _, e in timed.values()),
+                   top5=[(u, c) for u, c in sweep[:5]], all={k: v for k, v in timed.items()})
+        done[(N, K, M)] = row
+        rows.append(row)
+        print_fused_row(row)
+        save and save()
+    return rows
+
+
+def print_fused_row(r: dict) -> None:
+    def us(k: str) -> str:  # a config that did not compile has no time
+        return "-" if r[k] is None else f"{r[k]:6.1f}"
+
+    split = f"{us('best_split_us')} us (split {r['best_split']['SPLIT_K']})" if r["best_split"] else "-"
+    bm8 = f", BM8 {us('fused_bm8_us')}" if r["M"] <= 8 else ""
+    print(f"fp8 fused {r['name']:18s} M={r['M']:3d}: two-kernel {us('two_kernel_us')} us (prev tile "
+          f"{us('prev_tile_us')}); fused default {us('fused_default_us')}{bm8}; best {us('best_us')} us "
+          f"({r['best_roofline_pct']:5.1f}% HBM) {fused_desc(r['best'])}; best + split-K {split}; best + hw cvt "
+          f"{us('best_hw_cvt_us')} us; max rel err {r['max_rel_err']:.1e}", flush=True)
 
 
 CONV_C, CONV_W = 8192, 4  # 35B-A3B conv_dim: q, k (2 x 16 x 128) and v (32 x 128); kernel width
@@ -188,6 +295,18 @@ def report(res: dict, md: Path, png: Path) -> None:
         b = r["best"]
         lines.append(f"| {r['name']} ({r['N']}x{r['K']}) | {r['M']} | {r['best_us']:.1f} | {r['best_roofline_pct']:.1f} | "
                      f"{b['BLOCK_N']}, {b['num_warps']}, {b['num_stages']} | {r['default_us']:.1f} |")
+    if res.get("fp8_linear_fused"):
+        lines += ["", "| FP8 linear, whole op | M | two-kernel (us) | previous tile (us) | fused default (us) "
+                  "| fused BM 8 (us) | best fused (us) | % HBM | best fused config | + split-K (us) | + hw cvt (us) "
+                  "| max rel. error |", "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+        for r in res["fp8_linear_fused"]:
+            t = {k: "-" if r[k] is None else f"{r[k]:.1f}" for k in (
+                "two_kernel_us", "prev_tile_us", "fused_default_us", "fused_bm8_us", "best_split_us", "best_hw_cvt_us")}
+            split = f"{t['best_split_us']} (split {r['best_split']['SPLIT_K']})" if r["best_split"] else "-"
+            lines.append(f"| {r['name']} ({r['N']}x{r['K']}) | {r['M']} | {t['two_kernel_us']} | {t['prev_tile_us']} | "
+                         f"{t['fused_default_us']} | {t['fused_bm8_us']} | {r['best_us']:.1f} | "
+                         f"{r['best_roofline_pct']:.1f} | {fused_desc(r['best'])} | {split} | {t['best_hw_cvt_us']} | "
+                         f"{r['max_rel_err']:.1e} |")
     if res.get("conv1d"):
         lines += ["", "| conv1d op, T = 1 | batch | op (us) | % HBM | best tile (BC, warps) | best (us) "
                   "| prefill kernel at T = 1 (us) | rel. error | state exact |", "|---|---|---|---|---|---|---|---|---|"]
@@ -216,6 +335,10 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", type=Path, required=True)
     ap.add_argument("--report", type=Path, help="only write the markdown + plot of this decode_kernels.json")
+    ap.add_argument("--fp8-fused-only", action="store_true",
+                    help="only the FP8 linear fused-vs-two-kernel rows (they fill a device call on their own)")
+    ap.add_argument("--fp8-fused-ms", default=",".join(map(str, FUSED_MS)),
+                    help="token counts of those rows, e.g. 1 (one device call) then 8,16 (the next)")
     ap.add_argument("--conv1d-only", action="store_true", help="only the conv1d op rows (a short device call)")
     a = ap.parse_args()
     if a.report:
@@ -224,6 +347,12 @@ def main() -> None:
     bw = hbm_bandwidth(torch.device("cuda")) or 3.35e12
     res = {"gpu": torch.cuda.get_device_name(), "torch": torch.__version__, "triton": triton.__version__,
            "hbm_bytes_per_s": bw}
+    fused_ms = tuple(int(m) for m in a.fp8_fused_ms.split(","))
+    if a.fp8_fused_only:
+        res["fp8_linear_fused"] = []
+        bench_fp8_fused(bw, fused_ms, res["fp8_linear_fused"],
+                        lambda: (a.out / "decode_kernels.json").write_text(json.dumps(res, indent=1)))
+        return
     if a.conv1d_only:
         res["conv1d"] = bench_conv1d(bw)
         (a.out / "decode_kernels.json").write_text(json.dumps(res, indent=1))
@@ -233,6 +362,8 @@ def main() -> None:
     res["conv1d"] = bench_conv1d(bw)
     (a.out / "decode_kernels.json").write_text(json.dumps(res, indent=1))
     res["fp8_linear"] = bench_fp8_linear(bw)
+    (a.out / "decode_kernels.json").write_text(json.dumps(res, indent=1))
+    res["fp8_linear_fused"] = bench_fp8_fused(bw, fused_ms)
     (a.out / "decode_kernels.json").write_text(json.dumps(res, indent=1))
 
 

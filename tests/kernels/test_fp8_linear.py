@@ -1,4 +1,6 @@
-"""Dense w8a8 block-scaled FP8 linear against the dequantised reference and `qwen35::fp8_linear`.
+"""Dense w8a8 block-scaled FP8 linear against the dequantised reference and `qwen35::fp8_linear`: the
+two-kernel path (activation quantisation, then the GEMM) and the fused small-R path (quantisation in the
+GEMM's registers), against the reference, against each other, and which one an exported graph launches.
 
 CPU through Triton's interpreter (conftest.py); the real-size case needs CUDA. Comparisons use the kernel
 tests' one helper (gdn_compare.assert_close); the unit roundoffs behind the bounds are test_moe.py's.
@@ -15,9 +17,11 @@ import qwen35_export.model.ops  # noqa: F401  (registers the qwen35:: reference 
 from qwen35_export.checkpoint.fp8 import quantize_fp8_block
 from qwen35_export.kernels.fp8_linear import (fp8_linear, fp8_linear_reference, quantize_act,
                                               quantize_act_reference)
+from qwen35_export.kernels.fp8_linear import gemm, quant
+from qwen35_export.kernels.fp8_linear.gemm import default_config, fp8_linear_triton, two_kernel_config
 
-from gdn_compare import assert_close  # the kernel tests' one comparison helper
-from test_moe import BF16_U, FP8_U, nan_empty  # noqa: F401  (fixture re-exported)
+from gdn_compare import DEVICE, assert_close  # the kernel tests' one comparison helper
+from test_moe import BF16_U, FP8_U, FP32_BOUND, nan_empty  # noqa: F401  (fixture re-exported)
 
 
 def assert_quant_match(q: torch.Tensor, s: torch.Tensor, q_ref: torch.Tensor, s_ref: torch.Tensor) -> None:
@@ -37,6 +41,16 @@ def assert_quant_match(q: torch.Tensor, s: torch.Tensor, q_ref: torch.Tensor, s_
 def make_linear(N: int, K: int, seed: int, dev: str = "cpu"):
     g = torch.Generator(device=dev).manual_seed(seed)
     return quantize_fp8_block(torch.randn(N, K, generator=g, device=dev) * K ** -0.5)
+
+
+def make_rows(R: int, K: int, dtype: torch.dtype, seed: int) -> torch.Tensor:
+    """x [R, K] with zeros where a division by the scale could go wrong: the first 128-group of row 0 and,
+    for R > 1, the whole last row (the reference gives those groups scale 1 and codes 0)."""
+    x = torch.randn(R, K, generator=torch.Generator().manual_seed(seed)).to(dtype)
+    x[0, :128] = 0.0
+    if R > 1:
+        x[-1] = 0.0
+    return x.to(DEVICE)
 
 
 @pytest.mark.parametrize("R,K", [(1, 128), (63, 300), (130, 256)], ids=["R1-K128", "R63-K300", "R130-K256"])
@@ -69,13 +83,139 @@ def test_fp8_linear(shape, N, K, nan_empty):
     assert_close("fp8_linear vs qwen35::fp8_linear", y, ref, math.sqrt(FP8_U ** 2 + BF16_U ** 2))
 
 
-def test_fp8_linear_traces_under_export():
-    class Lin(torch.nn.Module):
-        def forward(self, x, w, s):
-            return torch.ops.qwen35_triton.fp8_linear(x, w, s)
+# Accumulation-only bound per output dtype: bf16 rounds the result once; fp32 sums in another order.
+OUT_BOUND = {torch.bfloat16: BF16_U, torch.float32: FP32_BOUND}
 
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=["bf16", "fp32"])
+@pytest.mark.parametrize("R,K,N", [pytest.param(R, K, N, id=f"R{R}-K{K}-N{N}")
+                                   for R in (1, 2, 5, 16) for K in (128, 200, 384) for N in (16, 130, 256)])
+def test_fused_default_vs_reference(R, K, N, dtype, nan_empty):
+    """The default path up to 16 rows is the fused one (per-row fp32 up to 8 rows, tensor cores beyond):
+    with the activation quantisation simulated, only the output's rounding / fp32 order remains."""
+    assert default_config(R, N)["FUSED"]
+    w, s = make_linear(N, K, seed=N + K, dev=DEVICE)
+    x = make_rows(R, K, dtype, seed=R + K)
+    y = fp8_linear(x, w, s)
+    assert y.shape == (R, N) and y.dtype == dtype
+    assert_close(f"fused R={R} vs simulated", y, fp8_linear_reference(x, w, s, quant_act=True), OUT_BOUND[dtype])
+    if R > 1:  # an all-zero row: scale 1, codes 0, output exactly 0 (no 0/0)
+        assert torch.equal(y[-1], torch.zeros_like(y[-1]))
+
+
+def fused(dot: bool, block_m: int, block_n: int, split_k: int = 1, hw_cvt: bool = False) -> dict:
+    return dict(FUSED=True, DOT=dot, HW_CVT=hw_cvt, BLOCK_M=block_m, BLOCK_N=block_n, SPLIT_K=split_k,
+                num_warps=4, num_stages=2)
+
+
+# The interpreter misrounds fp32 -> e4m3 casts (quant.round_e4m3), so the hardware-conversion variant is
+# checked compiled only (QWEN35_TRITON_GPU=1).
+compiled_only = pytest.mark.skipif(DEVICE == "cpu", reason="interpreter misrounds fp32 -> e4m3 casts")
+
+
+@pytest.mark.parametrize("R", [1, 5, 16])
+@pytest.mark.parametrize("cfg", [
+    pytest.param(fused(True, 16, 32), id="dot-BN32"),
+    pytest.param(fused(False, 2, 32), id="rows-BM2-BN32"),  # R = 5, 16: several row tiles, a partial one
+    pytest.param(fused(False, 16, 64), id="rows-BM16-BN64"),
+    pytest.param(fused(True, 16, 32, split_k=2), id="dot-BN32-split2"),  # K = 384: splits of 2 + 1 groups
+    pytest.param(fused(False, 8, 16, split_k=5), id="rows-BM8-BN16-split5"),  # more splits than groups
+    pytest.param(fused(False, 8, 16, hw_cvt=True), id="rows-BM8-BN16-hwcvt", marks=compiled_only),
+    pytest.param(fused(True, 16, 32, hw_cvt=True), id="dot-BN32-hwcvt", marks=compiled_only),
+])
+def test_fused_equals_two_kernel(R, cfg, nan_empty):
+    """Fused and two-kernel paths quantise x the same way, so in fp32 they differ by summation order
+    only (one e4m3 code off would be ~1e-3 here); the tensor-core variant with the two-kernel path's tile
+    does the same arithmetic, bit for bit under the interpreter."""
+    K, N = 384, 130
+    w, s = make_linear(N, K, seed=3, dev=DEVICE)
+    x = make_rows(R, K, torch.float32, seed=R)
+    y = fp8_linear_triton(x, w, s, cfg)
+    two = dict(FUSED=False, **two_kernel_config(R, N))
+    if cfg["DOT"]:
+        two["BLOCK_N"] = cfg["BLOCK_N"]
+    y2 = fp8_linear_triton(x, w, s, two)
+    if cfg["DOT"] and cfg["SPLIT_K"] == 1 and not y.is_cuda:
+        assert torch.equal(y, y2)
+    assert_close(f"fused {cfg} vs two-kernel", y, y2, FP32_BOUND)
+
+
+@pytest.mark.parametrize("fused_path", [True, False], ids=["fused", "two-kernel"])
+def test_row_strided_x(fused_path, nan_empty):
+    """x a column slice of a wider tensor (a fused projection's output): rows strided, read in place."""
+    R, K, N = 5, 200, 130
+    w, s = make_linear(N, K, seed=1, dev=DEVICE)
+    x = make_rows(R, K + 56, torch.bfloat16, seed=2)[:, 40:K + 40]
+    cfg = default_config(R, N) if fused_path else dict(FUSED=False, **two_kernel_config(R, N))
+    y = fp8_linear_triton(x, w, s, cfg)
+    assert_close("row-strided x vs simulated", y, fp8_linear_reference(x, w, s, quant_act=True), BF16_U)
+
+
+def test_fused_rejects_dot_below_16_rows():
+    w, s = make_linear(16, 128, seed=0)
+    with pytest.raises(ValueError, match="BLOCK_M >= 16"):
+        fp8_linear_triton(torch.randn(1, 128), w, s, fused(True, 8, 16))
+
+
+def launched_kernels(monkeypatch, ep: torch.export.ExportedProgram) -> dict[str, dict]:
+    """Kernel name -> launch keywords, for the launches the op's body makes when the exported program is
+    lowered as AOTInductor lowers it (custom Triton ops decomposed, sizes as the graph admits them; the
+    body may be traced more than once)."""
+    launches = {}
+
+    def record(kernel):
+        name = getattr(kernel, "fn", kernel).__name__
+        return _Grid(lambda *args, **kw: launches.setdefault(name, kw))
+
+    monkeypatch.setattr(gemm, "wrap_triton", record)
+    monkeypatch.setattr(quant, "wrap_triton", record)
+    ep.run_decompositions(decompose_custom_triton_ops=True)
+    return launches
+
+
+class _Grid:
+    def __init__(self, launch):
+        self.launch = launch
+
+    def __getitem__(self, grid):
+        return self.launch
+
+
+class _Lin(torch.nn.Module):
+    def forward(self, x, w, s):
+        return torch.ops.qwen35_triton.fp8_linear(x, w, s)
+
+
+def test_export_static_one_row_launches_fused(monkeypatch):
     w, s = make_linear(256, 128, seed=0)
-    ep = torch.export.export(Lin(), (torch.randn(3, 128).bfloat16(), w, s))
+    ep = torch.export.export(_Lin(), (torch.randn(1, 1, 128).bfloat16(), w, s))
+    launches = launched_kernels(monkeypatch, ep)
+    assert list(launches) == ["_fused_w8a8_gemm_kernel"], launches
+    assert launches["_fused_w8a8_gemm_kernel"]["BLOCK_M"] == 1
+
+
+def test_export_bounded_batch_launches_fused_without_guard(monkeypatch):
+    """A decode graph (batch Dim max 8, T = 1): R is symbolic and the fused kernel is sized for the 8 rows
+    the graph admits, not for the example's 3 (a guarding `R <= 4` would pick BLOCK_M 4 and bake it in)."""
+    w, s = make_linear(256, 128, seed=0)
+    B = torch.export.Dim("B", min=1, max=8)
+    ep = torch.export.export(_Lin(), (torch.randn(3, 1, 128).bfloat16(), w, s), dynamic_shapes=({0: B}, None, None))
+    launches = launched_kernels(monkeypatch, ep)
+    assert list(launches) == ["_fused_w8a8_gemm_kernel"], launches
+    assert launches["_fused_w8a8_gemm_kernel"]["BLOCK_M"] == 8
+
+
+def test_export_unbounded_rows_launch_two_kernels(monkeypatch):
+    w, s = make_linear(256, 128, seed=0)
+    T = torch.export.Dim("T", min=1, max=4096)
+    ep = torch.export.export(_Lin(), (torch.randn(40, 128).bfloat16(), w, s), dynamic_shapes=({0: T}, None, None))
+    launches = launched_kernels(monkeypatch, ep)
+    assert list(launches) == ["_act_quant_kernel", "_w8a8_gemm_kernel"], launches
+
+
+def test_fp8_linear_traces_under_export():
+    w, s = make_linear(256, 128, seed=0)
+    ep = torch.export.export(_Lin(), (torch.randn(3, 128).bfloat16(), w, s))
     targets = [str(n.target) for n in ep.graph.nodes if n.op == "call_function"]
     assert targets.count("qwen35_triton.fp8_linear.default") == 1, targets
 
@@ -92,3 +232,8 @@ def test_fp8_linear_real_size_cuda(R):
     y = fp8_linear(x, w, s)
     sim = fp8_linear_reference(x, w, s, quant_act=True, dtype=torch.float32)
     assert_close("fp8_linear vs simulated", y, sim, BF16_U)
+    if R <= 16:  # fused by default: the two-kernel path and the fused variants that are off by default
+        N = w.shape[0]
+        for cfg in (dict(FUSED=False, **two_kernel_config(R, N)), dict(default_config(R, N), SPLIT_K=4),
+                    dict(default_config(R, N), HW_CVT=True), fused(True, 16, 64)):
+            assert_close(f"{cfg} vs simulated", fp8_linear_triton(x, w, s, cfg), sim, BF16_U)

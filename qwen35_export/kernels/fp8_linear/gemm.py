@@ -1,8 +1,13 @@
 """Dense w8a8 block-scaled FP8 GEMM: `y = x @ dequant(w, w_scale).T` with `x` quantised per token per 128.
 
-`x` [R, K] e4m3 with scales [R, ceil(K/128)]; `w` [N, K] e4m3 with 128x128 block scales
-[ceil(N/128), ceil(K/128)] (the checkpoint's `weight_scale_inv`, used exactly). Each K step runs
-`tl.dot` on fp8 operands (fp8 tensor cores on sm_90) and applies both scales to the fp32 partial sum.
+`w` [N, K] e4m3 with 128x128 block scales [ceil(N/128), ceil(K/128)] (the checkpoint's `weight_scale_inv`,
+used exactly); `x` is quantised to e4m3 with scales [R, ceil(K/128)] (quant.py). Each 128-column K step
+multiplies the e4m3 operands into an fp32 partial sum and applies both scales to it. Two paths:
+- two kernels (any R): `quantize_act` writes q and its scales, `_w8a8_gemm_kernel` runs `tl.dot` on fp8
+  operands (fp8 tensor cores on sm_90);
+- fused (decode, R <= FUSED_MAX_R): `_fused_w8a8_gemm_kernel` quantises its rows of x in registers at each
+  K step (same rounding and scale formula as quant.py) and multiplies at once: one launch, no q round trip.
+  There, each program streams BLOCK_N weight rows over K; optional split-K adds a fixed-order sum kernel.
 """
 
 from __future__ import annotations
@@ -14,7 +19,7 @@ from torch import Tensor
 from torch.fx.experimental.symbolic_shapes import statically_known_true
 from torch.library import wrap_triton
 
-from .quant import INTERPRET, cast_out, dot, quantize_act
+from .quant import GROUP, INTERPRET, cast_out, dot, quant_group, quant_group_values, quantize_act
 
 
 @triton.jit
@@ -57,32 +62,171 @@ def _w8a8_gemm_kernel(a_ptr, as_ptr, b_ptr, bs_ptr, c_ptr, M, N, K,
     tl.store(c_ptrs, cast_out(acc, c_ptr.dtype.element_ty), mask=m_ok[:, None] & n_ok[None, :])
 
 
-def default_config(R: int) -> dict:
-    """Tiles by token count: small R is memory bound (thin M tiles, many N tiles), large R compute bound."""
-    # R is symbolic under export: the thin tiles only when every admitted R is small (no guard on R).
-    small = R <= 64 if isinstance(R, int) else statically_known_true(R <= 64)
-    if small:
-        return dict(BLOCK_M=16, BLOCK_N=64, BLOCK_K=128, GROUP_M=1, num_warps=4, num_stages=4)
+@triton.jit
+def _fused_w8a8_gemm_kernel(x_ptr, b_ptr, bs_ptr, c_ptr, M, N, K, steps_per_split,
+                            stride_xm, stride_bn, stride_bsn, stride_cm, stride_cs,
+                            UPCAST: tl.constexpr, DOT: tl.constexpr, HW_CVT: tl.constexpr,
+                            BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """Program (row tile, column tile, K split) -> its fp32 sum over the split's 128-column groups, at
+    `c_ptr + split * stride_cs` in c's dtype (the output itself when there is one split)."""
+    num_n = tl.cdiv(N, BLOCK_N)
+    pid_m = tl.program_id(0) // num_n
+    pid_n = tl.program_id(0) % num_n
+    pid_k = tl.program_id(1)
+    rows = tl.arange(0, BLOCK_M)
+    offs_m = pid_m * BLOCK_M + rows
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_k = tl.arange(0, 128)
+    m_ok = offs_m < M
+    n_ok = offs_n < N
+    x_rows = x_ptr + offs_m[:, None].to(tl.int64) * stride_xm + offs_k[None, :]  # [BM, 128]
+    b_rows = b_ptr + offs_n.to(tl.int64) * stride_bn
+    bs_ptrs = bs_ptr + (offs_n // 128) * stride_bsn
+    kb0 = pid_k * steps_per_split
+    kb1 = tl.minimum(kb0 + steps_per_split, tl.cdiv(K, 128))
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for kb in range(kb0, kb1):
+        k = kb * 128
+        k_ok = offs_k < K - k
+        sb = tl.load(bs_ptrs + kb, mask=n_ok, other=0.0)
+        if DOT:
+            # Tensor cores; the whole [BM, 128] tile is quantised, absent rows included (zeros, scale 1).
+            xv = tl.load(x_rows + k, mask=m_ok[:, None] & k_ok[None, :], other=0.0)
+            q, sa = quant_group(xv.to(tl.float32), HW_CVT)
+            b = tl.load(b_rows[None, :] + (k + offs_k)[:, None], mask=k_ok[:, None] & n_ok[None, :],
+                        other=0.0)  # [128, BN]
+            acc += dot(q, b, UPCAST) * (sa[:, None] * sb[None, :])
+        else:
+            # fp32 multiply-add per row (e4m3 x e4m3 products are exact in fp32), rows past M skipped at
+            # run time: a graph sized for up to BLOCK_M tokens pays for the tokens it has, not BLOCK_M.
+            b = tl.load(b_rows[:, None] + (k + offs_k)[None, :], mask=n_ok[:, None] & k_ok[None, :],
+                        other=0.0).to(tl.float32)  # [BN, 128], K contiguous
+            for r in tl.static_range(BLOCK_M):
+                row = pid_m * BLOCK_M + r
+                # loaded outside the `if` so the pipeliner can prefetch it (a masked row moves no bytes)
+                k_end = tl.where(row < M, K - k, 0)
+                xv = tl.load(x_ptr + row.to(tl.int64) * stride_xm + k + offs_k[None, :],
+                             mask=offs_k[None, :] < k_end, other=0.0)  # [1, 128]
+                if row < M:
+                    q, sa = quant_group_values(xv.to(tl.float32), HW_CVT)
+                    part = tl.sum(b * q, axis=1)  # [BN]
+                    acc += tl.where(rows[:, None] == r, part[None, :] * (sa[:, None] * sb[None, :]), 0.0)
+    c_ptrs = c_ptr + pid_k.to(tl.int64) * stride_cs + offs_m[:, None].to(tl.int64) * stride_cm + offs_n[None, :]
+    tl.store(c_ptrs, cast_out(acc, c_ptr.dtype.element_ty), mask=m_ok[:, None] & n_ok[None, :])
+
+
+@triton.jit
+def _split_k_sum_kernel(p_ptr, c_ptr, numel, SPLIT_K: tl.constexpr, BLOCK: tl.constexpr):
+    """`c = sum_s p[s]` over the SPLIT_K partials [SPLIT_K, numel], in split order (deterministic)."""
+    offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    ok = offs < numel
+    p_ptrs = p_ptr + offs
+    acc = tl.load(p_ptrs, mask=ok, other=0.0)
+    for _ in tl.static_range(1, SPLIT_K):
+        p_ptrs += numel  # pointer steps: no int32 product split * numel to overflow
+        acc += tl.load(p_ptrs, mask=ok, other=0.0)
+    tl.store(c_ptr + offs, cast_out(acc, c_ptr.dtype.element_ty), mask=ok)
+
+
+FUSED_MAX_R = 16  # up to this many rows (tokens) the fused path is the default
+
+
+def at_most(R: int | torch.SymInt, bound: int) -> bool:
+    """`R <= bound` for every value R can take. R is symbolic under export (the flattened token count of a
+    dynamic batch): its range is read without a guard, which would bake the example's choice into the graph."""
+    return R <= bound if isinstance(R, int) else statically_known_true(R <= bound)
+
+
+def two_kernel_config(R: int | torch.SymInt, N: int) -> dict:
+    """Tiles of `_w8a8_gemm_kernel`: small R is memory bound (thin M tiles, many N tiles), large R compute
+    bound. The R <= 64 tiles are the fastest of the H200 sweep (bench/results/decode_kernels_h200.md)."""
+    if at_most(R, 16):  # BLOCK_M 16 either way: M = 1 and M = 16 cost the same; sweep's best at M = 1
+        return dict(BLOCK_M=16, BLOCK_N=16, BLOCK_K=128, GROUP_M=1, num_warps=2, num_stages=5)
+    if at_most(R, 64):  # sweep's best at M = 64: wide tiles for the large projections
+        bn, stages = (64, 3) if N >= 8192 else (32, 5)
+        return dict(BLOCK_M=16, BLOCK_N=bn, BLOCK_K=128, GROUP_M=1, num_warps=2, num_stages=stages)
     return dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=128, GROUP_M=8, num_warps=8, num_stages=4)
 
 
-def fp8_linear_triton(x: Tensor, w: Tensor, w_scale: Tensor, config: dict | None = None) -> Tensor:
-    """`x` [..., K] (bf16/fp16/fp32) times block-scaled e4m3 `w` [N, K]^T -> [..., N] in x's dtype."""
-    *lead, K = x.shape
-    N = w.shape[0]
-    x2 = x.reshape(-1, K)  # [R, K]
-    R = x2.shape[0]
-    out = torch.empty(R, N, dtype=x.dtype, device=x.device)
-    if R == 0:
-        return out.reshape(*lead, N)
-    cfg = dict(config or default_config(R))
+def fused_config(R: int | torch.SymInt, N: int) -> dict:
+    """Tiles of `_fused_w8a8_gemm_kernel` for up to FUSED_MAX_R rows (BLOCK_M covers every R admitted).
+
+    Not yet swept on a device (bench/decode_kernels.py times them): up to 8 rows the per-row fp32 path
+    with the two-kernel sweep's best M = 1 tile (BLOCK_N 16, 2 warps, 5 stages); beyond, tensor cores with
+    64 columns per program, so each program's quantisation of its 16 rows is shared by more weight bytes.
+    Keys: `DOT` (tensor cores, needs BLOCK_M >= 16) or per-row fp32 multiply-adds; `HW_CVT` (see
+    quant.quant_group); `SPLIT_K` > 1 splits K over that many programs plus a sum kernel (two
+    launches); the last two stay off until a device run shows they pay.
+    """
+    if at_most(R, 8):
+        bm = next(b for b in (1, 2, 4, 8) if at_most(R, b))
+        return dict(FUSED=True, DOT=False, HW_CVT=False, BLOCK_M=bm, BLOCK_N=16, SPLIT_K=1, num_warps=2,
+                    num_stages=5)
+    return dict(FUSED=True, DOT=True, HW_CVT=False, BLOCK_M=16, BLOCK_N=64, SPLIT_K=1, num_warps=4,
+                num_stages=4)
+
+
+def default_config(R: int | torch.SymInt, N: int) -> dict:
+    """The config `fp8_linear_triton` uses for R rows and N output columns when given none."""
+    if at_most(R, FUSED_MAX_R):
+        return fused_config(R, N)
+    return dict(FUSED=False, **two_kernel_config(R, N))
+
+
+def _launch_two_kernel(x2: Tensor, w: Tensor, w_scale: Tensor, out: Tensor, cfg: dict) -> None:
     if 128 % cfg["BLOCK_K"]:
         raise ValueError(f"fp8_linear: BLOCK_K must divide the 128-column scale group, got {cfg}")
-    w, w_scale = w.contiguous(), w_scale.contiguous()
+    R, K = x2.shape
+    N = w.shape[0]
     xq, xs = quantize_act(x2)
     grid = (triton.cdiv(R, cfg["BLOCK_M"]) * triton.cdiv(N, cfg["BLOCK_N"]),)
     wrap_triton(_w8a8_gemm_kernel)[grid](
         xq, xs, w, w_scale, out, R, N, K,
         xq.stride(0), xs.stride(0), w.stride(0), w_scale.stride(0), out.stride(0),
         UPCAST=INTERPRET, **cfg)
+
+
+def _launch_fused(x2: Tensor, w: Tensor, w_scale: Tensor, out: Tensor, cfg: dict) -> None:
+    cfg.setdefault("HW_CVT", False)
+    if cfg.pop("BLOCK_K", GROUP) != GROUP or (cfg["DOT"] and cfg["BLOCK_M"] < 16):
+        raise ValueError(f"fp8_linear: the fused path takes BLOCK_K = {GROUP} and, with DOT, BLOCK_M >= 16 "
+                         f"(tl.dot's smallest tile), got {cfg}")
+    R, K = x2.shape
+    N = w.shape[0]
+    steps = triton.cdiv(K, GROUP)
+    per_split = triton.cdiv(steps, max(1, min(cfg.pop("SPLIT_K", 1), steps)))
+    split = triton.cdiv(steps, per_split)  # no empty splits
+    # split-K: fp32 partials [split, R, N], summed in split order by a second launch (deterministic)
+    part = out if split == 1 else torch.empty(split, R, N, dtype=torch.float32, device=out.device)
+    grid = (triton.cdiv(R, cfg["BLOCK_M"]) * triton.cdiv(N, cfg["BLOCK_N"]), split)
+    wrap_triton(_fused_w8a8_gemm_kernel)[grid](
+        x2, w, w_scale, part, R, N, K, per_split,
+        x2.stride(0), w.stride(0), w_scale.stride(0), part.stride(-2), R * N if split > 1 else 0,
+        UPCAST=INTERPRET, **cfg)
+    if split > 1:
+        block = 1024
+        wrap_triton(_split_k_sum_kernel)[(triton.cdiv(R * N, block),)](
+            part, out, R * N, SPLIT_K=split, BLOCK=block, num_warps=4)
+
+
+def fp8_linear_triton(x: Tensor, w: Tensor, w_scale: Tensor, config: dict | None = None) -> Tensor:
+    """`x` [..., K] (bf16/fp16/fp32) times block-scaled e4m3 `w` [N, K]^T -> [..., N] in x's dtype.
+
+    `config` (default `default_config`): `FUSED` picks the path; the rest are its kernel's tiles
+    (`fused_config` / `two_kernel_config` keys; `SPLIT_K` > 1 only on the fused path)."""
+    *lead, K = x.shape
+    N = w.shape[0]
+    x2 = x.reshape(-1, K)  # [R, K]
+    if x2.stride(-1) != 1:  # strided rows (a column slice of a fused projection's output) are read in place
+        x2 = x2.contiguous()
+    R = x2.shape[0]
+    out = torch.empty(R, N, dtype=x.dtype, device=x.device)
+    if R == 0:
+        return out.reshape(*lead, N)
+    cfg = dict(config or default_config(R, N))
+    w, w_scale = w.contiguous(), w_scale.contiguous()
+    if cfg.pop("FUSED", False):
+        _launch_fused(x2, w, w_scale, out, cfg)
+    else:
+        _launch_two_kernel(x2, w, w_scale, out, cfg)
     return out.reshape(*lead, N)

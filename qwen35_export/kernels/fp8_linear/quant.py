@@ -2,7 +2,8 @@
 
 `quantize_act(x [R, K]) -> (q fp8 [R, K], s fp32 [R, ceil(K/128)])`, with `x ≈ q * s` groupwise and the
 scale `amax / 448` (1 for an all-zero group), as `checkpoint.fp8.quantize_fp8_block` does for weights.
-`round_e4m3` and `quant_group` are `@triton.jit` helpers the MoE and linear kernels reuse in their epilogues.
+`round_e4m3`, `quant_group` and `quant_group_values` are `@triton.jit` helpers the MoE and linear kernels
+reuse (in epilogues, and in the small-M linear's prologue).
 """
 
 from __future__ import annotations
@@ -66,15 +67,39 @@ def round_e4m3(v):
 
 
 @triton.jit
-def quant_group(v):
-    """Quantise fp32 `v` [R, 128] per row: returns (q fp8 [R, 128], scale fp32 [R])."""
+def scale_group(v):
+    """fp32 `v` [R, 128] -> (v / scale clamped to the e4m3 range [R, 128], scale [R]), per row."""
     amax = tl.max(tl.abs(v), axis=1)
     # Plain `/`: on the GPU it may differ from torch's IEEE division by an ulp, which flips an e4m3 rounding
     # on ~1 element in 1e5 (H100, 2026-11-24; tests allow exactly that). tl.math.div_rn made the codes
     # differ far more often there, cause not yet found: do not switch to it without a device check.
     s = tl.where(amax > 0, amax / 448.0, 1.0)
-    q = tl.clamp(v / s[:, None], -448.0, 448.0)
-    return round_e4m3(q).to(tl.float8e4nv), s
+    return tl.clamp(v / s[:, None], -448.0, 448.0), s
+
+
+@triton.jit
+def quant_group(v, HW_CVT: tl.constexpr = False):
+    """Quantise fp32 `v` [R, 128] per row: returns (q fp8 [R, 128], scale fp32 [R]).
+
+    `HW_CVT` (GPU only) rounds with the hardware's fp32 -> e4m3 conversion (round to nearest even, as
+    `round_e4m3`), one instruction per two elements instead of ~15 per element; the interpreter misrounds
+    it (see `round_e4m3`), so CPU tests cannot check it: off unless a device run shows it pays.
+    """
+    q, s = scale_group(v)
+    if HW_CVT:
+        return q.to(tl.float8e4nv), s
+    else:
+        return round_e4m3(q).to(tl.float8e4nv), s
+
+
+@triton.jit
+def quant_group_values(v, HW_CVT: tl.constexpr = False):
+    """`quant_group` with q as e4m3 values held exactly in fp32, for kernels that multiply q in fp32."""
+    q, s = scale_group(v)
+    if HW_CVT:
+        return q.to(tl.float8e4nv).to(tl.float32), s
+    else:
+        return round_e4m3(q), s
 
 
 @triton.jit
@@ -95,7 +120,8 @@ def _act_quant_kernel(x_ptr, q_ptr, s_ptr, R, K, stride_x, stride_q, stride_s,
 def quantize_act(x: Tensor) -> tuple[Tensor, Tensor]:
     """Quantise `x` [R, K] per row per 128 columns -> (q fp8 [R, K], s fp32 [R, ceil(K/128)])."""
     R, K = x.shape
-    x = x.contiguous()
+    if x.stride(-1) != 1:  # the kernel takes a row stride: strided rows need no copy
+        x = x.contiguous()
     q = torch.empty(R, K, dtype=torch.float8_e4m3fn, device=x.device)
     s = torch.empty(R, triton.cdiv(K, GROUP), dtype=torch.float32, device=x.device)
     if R == 0:
