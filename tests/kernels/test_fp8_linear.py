@@ -18,7 +18,8 @@ from qwen35_export.checkpoint.fp8 import quantize_fp8_block
 from qwen35_export.kernels.fp8_linear import (fp8_linear, fp8_linear_reference, quantize_act,
                                               quantize_act_reference)
 from qwen35_export.kernels.fp8_linear import gemm, quant
-from qwen35_export.kernels.fp8_linear.gemm import default_config, fp8_linear_triton, two_kernel_config
+from qwen35_export.kernels.fp8_linear.gemm import (default_config, fp8_linear_triton, fused_config,
+                                                    two_kernel_config)
 
 from gdn_compare import DEVICE, assert_close  # the kernel tests' one comparison helper
 from test_moe import BF16_U, FP8_U, FP32_BOUND, nan_empty  # noqa: F401  (fixture re-exported)
@@ -83,6 +84,15 @@ def test_fp8_linear(shape, N, K, nan_empty):
     assert_close("fp8_linear vs qwen35::fp8_linear", y, ref, math.sqrt(FP8_U ** 2 + BF16_U ** 2))
 
 
+@pytest.fixture
+def fused_default(monkeypatch):
+    """The fused small-R path as the default up to 16 rows. It is off in the shipped default (slower than the
+    two-kernel path on the H200, gemm.FUSED_MAX_R); these tests keep it correct as the option it still is."""
+    from qwen35_export.kernels.fp8_linear import gemm
+
+    monkeypatch.setattr(gemm, "FUSED_MAX_R", 16)
+
+
 # Accumulation-only bound per output dtype: bf16 rounds the result once; fp32 sums in another order.
 OUT_BOUND = {torch.bfloat16: BF16_U, torch.float32: FP32_BOUND}
 
@@ -90,7 +100,7 @@ OUT_BOUND = {torch.bfloat16: BF16_U, torch.float32: FP32_BOUND}
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=["bf16", "fp32"])
 @pytest.mark.parametrize("R,K,N", [pytest.param(R, K, N, id=f"R{R}-K{K}-N{N}")
                                    for R in (1, 2, 5, 16) for K in (128, 200, 384) for N in (16, 130, 256)])
-def test_fused_default_vs_reference(R, K, N, dtype, nan_empty):
+def test_fused_default_vs_reference(R, K, N, dtype, nan_empty, fused_default):
     """The default path up to 16 rows is the fused one (per-row fp32 up to 8 rows, tensor cores beyond):
     with the activation quantisation simulated, only the output's rounding / fp32 order remains."""
     assert default_config(R, N)["FUSED"]
@@ -141,7 +151,7 @@ def test_fused_equals_two_kernel(R, cfg, nan_empty):
 
 
 @pytest.mark.parametrize("fused_path", [True, False], ids=["fused", "two-kernel"])
-def test_row_strided_x(fused_path, nan_empty):
+def test_row_strided_x(fused_path, nan_empty, fused_default):
     """x a column slice of a wider tensor (a fused projection's output): rows strided, read in place."""
     R, K, N = 5, 200, 130
     w, s = make_linear(N, K, seed=1, dev=DEVICE)
@@ -186,7 +196,7 @@ class _Lin(torch.nn.Module):
         return torch.ops.qwen35_triton.fp8_linear(x, w, s)
 
 
-def test_export_static_one_row_launches_fused(monkeypatch):
+def test_export_static_one_row_launches_fused(monkeypatch, fused_default):
     w, s = make_linear(256, 128, seed=0)
     ep = torch.export.export(_Lin(), (torch.randn(1, 1, 128).bfloat16(), w, s))
     launches = launched_kernels(monkeypatch, ep)
@@ -194,7 +204,7 @@ def test_export_static_one_row_launches_fused(monkeypatch):
     assert launches["_fused_w8a8_gemm_kernel"]["BLOCK_M"] == 1
 
 
-def test_export_bounded_batch_launches_fused_without_guard(monkeypatch):
+def test_export_bounded_batch_launches_fused_without_guard(monkeypatch, fused_default):
     """A decode graph (batch Dim max 8, T = 1): R is symbolic and the fused kernel is sized for the 8 rows
     the graph admits, not for the example's 3 (a guarding `R <= 4` would pick BLOCK_M 4 and bake it in)."""
     w, s = make_linear(256, 128, seed=0)
@@ -203,6 +213,14 @@ def test_export_bounded_batch_launches_fused_without_guard(monkeypatch):
     launches = launched_kernels(monkeypatch, ep)
     assert list(launches) == ["_fused_w8a8_gemm_kernel"], launches
     assert launches["_fused_w8a8_gemm_kernel"]["BLOCK_M"] == 8
+
+
+def test_shipped_default_one_row_launches_two_kernels(monkeypatch):
+    """As measured on the H200 (gemm.FUSED_MAX_R): even one static row takes quantise + GEMM."""
+    w, s = make_linear(256, 128, seed=0)
+    ep = torch.export.export(_Lin(), (torch.randn(1, 1, 128).bfloat16(), w, s))
+    launches = launched_kernels(monkeypatch, ep)
+    assert list(launches) == ["_act_quant_kernel", "_w8a8_gemm_kernel"], launches
 
 
 def test_export_unbounded_rows_launch_two_kernels(monkeypatch):
@@ -232,8 +250,8 @@ def test_fp8_linear_real_size_cuda(R):
     y = fp8_linear(x, w, s)
     sim = fp8_linear_reference(x, w, s, quant_act=True, dtype=torch.float32)
     assert_close("fp8_linear vs simulated", y, sim, BF16_U)
-    if R <= 16:  # fused by default: the two-kernel path and the fused variants that are off by default
+    if R <= 16:  # the fused variants (off by default) and the two-kernel tiles
         N = w.shape[0]
-        for cfg in (dict(FUSED=False, **two_kernel_config(R, N)), dict(default_config(R, N), SPLIT_K=4),
-                    dict(default_config(R, N), HW_CVT=True), fused(True, 16, 64)):
+        for cfg in (dict(FUSED=False, **two_kernel_config(R, N)), dict(fused_config(R, N), SPLIT_K=4),
+                    dict(fused_config(R, N), HW_CVT=True), fused(True, 16, 64)):
             assert_close(f"{cfg} vs simulated", fp8_linear_triton(x, w, s, cfg), sim, BF16_U)

@@ -128,7 +128,11 @@ def _split_k_sum_kernel(p_ptr, c_ptr, numel, SPLIT_K: tl.constexpr, BLOCK: tl.co
     tl.store(c_ptr + offs, cast_out(acc, c_ptr.dtype.element_ty), mask=ok)
 
 
-FUSED_MAX_R = 16  # up to this many rows (tokens) the fused path is the default
+# Up to this many rows (tokens) the fused path is the default: 0, off. Measured on the H200 at M = 1
+# (bench/decode_kernels.py --fp8-fused-only, 35B shapes): the fused default 24.6-47.8 us and its best tile
+# 12.5-22.0 us against 8.3-12.2 us for the two-kernel path with the swept tiles; in-register quantisation
+# repeated by every column program costs more than the launch it saves. Kept selectable by config.
+FUSED_MAX_R = 0
 
 
 def at_most(R: int | torch.SymInt, bound: int) -> bool:
