@@ -62,8 +62,12 @@ def round_e4m3(v):
     normal = bits.to(tl.float32, bitcast=True)
     # Subnormals are multiples of 2^-9; adding 1.5 * 2^14 (fp32 ulp 2^-9 there) rounds to one. Rounded on
     # |v| and signed after, so a tiny negative value becomes -0 as torch's cast gives (code 0x80, not 0).
+    # The sign is put back as a bit, not by negation: compiled, `-x` can lower to `0 - x`, which is +0 for
+    # x = +0 (GPU codes 0x00 where torch gives 0x80, H200 2026-12-01); the interpreter kept -0.
     sub = (tl.abs(v) + 24576.0) - 24576.0
-    return tl.where(tl.abs(v) < 0.015625, tl.where(v.to(tl.int32, bitcast=True) < 0, -sub, sub), normal)
+    signed = (sub.to(tl.int32, bitcast=True) | (v.to(tl.int32, bitcast=True) & -2147483648)).to(tl.float32,
+                                                                                               bitcast=True)
+    return tl.where(tl.abs(v) < 0.015625, signed, normal)
 
 
 @triton.jit
