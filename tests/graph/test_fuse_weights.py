@@ -84,3 +84,22 @@ def test_groups_that_cannot_fuse_exactly_are_left_alone() -> None:
     assert "linear_attn.in_proj_qkvz.weight" not in groups and "linear_attn.in_proj_qkv.weight" in fused
     assert fused["mlp.experts.down_proj"].shape[0] == cfg.num_experts
     assert "mlp.shared_expert.gate_up_proj.weight" in groups  # gate + up still fuse with each other
+
+
+@pytest.mark.parametrize("layer", [0, 3])
+def test_shipped_fp8_checkpoint_layer_fuses_exactly(tiny_ckpt_fp8, layer: int) -> None:
+    """The weights of a shipped FP8 checkpoint (per-expert tensors + weight_scale_inv, as the reader hands
+    them to the build) fuse too, and the fused layer computes what the unfused one does."""
+    from qwen35_export.checkpoint.reader import CheckpointReader
+
+    reader = CheckpointReader(tiny_ckpt_fp8)
+    cfg = reader.config
+    w = reader.load_layer(layer, torch.float32, keep_fp8=True)
+    reader.close()
+    assert w["mlp.experts.down_proj"].dtype == FP8_DTYPE and "mlp.experts.down_proj_scale_inv" in w
+    fused, groups = fuse_layer_weights(w)
+    assert "mlp.experts (+ shared expert as expert E)" in groups and len(groups) >= 2
+    x = torch.randn(2, 4, cfg.hidden_size, generator=torch.Generator().manual_seed(3))
+    lengths = torch.tensor([4, 2])
+    torch.testing.assert_close(_run(cfg, layer, fused, x, lengths), _run(cfg, layer, w, x, lengths),
+                               rtol=1e-5, atol=1e-5)
