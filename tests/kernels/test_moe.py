@@ -293,3 +293,19 @@ def test_stored_config_tables():
             fp8 = key["dtype"] == "fp8"
             check_config(cfg, fp8, fp8 and T > DECODE_MAX_TOKENS, int(key["N"]))
             assert (cfg["BLOCK_M"] == 16) or T > DECODE_MAX_TOKENS, (f.name, T)
+
+
+def test_h200_without_a_table_takes_the_h100_table(monkeypatch):
+    """Same SM: an H200 uses the H100's tuned tiles for a geometry it has no table of; another GPU without a
+    table gets the untuned defaults."""
+    from qwen35_export.kernels.moe import configs as C
+
+    dev = torch.device("cuda")
+    for tag, want_table in (("H200", True), ("A100", False)):
+        monkeypatch.setattr(C, "device_tag", lambda d, tag=tag: tag)
+        got = C.get_config(513, 1024, 4096, dev, "fp8", 11, decode=False)
+        h100 = C.load_table(513, 1024, "H100", "fp8")
+        assert h100 is not None
+        want = h100[min((t for t in h100 if t > C.DECODE_MAX_TOKENS), key=lambda t: abs(t - 4096))] if want_table \
+            else C.default_config(4096, 513, 11, "fp8", decode=False)
+        assert got == want, tag

@@ -3,7 +3,8 @@
 A table lives in `configs/E={E},N={I},device={H100|H200},dtype={bf16|fp8}.json` (vLLM's naming; N is the
 expert intermediate size I) and maps a token count to one config:
 `{"BLOCK_M": 16, "gate_up": {BLOCK_N, BLOCK_K, GROUP_M, num_warps, num_stages}, "down": {...}}`.
-The entry whose token count is nearest the call's is used; without a table, `default_config`.
+The entry whose token count is nearest the call's is used; an H200 without its own table uses the H100's
+(same SM); without a table, `default_config`.
 """
 
 from __future__ import annotations
@@ -16,6 +17,9 @@ import torch
 
 CONFIG_DIR = Path(__file__).with_name("configs")
 DECODE_MAX_TOKENS = 64  # up to this many tokens a call is memory bound: the decode regime
+# A GPU without its own table takes the table of one with the same SM (the H200 is an sm_90 H100 with
+# faster, larger HBM: its tiles compile and run the same, tuned there rather than not at all).
+SAME_SM_TABLES = {"H200": "H100"}
 
 
 def device_tag(device: torch.device) -> str:
@@ -66,7 +70,10 @@ def default_config(N: int, E: int, k: int, dtype: str, decode: bool) -> dict:
 def get_config(E: int, I: int, N: int, device: torch.device, dtype: str, k: int, decode: bool) -> dict:
     """Config for N tokens: the stored table's nearest entry in the same regime (decode entries are those
     keyed <= DECODE_MAX_TOKENS), else `default_config`."""
-    table = load_table(E, I, device_tag(device), dtype)
+    tag = device_tag(device)
+    table = load_table(E, I, tag, dtype)
+    if table is None and tag in SAME_SM_TABLES:
+        table = load_table(E, I, SAME_SM_TABLES[tag], dtype)
     keys = [t for t in table or () if (t <= DECODE_MAX_TOKENS) == decode]
     if not keys:
         return default_config(N, E, k, dtype, decode)
