@@ -64,3 +64,15 @@ def test_bench_per_layer_times_every_graph_and_leaves_engine_usable(cpu_engine_f
     n_gdn = len(eng.cfg.gdn_layers)
     assert project_step_us(rows, eng.cfg, "decode", 2) == \
         t["embed"] + n_gdn * t["gdn"] + (eng.cfg.num_hidden_layers - n_gdn) * t["attn"] + t["final"]
+
+
+def test_bench_profile_lists_the_decode_step_ops(cpu_engine_fp32: Path, tmp_path: Path) -> None:
+    out = tmp_path / "b.json"
+    assert cli_main(["bench", str(cpu_engine_fp32), "--batch", "2", "--prompt-len", "4", "--gen", "4",
+                     "--json", str(out), "--profile"]) == 0
+    prof = json.loads(out.read_text())["profile"]
+    assert prof["batch"] == 2 and prof["top"] and prof["total_us"] > 0
+    names = " ".join(r[0] for r in prof["top"])
+    # the cpu engine runs its graphs through AOTInductor with the reference custom ops behind them
+    assert "qwen35" in names or "aten::" in names, names
+    assert all(r[1] > 0 for r in prof["top"]) and prof["top"] == sorted(prof["top"], key=lambda r: -r[1])

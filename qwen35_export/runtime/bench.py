@@ -247,6 +247,39 @@ def print_layer_times(rows: list[LayerTime], cfg) -> None:
             print(f"decode step from per-layer times, batch {B}, {cfg.num_hidden_layers} layers: {us / 1e3:.3f} ms")
 
 
+@torch.no_grad()
+def profile_decode(eng: Engine, batch: int = 1, context: int = 512, steps: int = 5, top: int = 25) -> dict:
+    """Kernels of one decode step (torch profiler over `steps` eager steps: a CUDA-graph replay hides them),
+    averaged per step: [(name, us, calls)], sorted by time, plus their total and the number of launches.
+
+    On the CPU the rows are the ops the engine ran, with their CPU time."""
+    from torch.profiler import ProfilerActivity, profile
+
+    cuda = eng.device.type == "cuda"
+    context = min(context, eng.max_seq_len - steps - 4)
+    s = eng.reset(batch)
+    ids = torch.randint(0, eng.cfg.vocab_size, (batch, max(context, 1)), generator=torch.Generator().manual_seed(0))
+    tok = eng.prefill(ids, torch.full((batch,), max(context, 1)), s).argmax(-1)
+    for _ in range(2):  # warm-up
+        tok = eng._decode_eager(tok, s).argmax(-1)
+    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+    with profile(activities=acts) as prof:
+        for _ in range(steps):
+            tok = eng._decode_eager(tok, s).argmax(-1)
+        if cuda:
+            torch.cuda.synchronize(eng.device)
+    rows = []
+    for e in prof.key_averages():
+        us = getattr(e, "device_time_total", getattr(e, "cuda_time_total", 0)) if cuda else e.self_cpu_time_total
+        # on the GPU: kernels only (aten:: rows are the host-side ops that launched them)
+        if us > 0 and e.key and "ProfilerStep" not in e.key and (not cuda or not e.key.startswith("aten::")):
+            rows.append((e.key[:100], us / steps, e.count / steps))
+    rows.sort(key=lambda r: -r[1])
+    eng.reset(batch)
+    return {"batch": batch, "context": context, "device": str(eng.device), "top": rows[:top],
+            "total_us": sum(r[1] for r in rows), "launches_per_step": sum(r[2] for r in rows) if cuda else None}
+
+
 def environment(device: torch.device) -> dict:
     env = {"torch": torch.__version__, "device": str(device)}
     if device.type == "cuda":
@@ -289,6 +322,12 @@ def bench_cli(a) -> int:
     rows = bench_engine(eng, a.batch, a.prompt_len, a.gen)
     result = {"engine": str(a.engine), "target": eng.manifest.target, "dtype": eng.manifest.dtype,
               "env": environment(eng.device), "rows": [asdict(r) for r in rows]}
+    if getattr(a, "profile", False):
+        prof = profile_decode(eng, batch=a.batch[0])
+        print(f"decode step profile, batch {prof['batch']} (eager; per step):")
+        for name, us, calls in prof["top"]:
+            print(f"  {us:9.1f} us  {calls:5.1f} x  {name}")
+        result["profile"] = prof
     if getattr(a, "per_layer", False):
         lt = layer_times(eng, a.batch, a.prompt_len)
         print_layer_times(lt, eng.cfg)
