@@ -25,8 +25,8 @@ for d in bf16 fp8; do
     --max-seq-len 8448 --out "$W/eng_$d" > $L/build_$d.log 2>&1 &
 done
 # beside the builds (GPU mostly idle while they compile): real-size kernel tests, then decode kernel timings
-( QWEN35_TRITON_GPU=1 TRITON_INTERPRET=0 timeout 150 python3 -m pytest -q -x tests/kernels/test_fp8_linear.py \
-    tests/kernels/test_causal_conv1d.py > $L/gpu_tests.log 2>&1
+( QWEN35_TRITON_GPU=1 TRITON_INTERPRET=0 timeout 150 python3 -m pytest -q tests/kernels/test_fp8_linear.py \
+    tests/kernels/test_causal_conv1d.py tests/kernels/test_moe.py -k "cuda or gpu" > $L/gpu_tests.log 2>&1
   mkdir -p $L/conv $L/fused
   timeout 60 python3 bench/decode_kernels.py --out $L/conv --conv1d-only > $L/kernels_conv.log 2>&1
   timeout 120 python3 bench/decode_kernels.py --out $L/fused --fp8-fused-only --fp8-fused-ms 1 \
