@@ -76,3 +76,29 @@ def test_bench_profile_lists_the_decode_step_ops(cpu_engine_fp32: Path, tmp_path
     # the cpu engine runs its graphs through AOTInductor with the reference custom ops behind them
     assert "qwen35" in names or "aten::" in names, names
     assert all(r[1] > 0 for r in prof["top"]) and prof["top"] == sorted(prof["top"], key=lambda r: -r[1])
+
+
+def test_decode_step_bytes_of_an_expert_parallel_shard() -> None:
+    """A rank of an EP engine holds E / ep experts (not E + 1): it reads touched / ep of them, never a
+    negative count (the folded-shared-expert formula applied to a shard's row count went below zero)."""
+    from types import SimpleNamespace
+
+    import torch
+
+    from qwen35_export.config import preset
+
+    cfg = preset("tiny")
+    E, k, ep = cfg.num_experts, cfg.num_experts_per_tok, 4
+    per_expert = 3 * 8 * 2  # bytes of one expert's slice of the fake tensor below
+    names = ["mlp.experts.down_proj", "input_layernorm.weight"]
+
+    def eng(rows: int):
+        t = torch.zeros(rows, 8, 3, dtype=torch.bfloat16)
+        return SimpleNamespace(cfg=cfg, act_dtype=torch.bfloat16, layer_weight_names=[names],
+                               layer_weights=[[t, torch.zeros(4, dtype=torch.bfloat16)]])
+
+    touched = E * (1 - (1 - k / E) ** 1)
+    got = decode_step_bytes(eng(E // ep), 1, 8)["expert_weights"]
+    assert abs(got - per_expert * touched / ep) < 1e-6
+    assert abs(decode_step_bytes(eng(E), 1, 8)["expert_weights"] - per_expert * touched) < 1e-6
+    assert abs(decode_step_bytes(eng(E + 1), 1, 8)["expert_weights"] - per_expert * (touched + 1)) < 1e-6

@@ -42,9 +42,10 @@ def decode_step_bytes(eng: Engine, batch: int, context: int) -> dict[str, float]
         for n, t in zip(names, w):
             b = t.numel() * t.element_size()
             if n.startswith("mlp.experts."):
-                # a shared expert folded in as expert E (graph/fuse_weights.py) is read at every step
+                # a shared expert folded in as expert E (graph/fuse_weights.py) is read at every step; a
+                # rank of an expert-parallel engine holds E / ep rows and reads its share of `touched`
                 rows = t.shape[0]
-                experts += b * (touched + (rows - E)) / rows
+                experts += b * (touched + 1) / rows if rows == E + 1 else b * touched / E
             else:
                 dense += b
     act = torch.tensor([], dtype=eng.act_dtype).element_size()
