@@ -67,6 +67,8 @@ def _fold_shared_expert(out: dict[str, Tensor]) -> bool:
     scaled = [scale_name(n) in out for n in (g, u, d, EXPERTS_GATE_UP, EXPERTS_DOWN)]
     if any(scaled) != all(scaled):
         return False
+    if scaled[0] and (egu.shape[1] // 2) % FP8_BLOCK:  # gate/up scale rows per half: the MoE ops read r // 128
+        return False
     new = {EXPERTS_GATE_UP: torch.cat([egu, torch.cat([out[g], out[u]], 0)[None]], 0),  # [E+1, 2I, H]
            EXPERTS_DOWN: torch.cat([edn, out[d][None]], 0)}  # [E+1, H, I]
     if scaled[0]:

@@ -103,3 +103,17 @@ def test_shipped_fp8_checkpoint_layer_fuses_exactly(tiny_ckpt_fp8, layer: int) -
     lengths = torch.tensor([4, 2])
     torch.testing.assert_close(_run(cfg, layer, fused, x, lengths), _run(cfg, layer, w, x, lengths),
                                rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("inter", [64, 192])
+def test_fp8_shared_expert_of_partial_scale_blocks_stays_out_of_the_moe_op(inter: int) -> None:
+    """FP8 with I not a multiple of 128: the experts' gate/up scale rows are per half (quantize_fp8), which
+    the MoE ops do not read as such; the shared expert stays a linear with its own scales, computing what
+    the unfused layer does (folded in, its up rows took the gate's last scale block)."""
+    cfg = preset("tiny", moe_intermediate_size=inter, shared_expert_intermediate_size=inter)
+    w, _ = quantize_layer_fp8(_random_layer(cfg, 0))
+    fused, groups = fuse_layer_weights(w)
+    assert fused["mlp.experts.down_proj"].shape[0] == cfg.num_experts
+    x = torch.randn(2, 3, cfg.hidden_size, generator=torch.Generator().manual_seed(4))
+    lengths = torch.tensor([3, 2])
+    torch.testing.assert_close(_run(cfg, 0, fused, x, lengths), _run(cfg, 0, w, x, lengths), rtol=1e-5, atol=1e-5)
