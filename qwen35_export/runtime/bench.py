@@ -257,10 +257,15 @@ def profile_decode(eng: Engine, batch: int = 1, context: int = 512, steps: int =
     from torch.profiler import ProfilerActivity, profile
 
     cuda = eng.device.type == "cuda"
-    context = min(context, eng.max_seq_len - steps - 4)
+    from ..errors import InputError
+
+    if eng.max_seq_len < steps + 3:
+        raise InputError(f"bench --profile: the engine's max sequence length {eng.max_seq_len} leaves no room for a "
+                         f"prompt and {steps + 2} decode steps")
+    context = max(1, min(context, eng.max_seq_len - steps - 2))  # prompt + 2 warm-up + `steps` tokens fit
     s = eng.reset(batch)
-    ids = torch.randint(0, eng.cfg.vocab_size, (batch, max(context, 1)), generator=torch.Generator().manual_seed(0))
-    tok = eng.prefill(ids, torch.full((batch,), max(context, 1)), s).argmax(-1)
+    ids = torch.randint(0, eng.cfg.vocab_size, (batch, context), generator=torch.Generator().manual_seed(0))
+    tok = eng.prefill(ids, torch.full((batch,), context), s).argmax(-1)
     for _ in range(2):  # warm-up
         tok = eng._decode_eager(tok, s).argmax(-1)
     acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
