@@ -40,7 +40,8 @@ sys.path.insert(0, {root!r})
 from dataclasses import asdict
 from qwen35_export.runtime.engine import Engine
 from qwen35_export.runtime.sampling import SamplingParams
-from qwen35_export.runtime.bench import bench_engine, decode_step_bytes, environment, hbm_bandwidth, plot_rows
+from qwen35_export.runtime.bench import (bench_engine, decode_step_bytes, environment, hbm_bandwidth, layer_times,
+                                         plot_rows, profile_decode)
 res = {{}}
 prof = cProfile.Profile()
 t = time.time()
@@ -57,7 +58,6 @@ out = e.generate([[1, 2, 3, 4, 5, 6, 7, 8], [9, 10, 11]], SamplingParams(max_new
 res["generate_s"] = time.time() - t
 res["tokens"] = out
 res["cuda_graph_error"] = e.cuda_graph_error
-from qwen35_export.runtime.bench import layer_times
 res["layers"] = [asdict(r) for r in layer_times(e, {batches!r}, [2048, 8192])]
 if {quick!r}:
     print("RESULT " + json.dumps(res))
@@ -68,18 +68,8 @@ res["bench"] = [asdict(r) for r in rows]
 res["env"] = environment(e.device)
 res["step_bytes_b1_ctx576"] = decode_step_bytes(e, 1, 576)
 plot_rows(rows, __import__("pathlib").Path({plot!r}), "{preset} {dtype} on " + res["env"]["gpu"])
-# Profile of eager decode steps at batch 1 (a CUDA-graph replay hides the kernels from the profiler).
-from torch.profiler import ProfilerActivity, profile
-st = e.reset(1)
-tok = e.prefill(torch.randint(0, 1000, (1, 512)), torch.tensor([512]), st).argmax(-1)
-for _ in range(3):
-    tok = e._decode_eager(tok, st).argmax(-1)
-torch.cuda.synchronize()
-with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as p:
-    for _ in range(5):
-        tok = e._decode_eager(tok, st).argmax(-1)
-    torch.cuda.synchronize()
-res["decode_profile"] = p.key_averages().table(sort_by="cuda_time_total", row_limit=30, max_name_column_width=70)
+# Kernels of eager decode steps at batch 1 (a CUDA-graph replay hides them from the profiler).
+res["decode_profile"] = profile_decode(e, batch=1, context=512)
 res["gpu_mem_peak_gib"] = torch.cuda.max_memory_allocated() / 2**30
 print("RESULT " + json.dumps(res))
 """

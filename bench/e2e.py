@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import subprocess
 import sys
 import time
@@ -54,7 +53,7 @@ def run_ours(ckpt: Path, work: Path, dtype: str, profile: bool, target: str) -> 
     from qwen35_export.exporter.build import BuildSettings, build_engine
     from dataclasses import asdict
 
-    from qwen35_export.runtime.bench import decode_step_bytes, hbm_bandwidth, layer_times
+    from qwen35_export.runtime.bench import decode_step_bytes, hbm_bandwidth, layer_times, profile_decode
     from qwen35_export.runtime.engine import Engine
 
     eng_dir = work / f"eng_{dtype}"
@@ -92,25 +91,9 @@ def run_ours(ckpt: Path, work: Path, dtype: str, profile: bool, target: str) -> 
         print(f"ours-{dtype} prefill T={L}: {ms:.2f} ms", flush=True)
     res["gpu_mem_gib"] = torch.cuda.max_memory_allocated() / 2**30
     res["layers"] = [asdict(r) for r in layer_times(eng, list(DECODE_BATCHES), list(PREFILL_LENS), PROMPT)]
-    if profile:
-        s = eng.reset(1)
-        tok = eng.prefill(torch.randint(0, 100, (1, 16)), torch.tensor([16]), s).argmax(-1)
-        use = eng.use_cuda_graphs
-        eng.use_cuda_graphs = False  # profile the kernels one by one
-        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA,
-                                                torch.profiler.ProfilerActivity.CPU]) as prof:
-            for _ in range(5):
-                tok = eng.decode(tok, s).argmax(-1)
-            torch.cuda.synchronize()
-        eng.use_cuda_graphs = use
-        rows = []
-        for e in prof.key_averages():
-            dev_us = getattr(e, "device_time_total", getattr(e, "cuda_time_total", 0))
-            if dev_us > 0 and e.key and not e.key.startswith("aten::") and "ProfilerStep" not in e.key:
-                rows.append((e.key[:80], dev_us / 5, e.count // 5))
-        rows.sort(key=lambda r: -r[1])
-        res["profile_top"] = rows[:25]
-        res["profile_total_us"] = sum(r[1] for r in rows)
+    if profile:  # kernels of an eager decode step (a CUDA-graph replay hides them from the profiler)
+        prof = profile_decode(eng, batch=1, context=16)
+        res["profile_top"], res["profile_total_us"] = prof["top"], prof["total_us"]
     return res
 
 

@@ -36,21 +36,25 @@ SHARED_GATE_UP = SHARED + "gate_up_proj.weight"
 EXPERTS_GATE_UP, EXPERTS_DOWN = "mlp.experts.gate_up_proj", "mlp.experts.down_proj"
 
 
-def _concat_rows(w: dict[str, Tensor], parts: tuple[str, ...]) -> tuple[Tensor, Tensor | None] | None:
-    """Rows of `parts` stacked (and their block scales), or None when they cannot be fused exactly."""
+def _fuse_rows(w: dict[str, Tensor], fused: str, parts: tuple[str, ...]) -> bool:
+    """Replace `parts` in `w` by their rows stacked under `fused` (block scales too), when that is exact."""
     if not all(p in w for p in parts):
-        return None
+        return False
     ts = [w[p] for p in parts]
     if len({t.dtype for t in ts}) != 1 or len({t.shape[1:] for t in ts}) != 1:
-        return None
+        return False
     fp8 = [scale_name(p) in w for p in parts]
     if any(fp8) != all(fp8):  # one part FP8, another not: different kernels
-        return None
-    if not fp8[0]:
-        return torch.cat(ts, 0), None
-    if any(t.shape[0] % FP8_BLOCK for t in ts):  # a part's last scale row would cover the next part's rows
-        return None
-    return torch.cat(ts, 0), torch.cat([w[scale_name(p)] for p in parts], 0)
+        return False
+    if fp8[0] and any(t.shape[0] % FP8_BLOCK for t in ts):  # a part's last scale row would cover the next part
+        return False
+    w[fused] = torch.cat(ts, 0)
+    if fp8[0]:
+        w[scale_name(fused)] = torch.cat([w[scale_name(p)] for p in parts], 0)
+    for p in parts:
+        w.pop(p)
+        w.pop(scale_name(p), None)
+    return True
 
 
 def _fold_shared_expert(out: dict[str, Tensor]) -> bool:
@@ -85,28 +89,9 @@ def _fold_shared_expert(out: dict[str, Tensor]) -> bool:
 def fuse_layer_weights(w: dict[str, Tensor]) -> tuple[dict[str, Tensor], list[str]]:
     """Return (weights with every fusable group fused, the fused names created)."""
     out = dict(w)
-    done: list[str] = []
-    for fused, parts in ROW_GROUPS.items():
-        got = _concat_rows(out, parts)
-        if got is None:
-            continue
-        out[fused] = got[0]
-        if got[1] is not None:
-            out[scale_name(fused)] = got[1]
-        for p in parts:
-            out.pop(p)
-            out.pop(scale_name(p), None)
-        done.append(fused)
+    done = [fused for fused, parts in ROW_GROUPS.items() if _fuse_rows(out, fused, parts)]
     if _fold_shared_expert(out):
         done.append("mlp.experts (+ shared expert as expert E)")
-    else:
-        got = _concat_rows(out, (SHARED + "gate_proj.weight", SHARED + "up_proj.weight"))
-        if got is not None:
-            out[SHARED_GATE_UP] = got[0]
-            if got[1] is not None:
-                out[scale_name(SHARED_GATE_UP)] = got[1]
-            for p in (SHARED + "gate_proj.weight", SHARED + "up_proj.weight"):
-                out.pop(p)
-                out.pop(scale_name(p), None)
-            done.append(SHARED_GATE_UP)
+    elif _fuse_rows(out, SHARED_GATE_UP, (SHARED + "gate_proj.weight", SHARED + "up_proj.weight")):
+        done.append(SHARED_GATE_UP)
     return out, done
