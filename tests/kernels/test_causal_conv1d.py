@@ -135,11 +135,20 @@ def test_varlen_matches_reference(lens, dtype, use_state, poison_empty):
         assert torch.equal(st, rst.to(dtype))
 
 
-@pytest.mark.parametrize("cfg", [(16, 256, 4), (128, 64, 4)])
-def test_varlen_other_tiles(cfg, monkeypatch, poison_empty):
-    """The tile shapes bench/gdn.py's tune step may pick give the same results (tails of both dims)."""
-    from qwen35_export.kernels.causal_conv1d import conv as conv_mod
+# Prefill variants and tiles bench/gdn.py's tune step may pick: NT > 1 (a loop of tiles / window steps per
+# program), BT * NT not dividing T, C not a multiple of BC, window lanes shorter than the state (NT < W-1).
+_PREFILL_CFGS = [
+    pytest.param(conv_mod.FWD_CONFIG, id="default"),
+    pytest.param(("tile", 4, 64, 3, 4), id="tile-BT4-BC64-NT3"),
+    pytest.param(("tile", 16, 128, 1, 4), id="tile-BT16-BC128-NT1"),
+    pytest.param(("window", 4, 64, 5, 4), id="window-BT4-BC64-NT5"),
+    pytest.param(("window", 2, 64, 2, 4), id="window-BT2-BC64-NT2"),
+]
 
+
+@pytest.mark.parametrize("cfg", _PREFILL_CFGS)
+def test_varlen_other_tiles(cfg, monkeypatch, poison_empty):
+    """Every variant and tile shape gives the reference's results (tails of both dims)."""
     monkeypatch.setattr(conv_mod, "FWD_CONFIG", cfg)
     gen = torch.Generator().manual_seed(7)
     lens, C = [1, 17, 130], 300
@@ -151,6 +160,51 @@ def test_varlen_other_tiles(cfg, monkeypatch, poison_empty):
     ry, rst = naive_causal_conv1d(x[None], w, st0, cu_seqlens=cu)
     assert_close("y", y, ry[0], 1e-6)
     assert torch.equal(st, rst.float())
+
+
+@pytest.mark.parametrize("cfg", _PREFILL_CFGS)
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=["bf16", "fp32"])
+def test_prefill_strided_padded_rows(cfg, dtype, monkeypatch, poison_empty):
+    """Padded prefill (B = 3, lengths < T) on x that is a column slice of a wider projection output (row
+    stride C + 24, as model/layers.py's fused qkv): read in place, y contiguous; T = 37 and C = 200 are
+    not multiples of any tile."""
+    monkeypatch.setattr(conv_mod, "FWD_CONFIG", cfg)
+    gen = torch.Generator().manual_seed(11)
+    B, T, C = 3, 37, 200
+    xz = make((B, T, C + 24), dtype, gen)
+    x = xz[..., :C]  # [B, T, C], strides (T * (C + 24), C + 24, 1)
+    w, s = make((C, 4), dtype, gen), make((B, C, 3), dtype, gen)
+    lengths = torch.tensor([T, 5, 2], dtype=torch.int64, device=DEVICE)
+    s0 = s.clone()
+    st = torch.empty_like(s)
+    y = causal_conv1d_fwd(x, w, s, st, lengths=lengths)
+    assert y.is_contiguous() and y.shape == x.shape
+    assert torch.equal(s, s0), "a separate final state must leave the initial one alone"
+    ry, rst = naive_causal_conv1d(x, w, s0, lengths=lengths)
+    assert_close("y", y, ry, bound(dtype))
+    assert torch.equal(st, rst.to(dtype)), "final conv state is a copy of inputs: must be exact"
+
+
+@pytest.mark.parametrize("cfg", _PREFILL_CFGS)
+def test_varlen_pool_in_place_strided(cfg, monkeypatch, poison_empty):
+    """Packed prefill on a strided x with a state pool: the rows at state_idx are read and overwritten in
+    place (in == out), a -1 slot computes from a zero state and writes nothing, other rows stay."""
+    monkeypatch.setattr(conv_mod, "FWD_CONFIG", cfg)
+    gen = torch.Generator().manual_seed(13)
+    lens, C = [1, 2, 40, 9], 72
+    x = make((sum(lens), C + 24), torch.bfloat16, gen)[:, 24:]  # [T_total, C], row stride C + 24
+    w = make((C, 4), torch.bfloat16, gen)
+    cu = torch.tensor([0] + torch.tensor(lens).cumsum(0).tolist(), dtype=torch.int32, device=DEVICE)
+    pool = make((6, C, 3), torch.bfloat16, gen)
+    idx = torch.tensor([4, -1, 0, 2], device=DEVICE)
+    pool0 = pool.clone()
+    s_init = torch.stack([pool0[i] if i >= 0 else torch.zeros_like(pool0[0]) for i in idx.tolist()])
+    y, _ = causal_conv1d_varlen(x, w, cu, pool, state_idx=idx)
+    ry, rst = naive_causal_conv1d(x[None], w, s_init, cu_seqlens=cu)
+    assert_close("y", y, ry[0], bound(torch.bfloat16))
+    keep = [0, 2, 3]
+    assert torch.equal(pool[idx[keep]], rst[keep].to(torch.bfloat16))
+    assert torch.equal(pool[[1, 3, 5]], pool0[[1, 3, 5]]), "rows without a sequence must stay"
 
 
 @pytest.mark.parametrize("T,dtype", [(1, torch.float32), (3, torch.bfloat16)])
@@ -225,6 +279,11 @@ def _kernels_traced(ep, monkeypatch) -> tuple[list[str], torch.export.ExportedPr
         return wrap_triton(kernel if isinstance(kernel, JITFunction) else JITFunction(kernel.fn))
 
     monkeypatch.setattr(conv_mod, "wrap_triton", traceable)
+    # the kernels' @triton.jit helpers too: a JITFunction refuses to reference interpreted functions
+    from triton.runtime.interpreter import InterpretedFunction
+    for name, val in list(vars(conv_mod).items()):
+        if isinstance(val, InterpretedFunction):
+            monkeypatch.setattr(conv_mod, name, JITFunction(val.fn))
     gm = ep.run_decompositions(decompose_custom_triton_ops=True)
     hops = [n for n in gm.graph.nodes if n.target is torch.ops.higher_order.triton_kernel_wrapper_functional]
     return [kernel_side_table.get_kernel(n.kwargs["kernel_idx"]).fn.__name__ for n in hops], gm
@@ -234,7 +293,8 @@ def _kernels_traced(ep, monkeypatch) -> tuple[list[str], torch.export.ExportedPr
 def test_decode_graph_traces_update_kernel(fused, monkeypatch):
     """A graph exported with T = 1 static (the decode graph: only B dynamic) launches the update kernel,
     once, with no copy of an input (x a slice of a fused projection included); a graph with a symbolic T
-    launches the prefill kernel and puts no guard on T (a guard bakes the example's choice into the graph)."""
+    launches the prefill kernel, copies no input either, and puts no guard on T (a guard bakes the
+    example's choice into the graph)."""
     gen = torch.Generator().manual_seed(0)
     C = 40
     w = make((C, 4), torch.bfloat16, gen)
@@ -251,15 +311,17 @@ def test_decode_graph_traces_update_kernel(fused, monkeypatch):
     if ON_GPU:  # Triton's write analysis needs a GPU: the functional op must not write conv_state
         hop = next(n for n in gm.graph.nodes if n.target is torch.ops.higher_order.triton_kernel_wrapper_functional)
         assert set(hop.kwargs["tensors_to_clone"]) <= {"y", "st"}, hop.kwargs["tensors_to_clone"]
-    if fused:
-        return
 
     T = torch.export.Dim("T", min=1, max=4096)
-    pre_args = (make((2, 3, C), torch.bfloat16, gen), w, dec_args[2], torch.full((2,), 3, device=DEVICE))
-    ep = torch.export.export(_ConvModule(), pre_args, dynamic_shapes=({0: B, 1: T}, None, {0: B}, {0: B}))
+    pre_args = (make((2, 3, C + 24 * fused), torch.bfloat16, gen), w, dec_args[2],
+                torch.full((2,), 3, device=DEVICE))
+    ep = torch.export.export(module, pre_args, dynamic_shapes=({0: B, 1: T}, None, {0: B}, {0: B}))
     kernels, gm = _kernels_traced(ep, monkeypatch)
-    assert kernels == ["causal_conv1d_fwd_kernel"], kernels
-    t_sym = next(n for n in gm.graph.nodes if n.op == "placeholder" and n.name == "x").meta["val"].shape[1]
+    assert kernels == ["causal_conv1d_prefill_kernel"], kernels
+    copies = [n for n in gm.graph.nodes if n.target in (torch.ops.aten.clone.default, torch.ops.aten.copy.default,
+                                                         torch.ops.aten.copy_.default)]
+    assert not copies, f"the prefill op copies an input: {copies}"
+    t_sym = next(n for n in gm.graph.nodes if n.op == "placeholder" and n.name in ("x", "xz")).meta["val"].shape[1]
     assert isinstance(t_sym, torch.SymInt)
     on_t = [g.expr for g in t_sym.node.shape_env.guards if g.expr.free_symbols & t_sym.node.expr.free_symbols]
     assert not on_t, f"the op put guards on the symbolic T: {on_t}"

@@ -14,25 +14,124 @@ from torch.library import wrap_triton
 
 
 @triton.jit
-def causal_conv1d_fwd_kernel(
-    x, w, s0, y, st, cu_seqlens, lengths, s0_idx, st_idx, T, C,
-    W: tl.constexpr, WP: tl.constexpr, BT: tl.constexpr, BC: tl.constexpr,
-    IS_VARLEN: tl.constexpr, USE_S0: tl.constexpr, USE_IDX: tl.constexpr, USE_LENGTHS: tl.constexpr,
-    STORE_ST: tl.constexpr,
-):
-    """One (time tile, channel tile, sequence): y = silu(sum_j w[:, j] * xx[t + j]), xx = [state, x].
+def _fwd_tile(xt, yt, w, s0b, cols, mc, t0, Tn, sx_t, C, s_lim,
+              W: tl.constexpr, BT: tl.constexpr, FIRST: tl.constexpr, USE_S0: tl.constexpr):
+    """y rows [t0, t0 + BT) of one channel tile from W shifted [BT, BC] loads (the overlap hits L1/L2).
 
-    The tile with i_t == 0 is the only one that reads the initial state (rows t < W-1) and the only one
-    that writes the final state, after its reads, so in and out may be the same pool rows.
+    xt, yt point at row t0 of x and y (int64 scalar math done once per tile, so the tile offsets fit int32
+    at any T). FIRST: the tile at t0 = 0, the only one whose halo (rows < 0) reads the initial state; every
+    other tile needs no state load and no `s >= 0` mask.
     """
-    i_t, i_c, i_n = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    tl.static_assert(BT >= W - 1, "a tile after the first must not reach back past row 0")
+    o_t = tl.arange(0, BT)
+    acc = tl.zeros([BT, cols.shape[0]], dtype=tl.float32)
+    for j in tl.static_range(W):
+        s = o_t + (j - (W - 1))  # row offset from t0; t0 + s < 0 reads the state
+        if FIRST:
+            m = (s >= 0) & (s < Tn)
+        else:
+            m = s < Tn - t0
+        b_x = tl.load(xt + s[:, None] * sx_t + cols[None, :], mask=m[:, None] & mc[None, :],
+                      other=0.).to(tl.float32)
+        if FIRST and USE_S0:
+            b_x += tl.load(s0b + cols[None, :] * (W - 1) + (s[:, None] + (W - 1)),
+                           mask=(s[:, None] < s_lim) & mc[None, :], other=0.).to(tl.float32)
+        b_w = tl.load(w + cols * W + j, mask=mc, other=0.).to(tl.float32)
+        acc += b_x * b_w[None, :]
+    b_y = acc * tl.sigmoid(acc)
+    tl.store(yt + o_t[:, None] * C + cols[None, :], b_y.to(yt.dtype.element_ty),
+             mask=(o_t[:, None] < Tn - t0) & mc[None, :])
+
+
+@triton.jit
+def _fwd_window(xp, yp, w, s0b, cols, mc, t_begin, Tn, sx_t, C, s_lim,
+                W: tl.constexpr, BT: tl.constexpr, NT: tl.constexpr, USE_S0: tl.constexpr):
+    """Rows [t_begin, t_begin + BT * NT) of one channel tile as BT lanes of NT consecutive rows: step m
+    loads row t_begin + r * NT + m of every lane r ([BT, BC], one load) and keeps each lane's last W-1 rows
+    in registers, so each x element is loaded once (plus a W-1 row halo per lane). W == 4 only.
+
+    xp, yp point at row t_begin of x and y; offsets from there (< BT * NT rows) fit int32.
+    """
+    tl.static_assert(W == 4, "the window variant carries exactly W-1 = 3 rows")
+    o_r = tl.arange(0, BT) * NT  # first row of each lane, from t_begin
+    r0 = t_begin + o_r
+    w0 = tl.load(w + cols * W + 0, mask=mc, other=0.).to(tl.float32)
+    w1 = tl.load(w + cols * W + 1, mask=mc, other=0.).to(tl.float32)
+    w2 = tl.load(w + cols * W + 2, mask=mc, other=0.).to(tl.float32)
+    w3 = tl.load(w + cols * W + 3, mask=mc, other=0.).to(tl.float32)
+    x_off = o_r[:, None] * sx_t + cols[None, :]  # [BT, BC]
+    # each lane's halo, rows r0 - 3 .. r0 - 1; rows < 0 come from the state (lane 0 of the first program)
+    x3 = tl.load(xp + x_off - 3 * sx_t, mask=((r0 >= 3) & (r0 - 3 < Tn))[:, None] & mc[None, :],
+                 other=0.).to(tl.float32)
+    x2 = tl.load(xp + x_off - 2 * sx_t, mask=((r0 >= 2) & (r0 - 2 < Tn))[:, None] & mc[None, :],
+                 other=0.).to(tl.float32)
+    x1 = tl.load(xp + x_off - sx_t, mask=((r0 >= 1) & (r0 - 1 < Tn))[:, None] & mc[None, :],
+                 other=0.).to(tl.float32)
+    if USE_S0:
+        if t_begin == 0:
+            s_off = cols[None, :] * (W - 1) + r0[:, None]  # state column W-1 + (row r0 - k), k = 3, 2, 1
+            x3 += tl.load(s0b + s_off, mask=(r0[:, None] < 3 + s_lim) & mc[None, :], other=0.).to(tl.float32)
+            x2 += tl.load(s0b + s_off + 1, mask=(r0[:, None] < 2 + s_lim) & mc[None, :],
+                          other=0.).to(tl.float32)
+            x1 += tl.load(s0b + s_off + 2, mask=(r0[:, None] < 1 + s_lim) & mc[None, :],
+                          other=0.).to(tl.float32)
+    y_off = o_r[:, None] * C + cols[None, :]
+    # one step ahead: the load of step m + 1 is in flight while step m computes and stores
+    x0 = tl.load(xp + x_off, mask=(r0 < Tn)[:, None] & mc[None, :], other=0.)
+    for m in range(0, NT):
+        xn = tl.load(xp + (m + 1) * sx_t + x_off,
+                     mask=((r0 + (m + 1) < Tn) & (m + 1 < NT))[:, None] & mc[None, :], other=0.)
+        xc = x0.to(tl.float32)
+        acc = x3 * w0[None, :] + x2 * w1[None, :] + x1 * w2[None, :] + xc * w3[None, :]
+        b_y = acc * tl.sigmoid(acc)
+        tl.store(yp + m * C + y_off, b_y.to(yp.dtype.element_ty), mask=(r0 + m < Tn)[:, None] & mc[None, :])
+        x3, x2, x1, x0 = x2, x1, xc, xn
+
+
+@triton.jit
+def causal_conv1d_prefill_kernel(
+    x, w, s0, y, st, cu_seqlens, lengths, s0_idx, st_idx, T, C, sx_n, sx_t,
+    W: tl.constexpr, WP: tl.constexpr, BT: tl.constexpr, BC: tl.constexpr, NT: tl.constexpr,
+    WINDOW: tl.constexpr, IS_VARLEN: tl.constexpr, USE_S0: tl.constexpr, USE_IDX: tl.constexpr,
+    USE_LENGTHS: tl.constexpr, STORE_ST: tl.constexpr,
+):
+    """One (channel tile, run of BT * NT rows, sequence): y = silu(sum_j w[:, j] * xx[t + j]), xx = [state, x].
+
+    Grid (cdiv(C, BC), cdiv(Tmax, BT * NT), N), channel tiles fastest: programs running together read
+    neighbouring column blocks of the same rows (whole rows of DRAM pages), not one narrow column stripe
+    down the time axis. x rows at strides sx_n (sequence; unused when varlen) and sx_t (time), channels
+    contiguous: x may be a column slice of a wider projection output. y is contiguous [B, T, C].
+    WINDOW: the register-window body (_fwd_window) instead of W shifted tile loads (_fwd_tile).
+
+    The program with i_t == 0 is the only one that reads the initial state (rows t < W-1; needs
+    BT * NT >= W-1) and the only one that writes the final state, after a barrier that follows all its
+    reads of the state, so in and out may be the same pool rows.
+    """
+    tl.static_assert(BT * NT >= W - 1, "the first program must cover the whole state halo")
+    i_c, i_t, i_n = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    _prefill_program(x, w, s0, y, st, cu_seqlens, lengths, s0_idx, st_idx, T, C, sx_n, sx_t, i_c, i_t, i_n,
+                     W, WP, BT, BC, NT, WINDOW, IS_VARLEN, USE_S0, USE_IDX, USE_LENGTHS, STORE_ST)
+
+
+@triton.jit
+def _prefill_program(
+    x, w, s0, y, st, cu_seqlens, lengths, s0_idx, st_idx, T, C, sx_n, sx_t, i_c, i_t, i_n,
+    W: tl.constexpr, WP: tl.constexpr, BT: tl.constexpr, BC: tl.constexpr, NT: tl.constexpr,
+    WINDOW: tl.constexpr, IS_VARLEN: tl.constexpr, USE_S0: tl.constexpr, USE_IDX: tl.constexpr,
+    USE_LENGTHS: tl.constexpr, STORE_ST: tl.constexpr,
+):
+    """The body of causal_conv1d_prefill_kernel for program (i_c, i_t, i_n); see there."""
     if IS_VARLEN:
         bos = tl.load(cu_seqlens + i_n).to(tl.int64)
         Tn = (tl.load(cu_seqlens + i_n + 1).to(tl.int64) - bos).to(tl.int32)
+        xb = x + bos * sx_t
+        yb = y + bos * C
     else:
-        bos = i_n.to(tl.int64) * T
         Tn = T
-    if i_t * BT >= Tn:
+        xb = x + i_n.to(tl.int64) * sx_n
+        yb = y + i_n.to(tl.int64) * T * C
+    t_begin = i_t * (BT * NT)
+    if t_begin >= Tn:
         return
     if USE_IDX:
         slot_in = tl.load(s0_idx + i_n).to(tl.int64)
@@ -40,24 +139,29 @@ def causal_conv1d_fwd_kernel(
     else:
         slot_in = i_n.to(tl.int64)
         slot_out = i_n.to(tl.int64)
-    rows = i_t * BT + tl.arange(0, BT)
+    if USE_S0:
+        s0b = s0 + slot_in * C * (W - 1)
+    else:
+        s0b = xb  # not read
+    # rows at positions < s_lim read the state: 0, or -W (none) for slot -1, a padding row with zero state
+    # (a scalar bound, not a scalar in the mask: the interpreter rejects scalar boolean masks)
+    s_lim = tl.where(slot_in >= 0, 0, -W)
     cols = i_c * BC + tl.arange(0, BC)
     mc = cols < C
-    acc = tl.zeros([BT, BC], dtype=tl.float32)
-    for j in tl.static_range(W):
-        s = rows + (j - (W - 1))  # position in the sequence; negative reads the state
-        b_x = tl.load(x + (bos + s[:, None]) * C + cols[None, :],
-                      mask=(s[:, None] >= 0) & (s[:, None] < Tn) & mc[None, :], other=0.).to(tl.float32)
-        if USE_S0:
-            b_s = tl.load(s0 + (slot_in * C + cols[None, :]) * (W - 1) + (s[:, None] + (W - 1)),
-                          mask=(s[:, None] < 0) & mc[None, :] & (s[:, None] * 0 + slot_in >= 0),
-                          other=0.).to(tl.float32)
-            b_x += b_s
-        b_w = tl.load(w + cols * W + j, mask=mc, other=0.).to(tl.float32)
-        acc += b_x * b_w[None, :]
-    b_y = acc * tl.sigmoid(acc)
-    tl.store(y + (bos + rows[:, None]) * C + cols[None, :], b_y.to(y.dtype.element_ty),
-             mask=(rows[:, None] < Tn) & mc[None, :])
+    if WINDOW:
+        _fwd_window(xb + t_begin.to(tl.int64) * sx_t, yb + t_begin.to(tl.int64) * C, w, s0b, cols, mc,
+                    t_begin, Tn, sx_t, C, s_lim, W, BT, NT, USE_S0)
+    else:
+        if i_t == 0:
+            _fwd_tile(xb, yb, w, s0b, cols, mc, 0, Tn, sx_t, C, s_lim, W, BT, True, USE_S0)
+        else:
+            _fwd_tile(xb + t_begin.to(tl.int64) * sx_t, yb + t_begin.to(tl.int64) * C, w, s0b, cols, mc,
+                      t_begin, Tn, sx_t, C, s_lim, W, BT, False, USE_S0)
+        n_tiles = tl.minimum(NT, tl.cdiv(Tn - t_begin, BT))
+        for k in range(1, n_tiles):
+            t0 = t_begin + k * BT
+            _fwd_tile(xb + t0.to(tl.int64) * sx_t, yb + t0.to(tl.int64) * C, w, s0b, cols, mc,
+                      t0, Tn, sx_t, C, s_lim, W, BT, False, USE_S0)
     if STORE_ST:
         if i_t == 0:
             if USE_LENGTHS:
@@ -67,16 +171,32 @@ def causal_conv1d_fwd_kernel(
             o_j = tl.arange(0, WP)
             mj = o_j[:, None] < W - 1
             p = L - (W - 1) + o_j  # the last W-1 positions of the first L tokens
-            f_x = tl.load(x + (bos + p[:, None]) * C + cols[None, :],
-                          mask=(p[:, None] >= 0) & mj & mc[None, :], other=0.).to(tl.float32)
+            f_x = tl.load(xb + p[:, None].to(tl.int64) * sx_t + cols[None, :],
+                          mask=(p[:, None] >= 0) & mj & mc[None, :], other=0.)
             if USE_S0:
-                f_s = tl.load(s0 + (slot_in * C + cols[None, :]) * (W - 1) + (p[:, None] + (W - 1)),
-                              mask=(p[:, None] < 0) & mj & mc[None, :] & (p[:, None] * 0 + slot_in >= 0),
-                              other=0.).to(tl.float32)
-                f_x += f_s
-            # loads above complete before this store (data dependence), so in-place pools are safe
+                f_s = tl.load(s0b + cols[None, :] * (W - 1) + (p[:, None] + (W - 1)),
+                              mask=(p[:, None] < s_lim) & mj & mc[None, :], other=0.)
+                f_x = tl.where(p[:, None] < 0, f_s.to(tl.float32), f_x.to(tl.float32))
+                # other warps of this program read the same state rows in the first tile: all reads of
+                # the state are done before any thread writes it (in-place pools)
+                tl.debug_barrier()
             tl.store(st + (slot_out * C + cols[None, :]) * (W - 1) + o_j[:, None], f_x.to(st.dtype.element_ty),
-                     mask=mj & mc[None, :] & (o_j[:, None] * 0 + slot_out >= 0))
+                     mask=(o_j[:, None] < tl.where(slot_out >= 0, W - 1, 0)) & mc[None, :])
+
+
+@triton.jit
+def causal_conv1d_fwd_kernel(
+    x, w, s0, y, st, cu_seqlens, lengths, s0_idx, st_idx, T, C,
+    W: tl.constexpr, WP: tl.constexpr, BT: tl.constexpr, BC: tl.constexpr,
+    IS_VARLEN: tl.constexpr, USE_S0: tl.constexpr, USE_IDX: tl.constexpr, USE_LENGTHS: tl.constexpr,
+    STORE_ST: tl.constexpr,
+):
+    """The former prefill entry, kept for the TensorRT AOT adapter (plugins/tensorrt/aot_kernels.py calls it
+    by keyword and launches grid (cdiv(T, BT), cdiv(C, BC), N) on contiguous x): the body of
+    causal_conv1d_prefill_kernel with one tile per program. Delete once that adapter launches the new kernel."""
+    i_t, i_c, i_n = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    _prefill_program(x, w, s0, y, st, cu_seqlens, lengths, s0_idx, st_idx, T, C, T * C, C, i_c, i_t, i_n,
+                     W, WP, BT, BC, 1, False, IS_VARLEN, USE_S0, USE_IDX, USE_LENGTHS, STORE_ST)
 
 
 @triton.jit
@@ -120,9 +240,12 @@ def causal_conv1d_update_kernel(
     tl.store(st + s_off, b_f.to(st.dtype.element_ty), mask=ok)
 
 
-# (BT, BC, num_warps) of the prefill kernel; module-level so bench/gdn.py's tune step can try others.
-# (64, 128, 4) moved 13% of HBM bandwidth at T = 8192, C = 12288 on H100 (bench/results/gdn.md): untuned.
-FWD_CONFIG = (64, 128, 4)
+# (variant, BT, BC, NT, num_warps) of the prefill kernel; module-level so bench/gdn.py's tune step can try
+# others. "tile": each program runs NT tiles of [BT, BC] (W shifted loads per tile); "window": BT lanes of NT
+# rows with the last W-1 rows in registers (W == 4 only; others take "tile"). The old one-tile-per-program,
+# time-fastest grid ran at 13-15% of HBM bandwidth at T = 8192, C = 12288 (H100, H200); this default is a
+# guess until the sweep (python bench/gdn.py --conv1d-only) has run on the device.
+FWD_CONFIG = ("tile", 16, 256, 8, 4)
 
 
 def causal_conv1d_fwd(
@@ -130,21 +253,28 @@ def causal_conv1d_fwd(
     cu_seqlens: Tensor | None = None, lengths: Tensor | None = None,
     state_idx: Tensor | None = None, max_seqlen: int | None = None,
 ) -> Tensor:
-    """Launch the prefill kernel; writes final_state (if given) and returns y like x."""
+    """Launch the prefill kernel on x [B, T, C] (any batch and time strides, channels contiguous: a column
+    slice of a fused projection output is read in place); writes final_state (if given) and returns y,
+    a fresh contiguous [B, T, C]."""
     B, T, C = x.shape
     W = weight.shape[1]
-    x = x.contiguous()
+    if x.stride(2) != 1:
+        x = x.contiguous()
     weight = weight.contiguous()
-    y = torch.empty_like(x)
+    y = torch.empty((B, T, C), dtype=x.dtype, device=x.device)
     if cu_seqlens is not None:
         N = cu_seqlens.shape[0] - 1
         Tmax = max_seqlen if max_seqlen is not None else int((cu_seqlens[1:] - cu_seqlens[:-1]).max())
     else:
         N, Tmax = B, T
-    BT, BC, nw = FWD_CONFIG
-    wrap_triton(causal_conv1d_fwd_kernel)[(triton.cdiv(Tmax, BT), triton.cdiv(C, BC), N)](
+    variant, BT, BC, NT, nw = FWD_CONFIG
+    window = variant == "window" and W == 4
+    if not window:
+        BT = max(BT, triton.next_power_of_2(W - 1))  # a tile's halo must not reach past the previous tile
+    wrap_triton(causal_conv1d_prefill_kernel)[(triton.cdiv(C, BC), triton.cdiv(Tmax, BT * NT), N)](
         x, weight, conv_state, y, final_state, cu_seqlens, lengths, state_idx, state_idx, T, C,
-        W=W, WP=triton.next_power_of_2(W - 1), BT=BT, BC=BC,
+        x.stride(0), x.stride(1),
+        W=W, WP=triton.next_power_of_2(W - 1), BT=BT, BC=BC, NT=NT, WINDOW=window,
         IS_VARLEN=cu_seqlens is not None, USE_S0=conv_state is not None,
         USE_IDX=state_idx is not None, USE_LENGTHS=lengths is not None, STORE_ST=final_state is not None,
         num_warps=nw,

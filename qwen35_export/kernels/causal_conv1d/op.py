@@ -13,6 +13,8 @@ from .conv import causal_conv1d_fwd, causal_conv1d_update
 def causal_conv1d(x: Tensor, weight: Tensor, conv_state: Tensor, lengths: Tensor) -> tuple[Tensor, Tensor]:
     """x [B, T, C], weight [C, W], conv_state [B, C, W-1], lengths [B] int64 -> (y = silu(conv) [B, T, C],
     final state [B, C, W-1]: the last W-1 inputs of each row's first lengths[b] tokens, state included).
+    x may have any batch and time strides with channels contiguous (in the model it is a column slice of a
+    fused projection output): both kernels read it in place, a copy would cost a pass over x per layer.
 
     T that is the int 1 (the decode graph; eager T = 1) takes the one-step update kernel, which reads
     conv_state and writes the fresh final state (the op is functional: conv_state is never written). A
