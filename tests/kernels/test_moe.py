@@ -7,6 +7,7 @@ reported); the bounds are derived from the roundings each path makes (see `bf16_
 
 from __future__ import annotations
 
+import functools
 import math
 
 import pytest
@@ -309,3 +310,114 @@ def test_h200_without_a_table_takes_the_h100_table(monkeypatch):
         want = h100[min((t for t in h100 if t > C.DECODE_MAX_TOKENS), key=lambda t: abs(t - 4096))] if want_table \
             else C.default_config(4096, 513, 11, "fp8", decode=False)
         assert got == want, tag
+
+
+# -- PAIRS mode (decode without the align kernel) --------------------------------------------------
+# (N, E, k, pin, dtype): N in {1, 2, 3, 8}, k in {1, 3, 10}, a small E (many tokens share experts; k=10 of
+# E=16 makes every expert take several slots) and E=512 (nearly every slot its own expert), `pin` sends
+# every token's slot 0 to one expert. Both dtypes across the sweep; H=160 leaves K and column tails.
+PAIRS_CASES = [
+    pytest.param(1, 16, 1, None, "bf16", id="T1-E16-k1-bf16"),
+    pytest.param(1, 512, 10, None, "fp8", id="T1-E512-k10-fp8"),
+    pytest.param(2, 16, 3, 3, "bf16", id="T2-E16-k3-pin-bf16"),
+    pytest.param(2, 16, 10, None, "fp8", id="T2-E16-k10-fp8"),
+    pytest.param(3, 512, 1, 7, "fp8", id="T3-E512-k1-pin-fp8"),
+    pytest.param(3, 512, 3, None, "bf16", id="T3-E512-k3-bf16"),
+    pytest.param(8, 16, 1, None, "fp8", id="T8-E16-k1-fp8"),
+    pytest.param(8, 512, 3, 5, "bf16", id="T8-E512-k3-pin-bf16"),
+    pytest.param(8, 16, 10, None, "bf16", id="T8-E16-k10-bf16"),
+    pytest.param(8, 512, 10, 1, "fp8", id="T8-E512-k10-pin-fp8"),
+]
+PAIRS_H, PAIRS_I = 160, 128
+# Wide tiles keep the interpreter's program count small (2 per slot); GROUP_M 4 does not divide most M.
+PAIRS_TILE = dict(BLOCK_N=128, BLOCK_K=128, GROUP_M=4, num_warps=4, num_stages=2)
+PAIRS_CFG = {"BLOCK_M": 16, "gate_up": dict(PAIRS_TILE), "down": dict(PAIRS_TILE, BLOCK_N=256)}
+
+
+@functools.lru_cache(maxsize=None)
+def pairs_experts(E: int):
+    return make_experts(E, PAIRS_H, PAIRS_I, seed=E)
+
+
+def _run_pairs(x, w, ids, E, dtype, pairs, decode=True):
+    w13, w2, q13, s13, q2, s2 = pairs_experts(E)
+    if dtype == "fp8":
+        return moe_experts_triton(x, w, ids, q13, q2, s13, s2, config=PAIRS_CFG, decode=decode, pairs=pairs)
+    return moe_experts_triton(x, w, ids, w13, w2, config=PAIRS_CFG, decode=decode, pairs=pairs)
+
+
+def _reference(x, w, ids, E, dtype, quant_act=False):
+    w13, w2, q13, s13, q2, s2 = pairs_experts(E)
+    if dtype == "fp8":
+        return moe_experts_fp8_reference(x, w, ids, q13, s13, q2, s2, quant_act=quant_act)
+    return moe_experts_reference(x, w, ids, w13, w2)
+
+
+@pytest.mark.parametrize("N,E,k,pin,dtype", PAIRS_CASES)
+def test_pairs_mode(N, E, k, pin, dtype, nan_empty):
+    """PAIRS mode gives the align path's output bit for bit (each tile holds the same slots in the same
+    order, only the tile index differs) and the reference's within the decode bounds."""
+    w, ids = make_routing(N, E, k, seed=100 + N * k, pin=pin)
+    x = torch.randn(N, PAIRS_H, generator=torch.Generator().manual_seed(N)).bfloat16()
+    out = _run_pairs(x, w, ids, E, dtype, pairs=True)
+    assert torch.equal(out, _run_pairs(x, w, ids, E, dtype, pairs=False)), "PAIRS and align paths differ"
+    # Decode keeps activations in bf16 for both dtypes: three bf16 roundings (h, slot rows, output).
+    assert_close(f"{dtype} pairs vs reference", out, _reference(x, w, ids, E, dtype), bf16_bound(3))
+
+
+def test_pairs_mode_more_slots_than_block_m(nan_empty):
+    """An expert with more slots than BLOCK_M (20 tokens pinned to expert 2, and E=4 shares the rest)
+    spreads over several live tiles, each taking the next BLOCK_M of its slots."""
+    N, E, k = 20, 4, 2
+    w, ids = make_routing(N, E, k, seed=11, pin=2)
+    assert int((ids == 2).sum()) > PAIRS_CFG["BLOCK_M"]
+    x = torch.randn(N, PAIRS_H, generator=torch.Generator().manual_seed(12)).bfloat16()
+    out = _run_pairs(x, w, ids, E, "bf16", pairs=True)
+    assert torch.equal(out, _run_pairs(x, w, ids, E, "bf16", pairs=False))
+    assert_close("bf16 pairs, an expert over BLOCK_M slots", out, _reference(x, w, ids, E, "bf16"), bf16_bound(3))
+
+
+def test_pairs_mode_fp32_and_fp8_prefill(nan_empty):
+    """PAIRS mode with fp32 activations (equal to the align path at fp32 rounding) and with the prefill
+    regime's e4m3 activations and h (h scales indexed by slot)."""
+    N, E, k = 3, 16, 3
+    w, ids = make_routing(N, E, k, seed=13, pin=4)
+    x = torch.randn(N, PAIRS_H, generator=torch.Generator().manual_seed(14))
+    w13, w2, *_ = pairs_experts(E)
+    out = moe_experts_triton(x, w, ids, w13.float(), w2.float(), config=PAIRS_CFG, pairs=True)
+    ref = moe_experts_triton(x, w, ids, w13.float(), w2.float(), config=PAIRS_CFG, pairs=False)
+    assert_close("fp32 pairs vs align", out, ref, FP32_BOUND)
+    xb = x.bfloat16()
+    out8 = _run_pairs(xb, w, ids, E, "fp8", pairs=True, decode=False)
+    assert torch.equal(out8, _run_pairs(xb, w, ids, E, "fp8", pairs=False, decode=False))
+    sim = _reference(xb, w, ids, E, "fp8", quant_act=True)
+    assert_close("fp8 prefill pairs vs quantisation-simulated reference", out8, sim, bf16_bound(2))
+
+
+def test_pairs_mode_decision(monkeypatch):
+    """Concrete N up to PAIRS_MAX_TOKENS in decode takes PAIRS mode; a symbolic N only when its range
+    proves the bound (a decode graph with Dim max 8), and deciding adds no guard on N."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    from torch.fx.experimental.symbolic_shapes import DimDynamic, ShapeEnv, StatelessSymbolicContext
+    from qwen35_export.kernels.moe import experts
+    from qwen35_export.kernels.moe.configs import PAIRS_MAX_TOKENS
+
+    assert experts.use_pairs(1, True) and experts.use_pairs(PAIRS_MAX_TOKENS, True)
+    assert not experts.use_pairs(PAIRS_MAX_TOKENS + 1, True) and not experts.use_pairs(1, False)
+    for bound, want in ((PAIRS_MAX_TOKENS, True), (64, False), (None, False)):
+        env = ShapeEnv()
+        x = FakeTensorMode(shape_env=env).from_tensor(torch.zeros(2, 4), symbolic_context=StatelessSymbolicContext(
+            dynamic_sizes=[DimDynamic.DYNAMIC, DimDynamic.STATIC]))
+        n = x.shape[0]
+        if bound is not None:
+            torch._check(n <= bound)  # what the decode graph's Dim("B", max=bound) declares
+        guards = len(env.guards)
+        assert experts.use_pairs(n, True) == want, bound
+        assert len(env.guards) == guards, "the decision guarded on N"
+    # The default call at a decode size never runs the align kernel.
+    monkeypatch.setattr(experts, "align_block_size", lambda *a: pytest.fail("align_block_size ran"))
+    w, ids = make_routing(2, 16, 1, seed=15)
+    w13, w2, *_ = pairs_experts(16)
+    x = torch.randn(2, PAIRS_H).bfloat16()
+    assert_close("default decode call", experts.moe_experts_triton(x, w, ids, w13, w2, config=PAIRS_CFG),
+                 _reference(x, w, ids, 16, "bf16"), bf16_bound(3))

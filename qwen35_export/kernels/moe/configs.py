@@ -17,6 +17,9 @@ import torch
 
 CONFIG_DIR = Path(__file__).with_name("configs")
 DECODE_MAX_TOKENS = 64  # up to this many tokens a call is memory bound: the decode regime
+# Up to this many tokens (known statically) decode skips align_block_size: PAIRS mode in experts.py. Same
+# live tiles and weight reads as the align path, one launch fewer; past it the ids block per program grows.
+PAIRS_MAX_TOKENS = 8
 # A GPU without its own table takes the table of one with the same SM (the H200 is an sm_90 H100 with
 # faster, larger HBM: its tiles compile and run the same, tuned there rather than not at all).
 SAME_SM_TABLES = {"H200": "H100"}

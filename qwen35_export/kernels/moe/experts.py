@@ -11,6 +11,10 @@ Weights: BF16, or e4m3 with the checkpoint's 128x128 block scales applied per K 
 token count (`DECODE_MAX_TOKENS`): decode keeps activations in bf16 and converts the fp8 weight tile in
 registers (memory bound: bytes, not tensor-core rate, matter, and it is closer to the reference);
 prefill quantises activations per token per 128 columns and runs `tl.dot` on fp8 operands.
+
+PAIRS mode (decode at up to `PAIRS_MAX_TOKENS` tokens) replaces the expert sort: the kernels read the ids
+directly, tile i belongs to slot i's expert, and only the first slot of each BLOCK_M-group of an expert's
+slots runs (see `_tile`); h is then indexed by slot. The combine is the same in both modes.
 """
 
 from __future__ import annotations
@@ -23,25 +27,49 @@ from torch.library import wrap_triton
 
 from ..fp8_linear.gemm import grouped_tile
 from ..fp8_linear.quant import INTERPRET, cast_out, dot, quant_group, quantize_act
-from .align import align_block_size
 from torch.fx.experimental.symbolic_shapes import statically_known_true
 
-from .configs import DECODE_MAX_TOKENS, get_config
+from .align import align_block_size, upper_bound
+from .configs import DECODE_MAX_TOKENS, PAIRS_MAX_TOKENS, get_config
 
 # Token count whose stored tiles a symbolic (dynamic prefill) graph uses: a typical prefill chunk.
 PREFILL_CONFIG_TOKENS = 4096
+# PAIRS mode holds all ids in one block per program (and a [BLOCK_M, BLOCK_P] rank match): past this many
+# slots that costs registers the align path does not need.
+PAIRS_MAX_SLOTS = 1024
 
 
 @triton.jit
 def _tile(slots_ptr, tile_expert_ptr, num_padded_ptr, M, num_tiles_m, num_cols,
+          PAIRS: tl.constexpr, BLOCK_P: tl.constexpr,
           BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl.constexpr):
-    """This program's tile: (dead, expert, padded rows, their slots, row mask, column offsets, mask, pid_n);
-    dead tiles lie past the last expert's padded rows (the grid is sized for the worst case)."""
+    """This program's tile: (dead, expert, h rows, their slots, row mask, column offsets, mask, pid_n).
+
+    Align mode: tiles come from `align_block_size`; dead tiles lie past the last expert's padded rows (the
+    grid is sized for the worst case) and h rows are the padded positions.
+    PAIRS mode (`slots_ptr` is ids.flatten(), M slots, `BLOCK_P` >= M): tile i starts at slot i with expert
+    e = ids[i]; it is live when slot i is the 0th, BLOCK_M-th, ... slot of e (in slot order) and then takes
+    that slot and e's next BLOCK_M - 1 slots. Each slot lands in exactly one live tile, and e has
+    ceil(count / BLOCK_M) live tiles: the align path's weight reads, without its sort and launch. h rows are
+    the slots themselves (h is [M, I])."""
     pid_m, pid_n = grouped_tile(tl.program_id(0), num_tiles_m, tl.cdiv(num_cols, BLOCK_N), GROUP_M)
-    dead = pid_m * BLOCK_M >= tl.load(num_padded_ptr)
-    e = tl.load(tile_expert_ptr + pid_m).to(tl.int64)
-    offs_p = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    slot = tl.load(slots_ptr + offs_p)
+    if PAIRS:
+        offs_j = tl.arange(0, BLOCK_P)
+        ids = tl.load(slots_ptr + offs_j, mask=offs_j < M, other=-1)  # [BLOCK_P]; no expert is -1
+        e = tl.load(slots_ptr + pid_m).to(tl.int64)
+        same = (ids == e).to(tl.int32)
+        rank = tl.cumsum(same, 0) - same  # each slot's index among its expert's slots
+        first = tl.sum(tl.where(offs_j == pid_m, rank, 0), 0)
+        dead = first % BLOCK_M != 0
+        want = first + tl.arange(0, BLOCK_M)  # ranks of this tile's rows
+        hit = (same[None, :] != 0) & (rank[None, :] == want[:, None])  # [BLOCK_M, BLOCK_P]
+        slot = tl.min(tl.where(hit, offs_j[None, :], M), axis=1)  # M: padding row
+        offs_p = slot
+    else:
+        dead = pid_m * BLOCK_M >= tl.load(num_padded_ptr)
+        e = tl.load(tile_expert_ptr + pid_m).to(tl.int64)
+        offs_p = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+        slot = tl.load(slots_ptr + offs_p)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     return dead, e, offs_p, slot, slot < M, offs_n, offs_n < num_cols, pid_n
 
@@ -64,10 +92,10 @@ def _gate_up_kernel(x_ptr, xs_ptr, w_ptr, ws_ptr, h_ptr, hs_ptr, slots_ptr, tile
                     M, H, I, top_k, num_tiles_m,
                     stride_xm, stride_xsm, stride_we, stride_wn, stride_wse, stride_wsn, stride_hm, stride_hsm,
                     A_FP8: tl.constexpr, B_FP8: tl.constexpr, OUT_FP8: tl.constexpr, UPCAST: tl.constexpr,
-                    FUSED: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                    GROUP_M: tl.constexpr):
+                    FUSED: tl.constexpr, PAIRS: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_M: tl.constexpr,
+                    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr):
     dead, e, offs_p, slot, row_ok, offs_n, n_ok, pid_n = _tile(
-        slots_ptr, tile_expert_ptr, num_padded_ptr, M, num_tiles_m, I, BLOCK_M, BLOCK_N, GROUP_M)
+        slots_ptr, tile_expert_ptr, num_padded_ptr, M, num_tiles_m, I, PAIRS, BLOCK_P, BLOCK_M, BLOCK_N, GROUP_M)
     if dead:
         return
     tok = (slot // top_k).to(tl.int64)
@@ -122,24 +150,26 @@ def _gate_up_kernel(x_ptr, xs_ptr, w_ptr, ws_ptr, h_ptr, hs_ptr, slots_ptr, tile
             a_ptrs += BLOCK_K
             g_ptrs += BLOCK_K
             u_ptrs += BLOCK_K
-    h = acc_g * tl.sigmoid(acc_g) * acc_u  # silu(gate) * up, fp32; padding rows give 0
+    h = acc_g * tl.sigmoid(acc_g) * acc_u  # silu(gate) * up, fp32
+    # Padding rows are not stored (PAIRS mode has no row for them); `_down_kernel` masks them on load.
     h_ptrs = h_ptr + offs_p[:, None].to(tl.int64) * stride_hm + offs_n[None, :]
     if OUT_FP8:
         q, s = quant_group(h)
-        tl.store(h_ptrs, q, mask=n_ok[None, :])
-        tl.store(hs_ptr + offs_p.to(tl.int64) * stride_hsm + pid_n, s)
+        tl.store(h_ptrs, q, mask=row_ok[:, None] & n_ok[None, :])
+        tl.store(hs_ptr + offs_p.to(tl.int64) * stride_hsm + pid_n, s, mask=row_ok)
     else:
-        tl.store(h_ptrs, cast_out(h, h_ptr.dtype.element_ty), mask=n_ok[None, :])
+        tl.store(h_ptrs, cast_out(h, h_ptr.dtype.element_ty), mask=row_ok[:, None] & n_ok[None, :])
 
 
 @triton.jit
 def _down_kernel(h_ptr, hs_ptr, w_ptr, ws_ptr, y_ptr, tw_ptr, slots_ptr, tile_expert_ptr, num_padded_ptr,
                  M, H, I, num_tiles_m,
                  stride_hm, stride_hsm, stride_we, stride_wn, stride_wse, stride_wsn, stride_ym,
-                 A_FP8: tl.constexpr, B_FP8: tl.constexpr, UPCAST: tl.constexpr,
-                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr):
+                 A_FP8: tl.constexpr, B_FP8: tl.constexpr, UPCAST: tl.constexpr, PAIRS: tl.constexpr,
+                 BLOCK_P: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                 GROUP_M: tl.constexpr):
     dead, e, offs_p, slot, row_ok, offs_n, n_ok, _ = _tile(
-        slots_ptr, tile_expert_ptr, num_padded_ptr, M, num_tiles_m, H, BLOCK_M, BLOCK_N, GROUP_M)
+        slots_ptr, tile_expert_ptr, num_padded_ptr, M, num_tiles_m, H, PAIRS, BLOCK_P, BLOCK_M, BLOCK_N, GROUP_M)
     if dead:
         return
     offs_k = tl.arange(0, BLOCK_K)
@@ -152,12 +182,12 @@ def _down_kernel(h_ptr, hs_ptr, w_ptr, ws_ptr, y_ptr, tw_ptr, slots_ptr, tile_ex
     sb = tl.zeros((BLOCK_N,), dtype=tl.float32)
     for kb in range(0, tl.cdiv(I, BLOCK_K)):
         k_ok = offs_k < I - kb * BLOCK_K
-        a = tl.load(a_ptrs, mask=k_ok[None, :], other=0.0)
+        a = tl.load(a_ptrs, mask=row_ok[:, None] & k_ok[None, :], other=0.0)
         b = tl.load(b_ptrs, mask=k_ok[:, None] & n_ok[None, :], other=0.0)
         if B_FP8:
             sb = tl.load(bs_ptrs + (kb * BLOCK_K) // 128, mask=n_ok, other=0.0)
         if A_FP8:
-            sa = tl.load(as_ptrs + (kb * BLOCK_K) // 128)
+            sa = tl.load(as_ptrs + (kb * BLOCK_K) // 128, mask=row_ok, other=0.0)
         acc = _mma(acc, a, b, sa, sb, A_FP8, B_FP8, UPCAST)
         a_ptrs += BLOCK_K
         b_ptrs += BLOCK_K
@@ -187,16 +217,37 @@ def _gate_up_opts(c: dict) -> dict:
     return dict(_launch_opts(c), FUSED=bool(c.get("FUSED", 0)))
 
 
-def gate_up(x: Tensor, tiles: tuple[Tensor, Tensor, Tensor], k: int, w_gate_up: Tensor,
+Tiles = tuple[Tensor, Tensor, Tensor]  # align_block_size's (sorted_slots, tile_expert, num_padded)
+
+
+def _tile_args(tiles: Tiles | Tensor, M: int, bm: int) -> tuple[Tensor, Tensor, Tensor, int, int, dict]:
+    """Kernel tile arguments -> (slots, tile_expert, num_padded, tile rows, h rows, constexprs).
+
+    `tiles` is align_block_size's output, or ids.flatten() [M] for PAIRS mode (one tile per slot; the
+    kernels find each tile's rows from the ids themselves, see `_tile`)."""
+    if isinstance(tiles, Tensor):
+        # The kernel holds all M ids in one block: size it for the largest M the (symbolic) graph admits.
+        m_max = upper_bound(M)
+        if m_max is None or m_max > PAIRS_MAX_SLOTS:
+            raise ValueError(f"moe experts: PAIRS mode needs at most {PAIRS_MAX_SLOTS} (token, expert) slots "
+                             f"known statically, found an upper bound of {m_max}")
+        return tiles, tiles, tiles, M, M, dict(PAIRS=True, BLOCK_P=triton.next_power_of_2(m_max))
+    slots, tile_expert, num_padded = tiles
+    P = slots.shape[0]
+    return slots, tile_expert, num_padded, P // bm, P, dict(PAIRS=False, BLOCK_P=1)
+
+
+def gate_up(x: Tensor, tiles: Tiles | Tensor, k: int, w_gate_up: Tensor,
             w_gate_up_scale: Tensor | None, cfg: dict, quant: bool) -> tuple[Tensor, Tensor]:
-    """h = silu(gate) * up at the padded rows of `tiles` (align_block_size's output) -> (h [P, I], scales).
+    """h = silu(gate) * up -> (h [P, I], scales). `tiles`: align_block_size's output (h rows are its padded
+    rows, P of them) or ids.flatten() for PAIRS mode (h rows are the slots, P = N*k).
 
     `quant`: x is quantised first and h comes out e4m3 with scales [P, I/128]; else h is in x's dtype
-    (the scales tensor is then h itself, unused)."""
-    slots, tile_expert, num_padded = tiles
+    (the scales tensor is then h itself, unused). Padding rows of h are left unwritten."""
     N, H = x.shape
     I = w_gate_up.shape[1] // 2
-    P, bm, c = slots.shape[0], cfg["BLOCK_M"], cfg["gate_up"]
+    bm, c = cfg["BLOCK_M"], cfg["gate_up"]
+    slots, tile_expert, num_padded, num_tiles_m, P, mode = _tile_args(tiles, N * k, bm)
     fp8 = w_gate_up_scale is not None
     if quant:
         xa, xs = quantize_act(x)  # [N, H] fp8, [N, ceil(H/128)]
@@ -207,31 +258,31 @@ def gate_up(x: Tensor, tiles: tuple[Tensor, Tensor, Tensor], k: int, w_gate_up: 
         h = torch.empty(P, I, dtype=x.dtype, device=x.device)
         hs = h
     ws = w_gate_up_scale if fp8 else w_gate_up  # unused when B_FP8 is off
-    grid = (P // bm * triton.cdiv(I, c["BLOCK_N"]),)
+    grid = (num_tiles_m * triton.cdiv(I, c["BLOCK_N"]),)
     wrap_triton(_gate_up_kernel)[grid](
-        xa, xs, w_gate_up, ws, h, hs, slots, tile_expert, num_padded, N * k, H, I, k, P // bm,
+        xa, xs, w_gate_up, ws, h, hs, slots, tile_expert, num_padded, N * k, H, I, k, num_tiles_m,
         xa.stride(0), xs.stride(0), w_gate_up.stride(0), w_gate_up.stride(1), ws.stride(0), ws.stride(1),
         h.stride(0), hs.stride(0), A_FP8=quant, B_FP8=fp8, OUT_FP8=quant, UPCAST=INTERPRET, BLOCK_M=bm,
-        **_gate_up_opts(c))
+        **mode, **_gate_up_opts(c))
     return h, hs
 
 
-def down(h: Tensor, hs: Tensor, weights: Tensor, tiles: tuple[Tensor, Tensor, Tensor], w_down: Tensor,
+def down(h: Tensor, hs: Tensor, weights: Tensor, tiles: Tiles | Tensor, w_down: Tensor,
          w_down_scale: Tensor | None, cfg: dict, quant: bool, dtype: torch.dtype) -> Tensor:
-    """y [N*k, H]: each slot's expert output times its routing weight, in `dtype`."""
-    slots, tile_expert, num_padded = tiles
+    """y [N*k, H]: each slot's expert output times its routing weight, in `dtype` (`tiles` as for gate_up)."""
     M = weights.numel()
     H, I = w_down.shape[1], w_down.shape[2]
-    P, bm, c = slots.shape[0], cfg["BLOCK_M"], cfg["down"]
+    bm, c = cfg["BLOCK_M"], cfg["down"]
+    slots, tile_expert, num_padded, num_tiles_m, _, mode = _tile_args(tiles, M, bm)
     ws = w_down_scale if w_down_scale is not None else w_down
     # One weighted row per (token, expert) slot; x's dtype keeps it at half the bytes of fp32 for bf16
     # models, and the combine sums the k rows in fp32.
     y = torch.empty(M, H, dtype=dtype, device=h.device)
-    grid = (P // bm * triton.cdiv(H, c["BLOCK_N"]),)
+    grid = (num_tiles_m * triton.cdiv(H, c["BLOCK_N"]),)
     wrap_triton(_down_kernel)[grid](
-        h, hs, w_down, ws, y, weights, slots, tile_expert, num_padded, M, H, I, P // bm,
+        h, hs, w_down, ws, y, weights, slots, tile_expert, num_padded, M, H, I, num_tiles_m,
         h.stride(0), hs.stride(0), w_down.stride(0), w_down.stride(1), ws.stride(0), ws.stride(1), y.stride(0),
-        A_FP8=quant, B_FP8=w_down_scale is not None, UPCAST=INTERPRET, BLOCK_M=bm, **_launch_opts(c))
+        A_FP8=quant, B_FP8=w_down_scale is not None, UPCAST=INTERPRET, BLOCK_M=bm, **mode, **_launch_opts(c))
     return y
 
 
@@ -254,14 +305,26 @@ def check_config(cfg: dict, fp8: bool, quant: bool, I: int) -> None:
         raise ValueError(f"moe_experts_fp8: I must be a multiple of 128 (scale blocks split gate/up), got {I}")
 
 
+def use_pairs(N: int | torch.SymInt, decode: bool) -> bool:
+    """Whether N tokens take PAIRS mode: decode with N <= PAIRS_MAX_TOKENS for every N the graph admits.
+
+    At a few tokens nearly every slot has its own expert: sorting slots by expert buys nothing, and the
+    align kernel is a launch of its own (3.8 us of a 25 us decode MoE on H200). A decode graph whose batch
+    may exceed PAIRS_MAX_TOKENS (Dim max > 8) keeps the align path: the bound is not provable there, and
+    asking would guard on N."""
+    return decode and statically_known_true(N <= PAIRS_MAX_TOKENS)
+
+
 def moe_experts_triton(x: Tensor, weights: Tensor, ids: Tensor, w_gate_up: Tensor, w_down: Tensor,
                        w_gate_up_scale: Tensor | None = None, w_down_scale: Tensor | None = None,
-                       config: dict | None = None, decode: bool | None = None) -> Tensor:
+                       config: dict | None = None, decode: bool | None = None,
+                       pairs: bool | None = None) -> Tensor:
     """Routed experts: x [N, H], weights/ids [N, k], w_gate_up [E, 2I, H], w_down [E, H, I] -> [N, H].
 
     With scales, the weights are e4m3 with 128x128 block scales [E, 2I/128, ceil(H/128)] and
-    [E, ceil(H/128), I/128]. `decode` (default: N <= DECODE_MAX_TOKENS) picks the regime; `config`
-    overrides the stored tile table (see configs.py).
+    [E, ceil(H/128), I/128]. `decode` (default: N <= DECODE_MAX_TOKENS) picks the regime; `pairs`
+    (default: decode and N <= PAIRS_MAX_TOKENS) skips align_block_size and gives each (token, expert) slot
+    its own tile (see `_tile`); `config` overrides the stored tile table (see configs.py).
     """
     N, _ = x.shape
     k = ids.shape[1]
@@ -276,11 +339,13 @@ def moe_experts_triton(x: Tensor, weights: Tensor, ids: Tensor, w_gate_up: Tenso
         decode = statically_known_true(N <= DECODE_MAX_TOKENS)
     n_cfg = N if isinstance(N, int) else (DECODE_MAX_TOKENS if decode else PREFILL_CONFIG_TOKENS)
     cfg = config or get_config(E, I, n_cfg, x.device, "fp8" if fp8 else "bf16", k, decode)
+    if pairs is None:
+        pairs = use_pairs(N, decode)
     quant = fp8 and not decode
     check_config(cfg, fp8, quant, I)
     s13 = w_gate_up_scale.contiguous() if fp8 else None
     s2 = w_down_scale.contiguous() if fp8 else None
-    tiles = align_block_size(ids, E, cfg["BLOCK_M"])
+    tiles = ids.contiguous().reshape(-1) if pairs else align_block_size(ids, E, cfg["BLOCK_M"])
     h, hs = gate_up(x.contiguous(), tiles, k, w_gate_up.contiguous(), s13, cfg, quant)
     y = down(h, hs, weights.contiguous(), tiles, w_down.contiguous(), s2, cfg, quant, x.dtype)
     return combine(y, N, k)
