@@ -5,11 +5,14 @@ Side by side, on the same routing: transformers' loop over experts (eager), `tor
 experts in BF16 and in FP8 with the checkpoint's 128x128 block scales. The shared expert rides along as
 expert 512 with weight sigmoid(x @ w_sg.T) (k = 11 slots per token) for every method.
 
-    python bench/moe.py --out DIR [--tokens 1 8 64 512 4096 16384] [--tune] [--tests-only-quick]
+    PYTHONPATH=. python3 bench/moe.py --out DIR [--tokens 1,8,64,512,4096,16384] [--tune] [--no-loop]
 
 Reports us, TFLOPS, % of the HBM roofline on the bytes of the touched experts (decode) and % of dense peak
 (prefill) into DIR/moe.{json,md,png}. `--tune` times a few tile configs of our kernels per token count
 first and writes the winners as config tables (DIR/E=...json) to commit into kernels/moe/configs/.
+`ours_*` rows are the align path (expert-sorted tiles); `ours_*_pairs` rows, at token counts whose slots fit
+PAIRS mode, skip the align kernel (experts.py) with the same tiles, and the phase table has both.
+Quick look at decode only (well under 2 minutes): `--tokens 1,8,64 --no-loop`.
 """
 
 from __future__ import annotations
@@ -29,7 +32,7 @@ from qwen35_export.checkpoint.fp8 import quantize_fp8_block
 from qwen35_export.kernels.fp8_linear import quantize_act
 from qwen35_export.kernels.moe import align_block_size, moe_experts_reference, moe_experts_triton, moe_router_triton
 from qwen35_export.kernels.moe.configs import DECODE_MAX_TOKENS, default_config, device_tag, get_config
-from qwen35_export.kernels.moe.experts import combine, down, gate_up
+from qwen35_export.kernels.moe.experts import PAIRS_MAX_SLOTS, combine, down, gate_up
 
 H, I, E, K = 4096, 1024, 512, 10
 HBM_TBS = 3.35  # H100 SXM datasheet
@@ -112,17 +115,31 @@ def scaled_grouped_mm_moe(L, x, w, ids):
     return torch.zeros(x.shape, dtype=torch.float32, device=x.device).index_add_(0, tok, y).to(x.dtype)
 
 
-def ours_bf16(L, x, w, ids, config=None):
-    return moe_experts_triton(x, w, ids, L["w13"], L["w2"], config=config)
+def ours_bf16(L, x, w, ids, config=None, pairs=False):
+    return moe_experts_triton(x, w, ids, L["w13"], L["w2"], config=config, pairs=pairs)
 
 
-def ours_fp8(L, x, w, ids, config=None):
-    return moe_experts_triton(x, w, ids, L["q13"], L["q2"], L["s13"], L["s2"], config=config)
+def ours_fp8(L, x, w, ids, config=None, pairs=False):
+    return moe_experts_triton(x, w, ids, L["q13"], L["q2"], L["s13"], L["s2"], config=config, pairs=pairs)
+
+
+def ours_bf16_pairs(L, x, w, ids, config=None):
+    return ours_bf16(L, x, w, ids, config, pairs=True)
+
+
+def ours_fp8_pairs(L, x, w, ids, config=None):
+    return ours_fp8(L, x, w, ids, config, pairs=True)
 
 
 METHODS = {"loop_bf16": (loop_moe, "bf16"), "grouped_mm_bf16": (grouped_mm_moe, "bf16"),
            "scaled_grouped_mm_fp8": (scaled_grouped_mm_moe, "fp8"), "ours_bf16": (ours_bf16, "bf16"),
-           "ours_fp8": (ours_fp8, "fp8")}
+           "ours_fp8": (ours_fp8, "fp8"), "ours_bf16_pairs": (ours_bf16_pairs, "bf16"),
+           "ours_fp8_pairs": (ours_fp8_pairs, "fp8")}
+
+
+def pairs_fits(T: int) -> bool:
+    """PAIRS mode runs (when asked) up to PAIRS_MAX_SLOTS slots; the default takes it up to PAIRS_MAX_TOKENS."""
+    return T * (K + 1) <= PAIRS_MAX_SLOTS
 
 
 def bench_ms(fn, graph: bool = True) -> float:
@@ -169,18 +186,19 @@ def candidates(T: int, dtype: str) -> list[dict]:
     return uniq
 
 
-def breakdown(L: dict, x, w, ids, fp8: bool, cfg: dict) -> dict:
-    """us per phase of our experts op (align, gate_up incl. x quantisation, down, combine)."""
+def breakdown(L: dict, x, w, ids, fp8: bool, cfg: dict, pairs: bool = False) -> dict:
+    """us per phase of our experts op (align, gate_up incl. x quantisation, down, combine); `pairs`: PAIRS
+    mode, which has no align phase (the kernels take ids.flatten() as their tiles)."""
     quant = fp8 and x.shape[0] > DECODE_MAX_TOKENS
     w13, w2 = (L["q13"], L["q2"]) if fp8 else (L["w13"], L["w2"])
     s13, s2 = (L["s13"], L["s2"]) if fp8 else (None, None)
-    tiles = align_block_size(ids, E + 1, cfg["BLOCK_M"])
+    tiles = ids.reshape(-1) if pairs else align_block_size(ids, E + 1, cfg["BLOCK_M"])
     h, hs = gate_up(x, tiles, ids.shape[1], w13, s13, cfg, quant)
     y = down(h, hs, w, tiles, w2, s2, cfg, quant, x.dtype)
-    t = {"align": bench_ms(lambda: align_block_size(ids, E + 1, cfg["BLOCK_M"])),
-         "gate_up": bench_ms(lambda: gate_up(x, tiles, ids.shape[1], w13, s13, cfg, quant)),
-         "down": bench_ms(lambda: down(h, hs, w, tiles, w2, s2, cfg, quant, x.dtype)),
-         "combine": bench_ms(lambda: combine(y, x.shape[0], ids.shape[1]))}
+    t = {} if pairs else {"align": bench_ms(lambda: align_block_size(ids, E + 1, cfg["BLOCK_M"]))}
+    t.update({"gate_up": bench_ms(lambda: gate_up(x, tiles, ids.shape[1], w13, s13, cfg, quant)),
+              "down": bench_ms(lambda: down(h, hs, w, tiles, w2, s2, cfg, quant, x.dtype)),
+              "combine": bench_ms(lambda: combine(y, x.shape[0], ids.shape[1]))})
     if quant:
         t["quant_x"] = bench_ms(lambda: quantize_act(x))
     return {k: v * 1e3 for k, v in t.items()}
@@ -189,18 +207,21 @@ def breakdown(L: dict, x, w, ids, fp8: bool, cfg: dict) -> dict:
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", type=Path, required=True)
-    ap.add_argument("--tokens", type=int, nargs="+", default=[1, 8, 64, 512, 4096, 16384])
+    ap.add_argument("--tokens", nargs="+", default=["1,8,64,512,4096,16384"],
+                    help="token counts, comma- or space-separated")
     ap.add_argument("--tune", action="store_true")
     ap.add_argument("--loop-max", type=int, default=512, help="skip the eager loop above this many tokens")
+    ap.add_argument("--no-loop", action="store_true", help="skip the eager loop (transformers' form) entirely")
     ap.add_argument("--tune-budget-s", type=float, default=1e9, help="stop tuning (use stored tables) after this")
     args = ap.parse_args()
+    tokens = [int(t) for arg in args.tokens for t in arg.split(",") if t]
     args.out.mkdir(parents=True, exist_ok=True)
     dev = torch.cuda.get_device_name()
     t0 = time.time()
     L = make_layer()
     print(f"{dev}: layer made in {time.time() - t0:.0f}s", flush=True)
     rows, tables, breakdowns = [], {"bf16": {}, "fp8": {}}, []
-    for T in args.tokens:
+    for T in tokens:
         x = torch.randn(T, H, device="cuda", dtype=torch.bfloat16)
         w, ids = route(L, x)
         n_exp = int(torch.unique(ids).numel())
@@ -209,10 +230,15 @@ def main() -> None:
         ref = moe_experts_reference(x, w, ids, L["w13"], L["w2"], dtype=torch.float32)
         router_ms = bench_ms(lambda: moe_router_triton(x @ L["gate"].T, K))
         for name, (fn, dtype) in METHODS.items():
-            if name == "loop_bf16" and T > args.loop_max:
+            if name == "loop_bf16" and (args.no_loop or T > args.loop_max):
                 continue
-            kw = {}
-            if args.tune and name.startswith("ours") and time.time() - t0 < args.tune_budget_s:
+            if name.endswith("_pairs") and not pairs_fits(T):
+                continue
+            # PAIRS rows take the align rows' tuned tiles (METHODS lists them after): the same tiles, so
+            # the two differ only by the align kernel and the tile map.
+            kw = {"config": tables[dtype][T]} if name.endswith("_pairs") and T in tables[dtype] else {}
+            if (args.tune and name.startswith("ours") and not name.endswith("_pairs")
+                    and time.time() - t0 < args.tune_budget_s):
                 best, out0 = None, fn(L, x, w, ids)  # the default config's output: candidates must agree
                 for cfg in candidates(T, dtype):
                     try:
@@ -247,10 +273,16 @@ def main() -> None:
         del ref
         for dtype in ("bf16", "fp8"):
             cfg = tables[dtype].get(T) or get_config(E + 1, I, T, x.device, dtype, K + 1, T <= DECODE_MAX_TOKENS)
-            phases = breakdown(L, x, w, ids, dtype == "fp8", cfg)
-            breakdowns.append(dict(T=T, dtype=dtype, config=cfg, us=phases))
-            print(f"T={T:6d} ours_{dtype} phases (us): " + ", ".join(f"{k} {v:.1f}" for k, v in phases.items()),
-                  flush=True)
+            for mode in ("align", "pairs") if pairs_fits(T) else ("align",):
+                try:
+                    phases = breakdown(L, x, w, ids, dtype == "fp8", cfg, pairs=mode == "pairs")
+                except Exception as exc:
+                    print(f"T={T} ours_{dtype} {mode} phases: {type(exc).__name__}: {str(exc)[:200]}", flush=True)
+                    continue
+                breakdowns.append(dict(T=T, dtype=dtype, mode=mode, config=cfg, us=phases))
+                print(f"T={T:6d} ours_{dtype} {mode} phases (us): "
+                      + ", ".join(f"{k} {v:.1f}" for k, v in phases.items())
+                      + f", sum {sum(v for k, v in phases.items() if k != 'quant_x'):.1f}", flush=True)
         write(args.out, make_meta(dev), rows, tables if args.tune else None, breakdowns)  # after each T: a cut run keeps data
 
 
@@ -271,12 +303,14 @@ def write(out: Path, meta: dict, rows: list[dict], tables: dict | None, breakdow
         lines.append(f"| {r['T']} | {r['method']} | {r['us']:.1f} | {r['tflops']:.1f} | {r['experts_touched']} | "
                      f"{r['hbm_pct']:.1f} | {r['peak_pct']:.1f} | {r['rel_err_vs_fp32']:.1e} |")
     lines += ["", "Our kernels by phase (us, CUDA-graph medians, each phase alone):", "",
-              "| T | dtype | BLOCK_M | align | quant x | gate_up (incl. quant x) | down | combine |",
-              "|---|---|---|---|---|---|---|---|"]
+              "| T | dtype | mode | BLOCK_M | align | quant x | gate_up (incl. quant x) | down | combine | sum |",
+              "|---|---|---|---|---|---|---|---|---|---|"]
     for b in breakdowns:
         u = b["us"]
-        lines.append(f"| {b['T']} | {b['dtype']} | {b['config']['BLOCK_M']} | {u['align']:.1f} | "
-                     f"{u.get('quant_x', 0):.1f} | {u['gate_up']:.1f} | {u['down']:.1f} | {u['combine']:.1f} |")
+        align = f"{u['align']:.1f}" if "align" in u else "-"  # PAIRS mode has no align phase
+        lines.append(f"| {b['T']} | {b['dtype']} | {b.get('mode', 'align')} | {b['config']['BLOCK_M']} | {align} | "
+                     f"{u.get('quant_x', 0):.1f} | {u['gate_up']:.1f} | {u['down']:.1f} | {u['combine']:.1f} | "
+                     f"{sum(v for k, v in u.items() if k != 'quant_x'):.1f} |")
     (out / "moe.md").write_text("\n".join(lines) + "\n")
     if tables:
         for dtype, tab in tables.items():
