@@ -14,41 +14,56 @@ from torch.library import wrap_triton
 
 
 @triton.jit
-def _fwd_tile(xt, yt, w, s0b, cols, mc, t0, Tn, sx_t, C, s_lim,
-              W: tl.constexpr, BT: tl.constexpr, FIRST: tl.constexpr, USE_S0: tl.constexpr):
-    """y rows [t0, t0 + BT) of one channel tile from W shifted [BT, BC] loads (the overlap hits L1/L2).
+def _fwd_tile(xt, yt, w, cols, mc, t0, Tn, sx_t, C, lo,
+              W: tl.constexpr, BT: tl.constexpr, BC: tl.constexpr):
+    """y rows [t0 + lo, t0 + BT) of one channel tile from W shifted [BT, BC] loads (the overlap hits L1/L2);
+    rows before 0 count as zeros (the state's part of the first W-1 rows is _fwd_head's).
 
     xt, yt point at row t0 of x and y (int64 scalar math done once per tile, so the tile offsets fit int32
-    at any T). FIRST: the tile at t0 = 0, the only one whose halo (rows < 0) reads the initial state; every
-    other tile needs no state load and no `s >= 0` mask.
+    at any T). One code path for every tile, no state gather in it: a [BT, BC] gather of the [C, W-1] state
+    (scalar loads) in the first tile's branch once set the register count of the whole kernel.
     """
-    tl.static_assert(BT >= W - 1, "a tile after the first must not reach back past row 0")
+    tl.static_assert(BT >= W - 1, "tiles after the first must not store rows < W-1 (_fwd_head's)")
     o_t = tl.arange(0, BT)
-    acc = tl.zeros([BT, cols.shape[0]], dtype=tl.float32)
+    acc = tl.zeros([BT, BC], dtype=tl.float32)
     for j in tl.static_range(W):
-        s = o_t + (j - (W - 1))  # row offset from t0; t0 + s < 0 reads the state
-        if FIRST:
-            m = (s >= 0) & (s < Tn)
-        else:
-            m = s < Tn - t0
+        s = o_t + (j - (W - 1))  # row offset from t0
+        m = (s >= -t0) & (s < Tn - t0)
         b_x = tl.load(xt + s[:, None] * sx_t + cols[None, :], mask=m[:, None] & mc[None, :],
                       other=0.).to(tl.float32)
-        if FIRST and USE_S0:
-            b_x += tl.load(s0b + cols[None, :] * (W - 1) + (s[:, None] + (W - 1)),
-                           mask=(s[:, None] < s_lim) & mc[None, :], other=0.).to(tl.float32)
         b_w = tl.load(w + cols * W + j, mask=mc, other=0.).to(tl.float32)
         acc += b_x * b_w[None, :]
     b_y = acc * tl.sigmoid(acc)
     tl.store(yt + o_t[:, None] * C + cols[None, :], b_y.to(yt.dtype.element_ty),
-             mask=(o_t[:, None] < Tn - t0) & mc[None, :])
+             mask=((o_t >= lo) & (o_t < Tn - t0))[:, None] & mc[None, :])
 
 
 @triton.jit
-def _fwd_window(xp, yp, w, s0b, cols, mc, t_begin, Tn, sx_t, C, s_lim,
-                W: tl.constexpr, BT: tl.constexpr, NT: tl.constexpr, USE_S0: tl.constexpr):
+def _fwd_head(xb, yb, w, s0b, cols, mc, Tn, sx_t, C, s_lim,
+              W: tl.constexpr, WP: tl.constexpr, BC: tl.constexpr):
+    """y rows [0, W-1) of one channel tile, the only rows that read the initial state: [WP, BC] tiles."""
+    o_h = tl.arange(0, WP)
+    mh = (o_h < W - 1) & (o_h < Tn)
+    acc = tl.zeros([WP, BC], dtype=tl.float32)
+    for j in tl.static_range(W):
+        s = o_h + (j - (W - 1))  # >= -(W-1); s < 0 reads state column s + W-1
+        b_x = tl.load(xb + s[:, None] * sx_t + cols[None, :], mask=(mh & (s >= 0))[:, None] & mc[None, :],
+                      other=0.).to(tl.float32)
+        b_x += tl.load(s0b + cols[None, :] * (W - 1) + (s[:, None] + (W - 1)),
+                       mask=(mh & (s < s_lim))[:, None] & mc[None, :], other=0.).to(tl.float32)
+        b_w = tl.load(w + cols * W + j, mask=mc, other=0.).to(tl.float32)
+        acc += b_x * b_w[None, :]
+    b_y = acc * tl.sigmoid(acc)
+    tl.store(yb + o_h[:, None] * C + cols[None, :], b_y.to(yb.dtype.element_ty), mask=mh[:, None] & mc[None, :])
+
+
+@triton.jit
+def _fwd_window(xp, yp, w, cols, mc, t_begin, Tn, sx_t, C, lo,
+                W: tl.constexpr, BT: tl.constexpr, NT: tl.constexpr):
     """Rows [t_begin, t_begin + BT * NT) of one channel tile as BT lanes of NT consecutive rows: step m
     loads row t_begin + r * NT + m of every lane r ([BT, BC], one load) and keeps each lane's last W-1 rows
-    in registers, so each x element is loaded once (plus a W-1 row halo per lane). W == 4 only.
+    in registers, so each x element is loaded once (plus a W-1 row halo per lane). W == 4 only. Rows
+    before 0 count as zeros and rows < lo are not stored (as in _fwd_tile).
 
     xp, yp point at row t_begin of x and y; offsets from there (< BT * NT rows) fit int32.
     """
@@ -60,21 +75,13 @@ def _fwd_window(xp, yp, w, s0b, cols, mc, t_begin, Tn, sx_t, C, s_lim,
     w2 = tl.load(w + cols * W + 2, mask=mc, other=0.).to(tl.float32)
     w3 = tl.load(w + cols * W + 3, mask=mc, other=0.).to(tl.float32)
     x_off = o_r[:, None] * sx_t + cols[None, :]  # [BT, BC]
-    # each lane's halo, rows r0 - 3 .. r0 - 1; rows < 0 come from the state (lane 0 of the first program)
+    # each lane's halo, rows r0 - 3 .. r0 - 1
     x3 = tl.load(xp + x_off - 3 * sx_t, mask=((r0 >= 3) & (r0 - 3 < Tn))[:, None] & mc[None, :],
                  other=0.).to(tl.float32)
     x2 = tl.load(xp + x_off - 2 * sx_t, mask=((r0 >= 2) & (r0 - 2 < Tn))[:, None] & mc[None, :],
                  other=0.).to(tl.float32)
     x1 = tl.load(xp + x_off - sx_t, mask=((r0 >= 1) & (r0 - 1 < Tn))[:, None] & mc[None, :],
                  other=0.).to(tl.float32)
-    if USE_S0:
-        if t_begin == 0:
-            s_off = cols[None, :] * (W - 1) + r0[:, None]  # state column W-1 + (row r0 - k), k = 3, 2, 1
-            x3 += tl.load(s0b + s_off, mask=(r0[:, None] < 3 + s_lim) & mc[None, :], other=0.).to(tl.float32)
-            x2 += tl.load(s0b + s_off + 1, mask=(r0[:, None] < 2 + s_lim) & mc[None, :],
-                          other=0.).to(tl.float32)
-            x1 += tl.load(s0b + s_off + 2, mask=(r0[:, None] < 1 + s_lim) & mc[None, :],
-                          other=0.).to(tl.float32)
     y_off = o_r[:, None] * C + cols[None, :]
     # one step ahead: the load of step m + 1 is in flight while step m computes and stores
     x0 = tl.load(xp + x_off, mask=(r0 < Tn)[:, None] & mc[None, :], other=0.)
@@ -84,7 +91,7 @@ def _fwd_window(xp, yp, w, s0b, cols, mc, t_begin, Tn, sx_t, C, s_lim,
         xc = x0.to(tl.float32)
         acc = x3 * w0[None, :] + x2 * w1[None, :] + x1 * w2[None, :] + xc * w3[None, :]
         b_y = acc * tl.sigmoid(acc)
-        tl.store(yp + m * C + y_off, b_y.to(yp.dtype.element_ty), mask=(r0 + m < Tn)[:, None] & mc[None, :])
+        tl.store(yp + m * C + y_off, b_y.to(yp.dtype.element_ty), mask=((r0 + m >= lo) & (r0 + m < Tn))[:, None] & mc[None, :])
         x3, x2, x1, x0 = x2, x1, xc, xn
 
 
@@ -148,20 +155,22 @@ def _prefill_program(
     s_lim = tl.where(slot_in >= 0, 0, -W)
     cols = i_c * BC + tl.arange(0, BC)
     mc = cols < C
-    if WINDOW:
-        _fwd_window(xb + t_begin.to(tl.int64) * sx_t, yb + t_begin.to(tl.int64) * C, w, s0b, cols, mc,
-                    t_begin, Tn, sx_t, C, s_lim, W, BT, NT, USE_S0)
-    else:
+    # with a state, rows < W-1 are _fwd_head's: the bodies leave them (no two stores to one row)
+    if USE_S0:
+        head = W - 1
         if i_t == 0:
-            _fwd_tile(xb, yb, w, s0b, cols, mc, 0, Tn, sx_t, C, s_lim, W, BT, True, USE_S0)
-        else:
-            _fwd_tile(xb + t_begin.to(tl.int64) * sx_t, yb + t_begin.to(tl.int64) * C, w, s0b, cols, mc,
-                      t_begin, Tn, sx_t, C, s_lim, W, BT, False, USE_S0)
+            _fwd_head(xb, yb, w, s0b, cols, mc, Tn, sx_t, C, s_lim, W, WP, BC)
+    else:
+        head = 0
+    if WINDOW:
+        _fwd_window(xb + t_begin.to(tl.int64) * sx_t, yb + t_begin.to(tl.int64) * C, w, cols, mc,
+                    t_begin, Tn, sx_t, C, tl.where(t_begin == 0, head, 0), W, BT, NT)
+    else:
         n_tiles = tl.minimum(NT, tl.cdiv(Tn - t_begin, BT))
-        for k in range(1, n_tiles):
+        for k in range(0, n_tiles):
             t0 = t_begin + k * BT
-            _fwd_tile(xb + t0.to(tl.int64) * sx_t, yb + t0.to(tl.int64) * C, w, s0b, cols, mc,
-                      t0, Tn, sx_t, C, s_lim, W, BT, False, USE_S0)
+            _fwd_tile(xb + t0.to(tl.int64) * sx_t, yb + t0.to(tl.int64) * C, w, cols, mc, t0, Tn, sx_t, C,
+                      tl.where(t0 == 0, head, 0), W, BT, BC)
     if STORE_ST:
         if i_t == 0:
             if USE_LENGTHS:
@@ -244,8 +253,9 @@ def causal_conv1d_update_kernel(
 # others. "tile": each program runs NT tiles of [BT, BC] (W shifted loads per tile); "window": BT lanes of NT
 # rows with the last W-1 rows in registers (W == 4 only; others take "tile"). The old one-tile-per-program,
 # time-fastest grid ran at 13-15% of HBM bandwidth at T = 8192, C = 12288 (H100, H200); this default is a
-# guess until the sweep (python bench/gdn.py --conv1d-only) has run on the device.
-FWD_CONFIG = ("tile", 16, 256, 8, 4)
+# guess until the sweep (python bench/gdn.py --conv1d-only) has run on the device: 128 registers, no spills
+# (ptxas for sm_90a), 16 elements per thread.
+FWD_CONFIG = ("tile", 16, 256, 8, 8)
 
 
 def causal_conv1d_fwd(
