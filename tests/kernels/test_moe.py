@@ -249,6 +249,10 @@ def test_real_size_cuda(N, real_experts):
     if N > DECODE_MAX_TOKENS:
         sim = moe_experts_fp8_reference(x, w, ids, q13, s13, q2, s2, dtype=torch.float32, quant_act=True)
         assert_close("fp8 prefill vs quantisation-simulated reference", out8, sim, bf16_bound(2))
+    if N <= DECODE_MAX_TOKENS:  # PAIRS mode compiled (the default up to PAIRS_MAX_TOKENS) = the align path
+        for args in ((w13, w2), (q13, q2, s13, s2)):
+            pairs = moe_experts_triton(x, w, ids, *args, pairs=True)
+            assert torch.equal(pairs, moe_experts_triton(x, w, ids, *args, pairs=False)), "PAIRS vs align"
 
 
 @pytest.mark.gpu
