@@ -277,12 +277,14 @@ def tune() -> dict:
         cm.WY_CONFIG = (128, 4, 1)
         best.update(c)
         best_t = t_wy
-    c = dict(WY_JOINT_INV=True)
-    try_cfg(json.dumps(c), **c)
-    t_joint = out["prefill_8192"][json.dumps(c)]
-    if isinstance(t_joint, float) and t_joint < best_t:
-        cm.WY_JOINT_INV = True
-        best.update(c)
+    for mode in ("subst", "joint", "power"):
+        c = dict(WY_INV=mode)
+        try_cfg(json.dumps(c), **c)
+        t_inv = out["prefill_8192"][json.dumps(c)]
+        if isinstance(t_inv, float) and t_inv < best_t:
+            cm.WY_INV = mode
+            best.update(c)
+            best_t = t_inv
     out["chosen_prefill"] = best
     chosen = {}
     for B in DECODE_B:

@@ -210,7 +210,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--json", type=Path)
     s.add_argument("--plot", type=Path)
     s.add_argument("--profile", action="store_true",
-                   help="also profile eager decode steps at the first --batch: top kernels, time, launches")
+                   help="also profile eager decode steps at the first --batch and one prefill of the longest "
+                        "--prompt-len (batch 1): top kernels, time, launches")
     s.add_argument("--per-layer", action="store_true",
                    help="also time each graph alone (GDN, attention, embed, head) per batch and prompt length")
     s.add_argument("--device", default=None)

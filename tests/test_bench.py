@@ -76,6 +76,9 @@ def test_bench_profile_lists_the_decode_step_ops(cpu_engine_fp32: Path, tmp_path
     # the cpu engine runs its graphs through AOTInductor with the reference custom ops behind them
     assert "qwen35" in names or "aten::" in names, names
     assert all(r[1] > 0 for r in prof["top"]) and prof["top"] == sorted(prof["top"], key=lambda r: -r[1])
+    pp = json.loads(out.read_text())["profile_prefill"]
+    assert pp["tokens"] == 4 and pp["top"] and pp["total_us"] > 0
+    assert pp["top"] == sorted(pp["top"], key=lambda r: -r[1])
 
 
 def test_decode_step_bytes_of_an_expert_parallel_shard() -> None:

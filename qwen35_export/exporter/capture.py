@@ -126,7 +126,8 @@ def capture_attention(cfg: Qwen35Config, weights: dict[str, Tensor], phase: str,
 
 
 def _attention_backends(device: torch.device):
-    """SDPA backends the captured graph may use (the prefill graph: decode calls qwen35::decode_attention).
+    """SDPA backends the captured graph may use (none since every attention call, prefill included, goes through
+    qwen35::decode_attention; kept for graphs captured from a model that still calls SDPA).
     Export bakes the backend chosen while tracing; on CUDA it picked cuDNN attention, whose call failed in an
     AOTI decode graph with our boolean mask (H100, torch 2.11, 2026-11-24). Memory-efficient attention takes
     arbitrary masks; math is the fallback for shapes it rejects. On the H200 (2026-12-01) the profile still

@@ -20,7 +20,7 @@ export and AOTInductor can trace shapes. Signatures (all shapes are contracts th
 - `qwen35::decode_attention(q [B,T,NH,D], k_cache [B,KVH,T_max,D], v_cache, start [B], lengths [B] int64,
    scale) -> [B,T,NH,D]` in q's dtype: the caches already hold this call's keys; query t of row b (position
    start[b] + t) attends to positions j <= its own and j < max(start[b] + lengths[b], 1); query head h reads
-   KV head h // (NH / KVH). Used for T <= 8 (decode, speculative verification).
+   KV head h // (NH / KVH). Any T: decode, speculative verification and prefill.
 """
 
 from __future__ import annotations

@@ -274,16 +274,48 @@ def profile_decode(eng: Engine, batch: int = 1, context: int = 512, steps: int =
             tok = eng._decode_eager(tok, s).argmax(-1)
         if cuda:
             torch.cuda.synchronize(eng.device)
-    rows = []
-    for e in prof.key_averages():
-        us = getattr(e, "device_time_total", getattr(e, "cuda_time_total", 0)) if cuda else e.self_cpu_time_total
-        # on the GPU: kernels only (aten:: rows are the host-side ops that launched them)
-        if us > 0 and e.key and "ProfilerStep" not in e.key and (not cuda or not e.key.startswith("aten::")):
-            rows.append((e.key[:100], us / steps, e.count / steps))
-    rows.sort(key=lambda r: -r[1])
+    rows = _kernel_rows(prof, steps, cuda)
     eng.reset(batch)
     return {"batch": batch, "context": context, "device": str(eng.device), "top": rows[:top],
             "total_us": sum(r[1] for r in rows), "launches_per_step": sum(r[2] for r in rows) if cuda else None}
+
+
+def _kernel_rows(prof, per: int, cuda: bool) -> list[tuple[str, float, float]]:
+    """(name, us, calls) per one of `per` repeats, slowest first: GPU kernels on CUDA (the aten:: rows are the
+    host-side ops that launched them), ops with their CPU time elsewhere."""
+    rows = []
+    for e in prof.key_averages():
+        us = getattr(e, "device_time_total", getattr(e, "cuda_time_total", 0)) if cuda else e.self_cpu_time_total
+        if us > 0 and e.key and "ProfilerStep" not in e.key and (not cuda or not e.key.startswith("aten::")):
+            rows.append((e.key[:100], us / per, e.count / per))
+    rows.sort(key=lambda r: -r[1])
+    return rows
+
+
+@torch.no_grad()
+def profile_prefill(eng: Engine, length: int, top: int = 25) -> dict:
+    """Kernels of one prefill of `length` tokens at batch 1 (torch profiler, after one warm-up call)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    from ..errors import InputError
+
+    if length > eng.max_seq_len:
+        raise InputError(f"bench --profile: prefill of {length} tokens exceeds the engine's max sequence length "
+                         f"{eng.max_seq_len}")
+    cuda = eng.device.type == "cuda"
+    ids = torch.randint(0, eng.cfg.vocab_size, (1, length), generator=torch.Generator().manual_seed(0))
+    lens = torch.full((1,), length)
+    eng.prefill(ids, lens, eng.reset(1))  # warm-up (first-call kernel selection, allocator)
+    s = eng.reset(1)
+    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+    with profile(activities=acts) as prof:
+        eng.prefill(ids, lens, s)
+        if cuda:
+            torch.cuda.synchronize(eng.device)
+    rows = _kernel_rows(prof, 1, cuda)
+    eng.reset(1)
+    return {"tokens": length, "device": str(eng.device), "top": rows[:top], "total_us": sum(r[1] for r in rows),
+            "launches": sum(r[2] for r in rows) if cuda else None}
 
 
 def environment(device: torch.device) -> dict:
@@ -334,6 +366,12 @@ def bench_cli(a) -> int:
         for name, us, calls in prof["top"]:
             print(f"  {us:9.1f} us  {calls:5.1f} x  {name}")
         result["profile"] = prof
+        L = min(max(a.prompt_len), eng.max_seq_len)
+        pp = profile_prefill(eng, L)
+        print(f"prefill profile, one row of {L} tokens: {pp['total_us'] / 1e3:.2f} ms of kernels")
+        for name, us, calls in pp["top"]:
+            print(f"  {us:9.1f} us  {calls:5.1f} x  {name}")
+        result["profile_prefill"] = pp
     if getattr(a, "per_layer", False):
         lt = layer_times(eng, a.batch, a.prompt_len)
         print_layer_times(lt, eng.cfg)

@@ -223,12 +223,37 @@ def test_shipped_default_one_row_launches_two_kernels(monkeypatch):
     assert list(launches) == ["_act_quant_kernel", "_w8a8_gemm_kernel"], launches
 
 
-def test_export_unbounded_rows_launch_two_kernels(monkeypatch):
+def test_export_unbounded_rows_dequantise(monkeypatch):
+    """A prefill graph (rows not bounded by the decode sizes) dequantises the weight and runs a dense GEMM:
+    no Triton launch, an mm in the graph; a decode-bounded graph keeps the w8a8 kernels."""
     w, s = make_linear(256, 128, seed=0)
     T = torch.export.Dim("T", min=1, max=4096)
     ep = torch.export.export(_Lin(), (torch.randn(40, 128).bfloat16(), w, s), dynamic_shapes=({0: T}, None, None))
     launches = launched_kernels(monkeypatch, ep)
-    assert list(launches) == ["_act_quant_kernel", "_w8a8_gemm_kernel"], launches
+    assert launches == {}, launches
+    ep = torch.export.export(_Lin(), (torch.randn(40, 128).bfloat16(), w, s), dynamic_shapes=({0: T}, None, None))
+    targets = [str(n.target) for n in ep.run_decompositions(decompose_custom_triton_ops=True).graph.nodes]
+    assert any("mm" in t for t in targets), targets
+    B = torch.export.Dim("B", min=1, max=64)
+    ep = torch.export.export(_Lin(), (torch.randn(40, 128).bfloat16(), w, s), dynamic_shapes=({0: B}, None, None))
+    assert list(launched_kernels(monkeypatch, ep)) == ["_act_quant_kernel", "_w8a8_gemm_kernel"]
+
+
+@pytest.mark.parametrize("R,N,K", [(256, 200, 384), (300, 384, 300), (513, 128, 256)])
+def test_dequant_path_many_rows(R, N, K):
+    """From DEQUANT_MIN_R rows on: x unquantised times the weight rounded to x's dtype. Bound: the weight's
+    bf16 rounding (<= BF16_U relative per element, independent across K, so <= BF16_U relative RMS on the
+    output) plus the output's own rounding (BF16_U)."""
+    from qwen35_export.kernels.fp8_linear.gemm import DEQUANT_MIN_R, default_config
+
+    assert default_config(R, N) == {"DEQUANT": True} and R >= DEQUANT_MIN_R
+    assert "DEQUANT" not in default_config(DEQUANT_MIN_R - 1, N)
+    w, s = make_linear(N, K, seed=R)
+    x = torch.randn(R, K, generator=torch.Generator().manual_seed(R)).bfloat16()
+    y = fp8_linear(x, w, s)
+    assert y.shape == (R, N) and y.dtype == x.dtype
+    assert_close("fp8_linear dequant vs qwen35::fp8_linear", y, torch.ops.qwen35.fp8_linear(x.float(), w, s),
+                 2 * BF16_U)
 
 
 def test_fp8_linear_traces_under_export():
@@ -249,6 +274,9 @@ def test_fp8_linear_real_size_cuda(R):
     assert_quant_match(q, qs, q_ref, qs_ref)
     y = fp8_linear(x, w, s)
     sim = fp8_linear_reference(x, w, s, quant_act=True, dtype=torch.float32)
+    if R >= 256:  # dequantised weight, unquantised x (test_dequant_path_many_rows has the bound)
+        assert_close("fp8_linear dequant vs op", y, torch.ops.qwen35.fp8_linear(x.float(), w, s), 2 * BF16_U)
+        y = fp8_linear_triton(x, w, s, dict(FUSED=False, **two_kernel_config(R, w.shape[0])))
     assert_close("fp8_linear vs simulated", y, sim, BF16_U)
     if R <= 16:  # the fused variants (off by default) and the two-kernel tiles
         N = w.shape[0]

@@ -76,15 +76,19 @@ def test_chunk_matches_reference(B, T, H, HV, K, V, dtype, h0, fwd_mode, poison_
     assert_close("ht", ht, rh, bound(dtype))
 
 
-def test_joint_block_inverse_equals_separate(monkeypatch):
-    """WY_JOINT_INV (the four diagonal blocks of (I+L) inverted as one stack) computes the same numbers."""
+@pytest.mark.parametrize("mode", ["subst", "joint", "power"])
+def test_block_inverse_modes_agree(mode, monkeypatch):
+    """Every WY_INV mode (substitution per block, one substitution over the four-block stack, the power
+    product) matches the fp64 reference; the two substitutions compute the same numbers exactly."""
     q, k, v, g, beta, state = make_inputs(2, 130, 2, 4, 32, 32, torch.bfloat16, seed=11)
+    monkeypatch.setattr(chunk_mod, "WY_INV", "subst")
     o1, h1 = chunk_gated_delta_rule(q, k, v, g, beta, initial_state=state)
-    monkeypatch.setattr(chunk_mod, "WY_JOINT_INV", True)
+    monkeypatch.setattr(chunk_mod, "WY_INV", mode)
     o2, h2 = chunk_gated_delta_rule(q, k, v, g, beta, initial_state=state)
     ro, rh = naive_gated_delta_rule(q, k, v, g, beta, state)
-    assert_close("o joint", o2, ro, BF16_BOUND)
-    if not ON_GPU:  # same operations in the same order under the interpreter
+    assert_close(f"o {mode}", o2, ro, BF16_BOUND)
+    assert_close(f"ht {mode}", h2, rh, BF16_BOUND)
+    if mode == "joint" and not ON_GPU:  # same operations in the same order under the interpreter
         assert torch.equal(o1, o2) and torch.equal(h1, h2)
 
 

@@ -15,6 +15,9 @@ import triton.language as tl
 from torch import Tensor
 from torch.library import wrap_triton
 
+from .prefill import prefill_attention_triton
+
+DECODE_MAX_T = 8  # query tokens per row up to which split-KV decoding is used
 SPLIT = 256  # cache positions per program: 33 programs per KV head at T_max = 8448
 BLOCK_N = 64
 
@@ -117,7 +120,11 @@ def _check_shapes(q: Tensor, k_cache: Tensor, v_cache: Tensor, start: Tensor, le
 
 def decode_attention_triton(q: Tensor, k_cache: Tensor, v_cache: Tensor, start: Tensor, lengths: Tensor,
                             scale: float) -> Tensor:
-    """Triton version of `qwen35::decode_attention`: q [B, T, NH, D], caches [B, KVH, T_max, D] -> [B, T, NH, D]."""
+    """Triton version of `qwen35::decode_attention`: q [B, T, NH, D], caches [B, KVH, T_max, D] -> [B, T, NH, D].
+
+    T that is an int <= 8 (the decode graph's static T) takes split-KV decoding; any other T (a prefill
+    graph's symbolic T, or a long eager call) the flash prefill kernel (prefill.py). Deciding on the type of
+    T, not its value, puts no guard on a symbolic T."""
     _check_shapes(q, k_cache, v_cache, start, lengths)
     B, T, NH, D = q.shape
     KVH, Tmax = k_cache.shape[1], k_cache.shape[2]
@@ -126,12 +133,14 @@ def decode_attention_triton(q: Tensor, k_cache: Tensor, v_cache: Tensor, start: 
         q, k_cache, v_cache = q.contiguous(), k_cache.contiguous(), v_cache.contiguous()
     if k_cache.dtype != q.dtype or v_cache.dtype != q.dtype:
         k_cache, v_cache = k_cache.to(q.dtype), v_cache.to(q.dtype)
+    start, lengths = start.contiguous(), lengths.contiguous()
+    if not (type(T) is int and T <= DECODE_MAX_T):
+        return prefill_attention_triton(q, k_cache, v_cache, start, lengths, scale)
     ROWS = max(16, triton.next_power_of_2(G * T))  # tl.dot needs >= 16 rows
     nsplit = triton.cdiv(Tmax, SPLIT)
     acc = torch.empty(B * KVH, nsplit, ROWS, D, dtype=torch.float32, device=q.device)
     ml = torch.empty(B * KVH, nsplit, ROWS, 2, dtype=torch.float32, device=q.device)
     out = torch.empty(B, T, NH, D, dtype=q.dtype, device=q.device)
-    start, lengths = start.contiguous(), lengths.contiguous()
     wrap_triton(_decode_attn_partial)[(B * KVH, nsplit)](
         q, k_cache, v_cache, start, lengths, acc, ml, T, KVH, nsplit, Tmax, scale,
         q.stride(0), q.stride(1), q.stride(2), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),

@@ -19,6 +19,7 @@ from torch import Tensor
 from torch.fx.experimental.symbolic_shapes import statically_known_true
 from torch.library import wrap_triton
 
+from ...checkpoint.fp8 import dequantize_fp8_block
 from .quant import GROUP, INTERPRET, cast_out, dot, quant_group, quant_group_values, quantize_act
 
 
@@ -135,6 +136,16 @@ def _split_k_sum_kernel(p_ptr, c_ptr, numel, SPLIT_K: tl.constexpr, BLOCK: tl.co
 FUSED_MAX_R = 0
 
 
+# From this many rows on (and in a graph whose row count is not bounded by the decode sizes: a prefill
+# graph) the weight is dequantised to the activation dtype and multiplied by cuBLAS: compute bound there, a
+# bf16 tensor-core GEMM beats this file's w8a8 kernel (it rescales every 128-wide K step in registers).
+# H200, 35B-A3B prefill of 8192 tokens (bench/results/profile_h200/layers_35b_compiled_flash_attn.json): the
+# w8a8 kernel took 1052 us for in_proj_qkvz + out_proj against 517 + ~170 us for the same two GEMMs in BF16; dequantising reads the FP8
+# weight once (12.6 M elements: ~10 us). It is also closer to the op's contract (x unquantised).
+DEQUANT_MIN_R = 256
+DECODE_MAX_R = 64  # the largest row count the decode-regime tiles are meant for
+
+
 def at_most(R: int | torch.SymInt, bound: int) -> bool:
     """`R <= bound` for every value R can take. R is symbolic under export (the flattened token count of a
     dynamic batch): its range is read without a guard, which would bake the example's choice into the graph."""
@@ -172,6 +183,8 @@ def fused_config(R: int | torch.SymInt, N: int) -> dict:
 
 def default_config(R: int | torch.SymInt, N: int) -> dict:
     """The config `fp8_linear_triton` uses for R rows and N output columns when given none."""
+    if (R >= DEQUANT_MIN_R) if isinstance(R, int) else not at_most(R, DECODE_MAX_R):
+        return dict(DEQUANT=True)
     if at_most(R, FUSED_MAX_R):
         return fused_config(R, N)
     return dict(FUSED=False, **two_kernel_config(R, N))
@@ -216,8 +229,9 @@ def _launch_fused(x2: Tensor, w: Tensor, w_scale: Tensor, out: Tensor, cfg: dict
 def fp8_linear_triton(x: Tensor, w: Tensor, w_scale: Tensor, config: dict | None = None) -> Tensor:
     """`x` [..., K] (bf16/fp16/fp32) times block-scaled e4m3 `w` [N, K]^T -> [..., N] in x's dtype.
 
-    `config` (default `default_config`): `FUSED` picks the path; the rest are its kernel's tiles
-    (`fused_config` / `two_kernel_config` keys; `SPLIT_K` > 1 only on the fused path)."""
+    `config` (default `default_config`): `DEQUANT` (weight dequantised, then a dense GEMM in x's dtype) or
+    `FUSED` picks the path; the rest are its kernel's tiles (`fused_config` / `two_kernel_config` keys;
+    `SPLIT_K` > 1 only on the fused path)."""
     *lead, K = x.shape
     N = w.shape[0]
     x2 = x.reshape(-1, K)  # [R, K]
@@ -228,6 +242,9 @@ def fp8_linear_triton(x: Tensor, w: Tensor, w_scale: Tensor, config: dict | None
     if R == 0:
         return out.reshape(*lead, N)
     cfg = dict(config or default_config(R, N))
+    if cfg.pop("DEQUANT", False):
+        wd = dequantize_fp8_block(w, w_scale, x.dtype)  # [N, K]; Inductor fuses this into one pass over w
+        return torch.mm(x2, wd.t()).reshape(*lead, N)
     w, w_scale = w.contiguous(), w_scale.contiguous()
     if cfg.pop("FUSED", False):
         _launch_fused(x2, w, w_scale, out, cfg)

@@ -190,11 +190,16 @@ def prepare_chunk_indices(cu_seqlens: Tensor, chunk_size: int = BT) -> Tensor:
 # bench/gdn.py (its tune step) can try others; the defaults are the fastest measured there (bench/results/gdn.md).
 # H100, T = 8192, 397B heads (bench/results/gdn.json): split (32,4,2)+(64,4,2) 1.59 ms, fused (64,8,3) 1.60 ms,
 # then WY (128,4,1) 1.53 ms; the WY kernel is half of the time (0.79 ms of 1.54).
+# H200, same sweep (2026-12-01, bench/device_profile.sh): split (64,4,2)+(64,4,2) 1.51 ms, (32,4,2) 1.55;
+# WY_JOINT_INV 1.32 ms (WY kernel 0.63 ms, was 0.79).
 WY_CONFIG = (128, 4, 1)
-WY_JOINT_INV = False  # invert the diagonal blocks together; correct on CPU, not yet timed on a GPU
+# How the WY kernel inverts the four diagonal 16x16 blocks of (I + L): "subst" (one substitution each,
+# 4 x 15 serial steps), "joint" (one substitution over the stack: 15 steps), "power" (six fp32 products).
+WY_INV = "joint"
+_WY_INV_CODE = {"subst": 0, "joint": 1, "power": 2}
 FWD_CONFIG = (64, 8, 3)
 FWD_MODE = "split"
-H_CONFIG = (32, 4, 2)
+H_CONFIG = (64, 4, 2)
 O_CONFIG = (64, 4, 2)
 
 
@@ -240,7 +245,7 @@ def chunk_gated_delta_rule_fwd(
     wy_bv = min(V, 64 if dt == torch.float32 else WY_CONFIG[0])
     wrap_triton(chunk_gdn_wy_kernel)[grid1](
         k, v, g, beta, w, u, gc, cu_seqlens, chunk_indices, T,
-        H=H, HV=HV, K=K, V=V, BT=BT, BC=BC, BK=K, BV=wy_bv, IS_VARLEN=is_varlen, JOINT_INV=WY_JOINT_INV,
+        H=H, HV=HV, K=K, V=V, BT=BT, BC=BC, BK=K, BV=wy_bv, IS_VARLEN=is_varlen, INV=_WY_INV_CODE[WY_INV],
         num_warps=WY_CONFIG[1], num_stages=1 if dt == torch.float32 else WY_CONFIG[2],
     )
     h0 = initial_state.contiguous() if initial_state is not None else None
