@@ -53,7 +53,8 @@ def run_ours(ckpt: Path, work: Path, dtype: str, profile: bool, target: str) -> 
     from qwen35_export.exporter.build import BuildSettings, build_engine
     from dataclasses import asdict
 
-    from qwen35_export.runtime.bench import decode_step_bytes, hbm_bandwidth, layer_times, profile_decode
+    from qwen35_export.runtime.bench import (decode_step_bytes, hbm_bandwidth, layer_times, profile_decode,
+                                             profile_prefill)
     from qwen35_export.runtime.engine import Engine
 
     eng_dir = work / f"eng_{dtype}"
@@ -94,6 +95,8 @@ def run_ours(ckpt: Path, work: Path, dtype: str, profile: bool, target: str) -> 
     if profile:  # kernels of an eager decode step (a CUDA-graph replay hides them from the profiler)
         prof = profile_decode(eng, batch=1, context=16)
         res["profile_top"], res["profile_total_us"] = prof["top"], prof["total_us"]
+        pp = profile_prefill(eng, max(PREFILL_LENS))
+        res["profile_prefill_top"], res["profile_prefill_total_us"] = pp["top"], pp["total_us"]
     return res
 
 
@@ -150,7 +153,7 @@ def main() -> None:
     if a.one:
         if a.one.startswith("ours"):
             dtype = a.one.split("-")[1]
-            r = run_ours(ckpt_bf16, a.work, dtype, profile=(dtype == "fp8"), target=a.target)
+            r = run_ours(ckpt_bf16, a.work, dtype, profile=True, target=a.target)
         else:
             r = run_hf(ckpt_bf16, a.one == "hf-compile")
         print("RESULT " + json.dumps(r))

@@ -35,7 +35,7 @@ from qwen35_export.kernels.moe.configs import DECODE_MAX_TOKENS, default_config,
 from qwen35_export.kernels.moe.experts import PAIRS_MAX_SLOTS, combine, down, gate_up
 
 H, I, E, K = 4096, 1024, 512, 10
-HBM_TBS = 3.35  # H100 SXM datasheet
+HBM_TBS = 3.35  # H100 SXM datasheet; main() takes the detected GPU's figure (runtime.bench.hbm_bandwidth)
 PEAK = {"bf16": 989.0, "fp8": 1979.0}  # dense TFLOPS, H100 SXM
 
 
@@ -205,6 +205,11 @@ def breakdown(L: dict, x, w, ids, fp8: bool, cfg: dict, pairs: bool = False) -> 
 
 
 def main() -> None:
+    global HBM_TBS
+    from qwen35_export.runtime.bench import hbm_bandwidth
+
+    if torch.cuda.is_available() and hbm_bandwidth(torch.device("cuda")):
+        HBM_TBS = hbm_bandwidth(torch.device("cuda")) / 1e12
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", type=Path, required=True)
     ap.add_argument("--tokens", nargs="+", default=["1,8,64,512,4096,16384"],

@@ -252,10 +252,11 @@ def causal_conv1d_update_kernel(
 # (variant, BT, BC, NT, num_warps) of the prefill kernel; module-level so bench/gdn.py's tune step can try
 # others. "tile": each program runs NT tiles of [BT, BC] (W shifted loads per tile); "window": BT lanes of NT
 # rows with the last W-1 rows in registers (W == 4 only; others take "tile"). The old one-tile-per-program,
-# time-fastest grid ran at 13-15% of HBM bandwidth at T = 8192, C = 12288 (H100, H200); this default is a
-# guess until the sweep (python bench/gdn.py --conv1d-only) has run on the device: 128 registers, no spills
-# (ptxas for sm_90a), 16 elements per thread.
-FWD_CONFIG = ("tile", 16, 256, 8, 8)
+# time-fastest grid ran at 13-15% of HBM bandwidth at T = 8192, C = 12288 (H100, H200): 517 us at C = 8192.
+# H200 sweep of 41 configs at T = 8192 on x sliced from a fused projection (python bench/gdn.py --conv1d-only,
+# bench/results/conv1d_tune_h200.json): this one 166 us at C = 8192 and 172 us at C = 12288 (34% / 49% of
+# 4.8 TB/s), within 2% of the best at each width; the best "tile" config 167 us.
+FWD_CONFIG = ("window", 4, 256, 32, 8)
 
 
 def causal_conv1d_fwd(
