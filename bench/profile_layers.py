@@ -43,10 +43,18 @@ def route_ops_to_triton() -> list[str]:
     return done
 
 
-def random_layer(cfg, layer: int, dtype: str, seed: int = 0) -> dict[str, torch.Tensor]:
+def random_layer(cfg, layer: int, dtype: str, seed: int = 0, writer: bool = False) -> dict[str, torch.Tensor]:
+    """Layer weights: this script's own random values, or (`writer`) the ones `init-checkpoint` /
+    bench/e2e.py write (checkpoint.writer.random_tensor), so a profile sees an engine's routing."""
+    from qwen35_export.checkpoint.writer import random_tensor
+
     g = torch.Generator(device=DEV).manual_seed(seed + layer)
     w = {}
     for name, shape in layer_weight_shapes(cfg, layer).items():
+        if writer:
+            t = random_tensor(f"layers.{layer}.{name}", shape, seed, DEV)
+            w[name] = t if name.endswith(("A_log", "dt_bias")) else t.to(torch.bfloat16)
+            continue
         t = torch.randn(shape, generator=g, device=DEV, dtype=torch.bfloat16)
         if name.endswith("A_log"):
             t = t.float().abs().log()
@@ -105,6 +113,7 @@ def main() -> None:
     ap.add_argument("--context", type=int, default=512)
     ap.add_argument("--max-seq", type=int, default=8448)
     ap.add_argument("--no-profile", action="store_true")
+    ap.add_argument("--writer-weights", action="store_true", help="the checkpoint writer's random values")
     ap.add_argument("--eager", action="store_true", help="no torch.compile: unfused elementwise ops, no compile time")
     a = ap.parse_args()
     torch.set_grad_enabled(False)
@@ -119,7 +128,8 @@ def main() -> None:
     H, W = cfg.hidden_size, cfg.linear_conv_kernel_dim
     HV, K, V = cfg.linear_num_value_heads, cfg.linear_key_head_dim, cfg.linear_value_head_dim
     for dtype in a.dtype.split(","):
-        wg, wa = random_layer(cfg, i_gdn, dtype), random_layer(cfg, i_att, dtype)
+        wg = random_layer(cfg, i_gdn, dtype, writer=a.writer_weights)
+        wa = random_layer(cfg, i_att, dtype, writer=a.writer_weights)
         wrap = (lambda f: f) if a.eager else (lambda f: torch.compile(f, dynamic=False))
         gdn = wrap(lambda x, cs, rs, ln: layers.gdn_layer(x, wg, cs, rs, ln, cfg))
         att = wrap(lambda x, kc, vc, st, ln: layers.attention_layer(x, wa, kc, vc, st, ln, cfg))

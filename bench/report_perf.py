@@ -116,7 +116,7 @@ def main() -> None:
               "No rank shard was measured (no multi-GPU machine, no device time left for a shard-shaped "
               "engine): the 35B-A3B FP8 layer stands in for one (per rank it moves ~60 MB at batch 1, "
               f"the 35B layer ~65 MB, through the same kernels), its H200 time scaled by {scale:.2f} to H100 "
-              "bandwidth. That stand-in ran the slower fused FP8 linear (see e2e notes), so it errs high.", "",
+              "bandwidth.", "",
               f"- per layer: GDN {layer_us['gdn']:.0f} us, attention {layer_us['attn']:.0f} us, + "
               f"{2 * ALLREDUCE_US:.0f} us all-reduce",
               f"- lm_head / 8: {head_us:.0f} us",

@@ -11,7 +11,7 @@ import torch
 from torch._subclasses.fake_tensor import FakeTensorMode
 from torch.fx.experimental.symbolic_shapes import DimDynamic, ShapeEnv, StatelessSymbolicContext
 
-from qwen35_export.kernels.moe.align import upper_bound
+from qwen35_export.kernels.moe.align import max_padded, upper_bound
 
 
 def _symbolic_rows(example: int):
@@ -33,3 +33,18 @@ def test_upper_bound_reads_range_without_guard() -> None:
     guards = len(env.guards)
     assert upper_bound(n * 4) == 32
     assert len(env.guards) == guards
+
+
+def test_max_padded_symbolic_no_guard_either_side_of_E() -> None:
+    """The tile map's length for a symbolic slot count M is min(E, M)-aware for every M, with no guard: an
+    example M below E (54 slots from a 2 x 3 capture) must not turn it into M * block_m for every M."""
+    env, n = _symbolic_rows(6)
+    M = n * 9
+    guards = len(env.guards)
+    P = max_padded(M, 257, 128)
+    assert len(env.guards) == guards
+    expr = P.node.expr
+    (sym,) = expr.free_symbols
+    for rows, want in ((6, 54 * 128), (8192, 8192 * 9 + 257 * 127)):
+        assert int(expr.subs(sym, rows)) == want
+    assert max_padded(54, 257, 128) == 54 * 128 and max_padded(73728, 257, 128) == 73728 + 257 * 127

@@ -53,9 +53,14 @@ def upper_bound(n: int | torch.SymInt) -> int | None:
         return None
 
 
-def max_padded(M: int, E: int, block_m: int) -> int:
-    """Worst-case padded length: each non-empty expert (at most min(E, M)) wastes < block_m rows."""
-    return M + min(E, M) * (block_m - 1)
+def max_padded(M: int | torch.SymInt, E: int, block_m: int) -> int | torch.SymInt:
+    """Worst-case padded length: each non-empty expert (at most min(E, M)) wastes < block_m rows.
+
+    `torch.sym_min`, not `min`: on a symbolic M, Python's min compares and guards, so the example's branch
+    was baked in. Captured with 54 example slots (< E = 257), a 35B-A3B prefill graph sized its tile grid
+    128 * M instead of M + 127 * E: 1.2 M mostly idle programs per MoE GEMM at 8192 tokens, 2.8 ms per layer
+    of `_down_kernel` against 0.48 ms (H200, bench/results/perf_h200.md)."""
+    return M + torch.sym_min(E, M) * (block_m - 1)
 
 
 def align_block_size(ids: Tensor, E: int, block_m: int) -> tuple[Tensor, Tensor, Tensor]:
