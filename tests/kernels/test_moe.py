@@ -408,7 +408,9 @@ def test_pairs_mode_decision(monkeypatch):
 
     assert experts.use_pairs(1, True) and experts.use_pairs(PAIRS_MAX_TOKENS, True)
     assert not experts.use_pairs(PAIRS_MAX_TOKENS + 1, True) and not experts.use_pairs(1, False)
-    for bound, want in ((PAIRS_MAX_TOKENS, True), (64, False), (None, False)):
+    # The symbolic decision at a threshold a 2-row example can sit under (the shipped one is 1 token).
+    monkeypatch.setattr(experts, "PAIRS_MAX_TOKENS", 8)
+    for bound, want in ((8, True), (64, False), (None, False)):
         env = ShapeEnv()
         x = FakeTensorMode(shape_env=env).from_tensor(torch.zeros(2, 4), symbolic_context=StatelessSymbolicContext(
             dynamic_sizes=[DimDynamic.DYNAMIC, DimDynamic.STATIC]))
@@ -418,10 +420,11 @@ def test_pairs_mode_decision(monkeypatch):
         guards = len(env.guards)
         assert experts.use_pairs(n, True) == want, bound
         assert len(env.guards) == guards, "the decision guarded on N"
-    # The default call at a decode size never runs the align kernel.
+    # The default call at one token (the shipped threshold) never runs the align kernel.
+    monkeypatch.setattr(experts, "PAIRS_MAX_TOKENS", PAIRS_MAX_TOKENS)
     monkeypatch.setattr(experts, "align_block_size", lambda *a: pytest.fail("align_block_size ran"))
-    w, ids = make_routing(2, 16, 1, seed=15)
+    w, ids = make_routing(1, 16, 1, seed=15)
     w13, w2, *_ = pairs_experts(16)
-    x = torch.randn(2, PAIRS_H).bfloat16()
+    x = torch.randn(1, PAIRS_H).bfloat16()
     assert_close("default decode call", experts.moe_experts_triton(x, w, ids, w13, w2, config=PAIRS_CFG),
                  _reference(x, w, ids, 16, "bf16"), bf16_bound(3))

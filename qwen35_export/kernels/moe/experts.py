@@ -310,8 +310,8 @@ def use_pairs(N: int | torch.SymInt, decode: bool) -> bool:
 
     At a few tokens nearly every slot has its own expert: sorting slots by expert buys nothing, and the
     align kernel is a launch of its own (3.8 us of a 25 us decode MoE on H200). A decode graph whose batch
-    may exceed PAIRS_MAX_TOKENS (Dim max > 8) keeps the align path: the bound is not provable there, and
-    asking would guard on N."""
+    may exceed PAIRS_MAX_TOKENS (every engine's: its batch Dim has max >= 2) keeps the align path: the
+    bound is not provable there, and asking would guard on N."""
     return decode and statically_known_true(N <= PAIRS_MAX_TOKENS)
 
 
