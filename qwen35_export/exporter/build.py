@@ -235,7 +235,9 @@ def build_engine(checkpoint: str | Path, out: str | Path, settings: BuildSetting
         jobs = [(f"{k}_{p}", k, p) for k in (C.GDN, C.ATTN) if k in examples for p in (C.PREFILL, C.DECODE)]
         capture = {C.GDN: C.capture_gdn, C.ATTN: C.capture_attention} if plan is None else sharded_capture(plan)
         for name, kind, phase in tqdm(jobs, desc="capture", disable=not settings.progress):
-            ep, names = capture[kind](cfg, examples[kind], phase, shapes, act, device)
+            # GPU builds substituting the Triton attention op prefill through it (flash kernel over the cache)
+            kw = {"cache_op": True} if kind == C.ATTN and plan is None and "decode_attention" in impls else {}
+            ep, names = capture[kind](cfg, examples[kind], phase, shapes, act, device, **kw)
             ep, recs = run_passes(ep, name, impls, dump)
             eps[name] = (ep, GraphEntry(f"graphs/{name}.pt2", kind, phase, names,
                                         {k: v for r in recs for k, v in r.changes.items()}))

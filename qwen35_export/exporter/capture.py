@@ -38,16 +38,17 @@ class GDNLayer(nn.Module):
 
 
 class AttentionLayer(nn.Module):
-    """Gated attention + MoE decoder layer: x, start, lengths, k_cache, v_cache, *weights -> x."""
+    """Gated attention + MoE decoder layer: x, start, lengths, k_cache, v_cache, *weights -> x.
+    `cache_op`: prefill through `qwen35::decode_attention` too (layers.attention_mixer)."""
 
-    def __init__(self, cfg: Qwen35Config, weight_names: list[str]):
+    def __init__(self, cfg: Qwen35Config, weight_names: list[str], cache_op: bool = False):
         super().__init__()
-        self.cfg, self.weight_names = cfg, list(weight_names)
+        self.cfg, self.weight_names, self.cache_op = cfg, list(weight_names), cache_op
 
     def forward(self, x: Tensor, start: Tensor, lengths: Tensor, k_cache: Tensor, v_cache: Tensor,
                 *weights: Tensor) -> Tensor:
         w = dict(zip(self.weight_names, weights))
-        y, kc, vc = layers.attention_layer(x, w, k_cache, v_cache, start, lengths, self.cfg)
+        y, kc, vc = layers.attention_layer(x, w, k_cache, v_cache, start, lengths, self.cfg, self.cache_op)
         k_cache.copy_(kc)
         v_cache.copy_(vc)
         return y
@@ -107,8 +108,10 @@ def capture_gdn(cfg: Qwen35Config, weights: dict[str, Tensor], phase: str, shape
 
 def capture_attention(cfg: Qwen35Config, weights: dict[str, Tensor], phase: str, shapes: CaptureShapes,
                       act_dtype: torch.dtype, device: torch.device,
-                      layer: Callable[[Qwen35Config, list[str]], nn.Module] = AttentionLayer
-                      ) -> tuple[ExportedProgram, list[str]]:
+                      layer: Callable[[Qwen35Config, list[str]], nn.Module] = AttentionLayer,
+                      cache_op: bool = False) -> tuple[ExportedProgram, list[str]]:
+    """`cache_op`: the prefill graph attends through `qwen35::decode_attention` (builds that substitute its
+    flash kernel); else through SDPA."""
     names = sorted(weights)
     B, T = _dims(phase, shapes)
     b, t = 2, example_T(phase)
@@ -121,13 +124,14 @@ def capture_attention(cfg: Qwen35Config, weights: dict[str, Tensor], phase: str,
     args = (x, start, lengths, kc, vc, *[weights[n] for n in names])
     dyn = ({0: B, 1: T} if T is not None else {0: B}, {0: B}, {0: B}, {0: B}, {0: B}, (None,) * len(names))
     with _attention_backends(device):
-        ep = torch.export.export(layer(cfg, names), args, dynamic_shapes=dyn, strict=False)
+        module = layer(cfg, names, cache_op) if cache_op else layer(cfg, names)
+        ep = torch.export.export(module, args, dynamic_shapes=dyn, strict=False)
     return ep, names
 
 
 def _attention_backends(device: torch.device):
-    """SDPA backends the captured graph may use (none since every attention call, prefill included, goes through
-    qwen35::decode_attention; kept for graphs captured from a model that still calls SDPA).
+    """SDPA backends the captured graph may use (prefill graphs without `cache_op`: decode calls
+    qwen35::decode_attention).
     Export bakes the backend chosen while tracing; on CUDA it picked cuDNN attention, whose call failed in an
     AOTI decode graph with our boolean mask (H100, torch 2.11, 2026-11-24). Memory-efficient attention takes
     arbitrary masks; math is the fallback for shapes it rejects. On the H200 (2026-12-01) the profile still

@@ -114,8 +114,10 @@ def gdn_mixer(x: Tensor, w: dict[str, Tensor], conv_state: Tensor, rec_state: Te
 
 
 def attention_mixer(x: Tensor, w: dict[str, Tensor], k_cache: Tensor, v_cache: Tensor, start: Tensor,
-                    lengths: Tensor, cfg: Qwen35Config) -> tuple[Tensor, Tensor, Tensor]:
+                    lengths: Tensor, cfg: Qwen35Config, cache_op: bool = False) -> tuple[Tensor, Tensor, Tensor]:
     """Gated GQA attention over x [B, T, H] with a KV cache [B, KVH, T_max, D].
+
+    `cache_op`: every T through `qwen35::decode_attention` (else T > 8 or a symbolic T through SDPA).
 
     Row b's new tokens sit at positions start[b] + t; tokens t >= lengths[b] are padding: they leave the
     cache as it was.
@@ -155,12 +157,26 @@ def attention_mixer(x: Tensor, w: dict[str, Tensor], k_cache: Tensor, v_cache: T
     k_cache = k_cache.index_put(idx, torch.where(keep, k.transpose(1, 2).to(k_cache.dtype), k_cache[idx]))
     v_cache = v_cache.index_put(idx, torch.where(keep, v.transpose(1, 2).to(v_cache.dtype), v_cache[idx]))
 
-    # One op for decode and prefill: it reads each live cache position once per KV head for the query heads
-    # that share it, never the cache's unwritten tail (SDPA with a boolean mask ran over all T_max positions
-    # in a non-flash kernel: 4.2 ms of a 7 ms 35B-A3B layer at T = 8192). GPU targets run split-KV decoding
-    # at static T <= 8 and flash attention otherwise (kernels/attention).
-    attn = torch.ops.qwen35.decode_attention(q, k_cache, v_cache, start, lengths, D ** -0.5)
-    attn = attn.reshape(B, T, NH * D)
+    if cache_op or (isinstance(T, int) and T <= 8):
+        # One op that reads each live cache position once per KV head, for its G query heads together: at
+        # decode (T static there), and at prefill when the build runs it as the flash kernel (GPU targets:
+        # kernels/attention; SDPA with a boolean mask ran over all T_max positions in a non-flash kernel,
+        # 4.2 ms of a 7 ms 35B-A3B layer at T = 8192 on an H200).
+        attn = torch.ops.qwen35.decode_attention(q, k_cache, v_cache, start, lengths, D ** -0.5)
+        attn = attn.reshape(B, T, NH * D)
+    else:
+        # Prefill elsewhere (reference model, cpu / ONNX / TensorRT graphs): SDPA, which those backends fuse.
+        # The cpu target's AOTI graph returned wrong numbers for the op above at a symbolic T (its call through
+        # the proxy executor; torch 2.13, 2026-12-01), so it keeps this form.
+        total = total.clamp(min=1)
+        kv_pos = torch.arange(Tmax, device=x.device)
+        mask = (kv_pos[None, None, :] <= pos[:, :, None]) & (kv_pos[None, None, :] < total[:, None, None])
+        G = NH // KVH
+        kf = k_cache.to(q.dtype).repeat_interleave(G, dim=1)  # [B, NH, Tmax, D]
+        vf = v_cache.to(q.dtype).repeat_interleave(G, dim=1)
+        attn = F.scaled_dot_product_attention(q.transpose(1, 2), kf, vf, attn_mask=mask[:, None, :, :],
+                                              scale=D ** -0.5)  # [B, NH, T, D]
+        attn = attn.transpose(1, 2).reshape(B, T, NH * D)
     attn = attn * torch.sigmoid(gate)
     return linear(attn, w, p + "o_proj.weight"), k_cache, v_cache
 
@@ -218,9 +234,9 @@ def gdn_layer(x: Tensor, w: dict[str, Tensor], conv_state: Tensor, rec_state: Te
 
 
 def attention_layer(x: Tensor, w: dict[str, Tensor], k_cache: Tensor, v_cache: Tensor, start: Tensor,
-                    lengths: Tensor, cfg: Qwen35Config) -> tuple[Tensor, Tensor, Tensor]:
+                    lengths: Tensor, cfg: Qwen35Config, cache_op: bool = False) -> tuple[Tensor, Tensor, Tensor]:
     h, k_cache, v_cache = attention_mixer(rms_norm(x, w["input_layernorm.weight"], cfg.rms_norm_eps), w,
-                                          k_cache, v_cache, start, lengths, cfg)
+                                          k_cache, v_cache, start, lengths, cfg, cache_op)
     x = x + h
     x = x + moe_block(rms_norm(x, w["post_attention_layernorm.weight"], cfg.rms_norm_eps), w, cfg)
     return x, k_cache, v_cache

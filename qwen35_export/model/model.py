@@ -55,9 +55,11 @@ class State:
 class Qwen35Model:
     """Reference forward of the text model over `ModelWeights` (any dtype; fp32 for parity)."""
 
-    def __init__(self, weights: ModelWeights):
+    def __init__(self, weights: ModelWeights, cache_op: bool = False):
+        """`cache_op`: prefill attention through `qwen35::decode_attention` too, as GPU engines run it."""
         self.w = weights
         self.cfg = weights.cfg
+        self.cache_op = cache_op
 
     @property
     def dtype(self) -> torch.dtype:
@@ -90,7 +92,8 @@ class Qwen35Model:
                 x, conv[g], rec[g] = layers.gdn_layer(x, lw, conv[g], rec[g], lengths, cfg)
                 g += 1
             else:
-                x, kc[a], vc[a] = layers.attention_layer(x, lw, kc[a], vc[a], state.lengths, lengths, cfg)
+                x, kc[a], vc[a] = layers.attention_layer(x, lw, kc[a], vc[a], state.lengths, lengths, cfg,
+                                                         self.cache_op)
                 a += 1
             if hook is not None:
                 hook(i, x)
