@@ -9,12 +9,14 @@ Runs under the Triton interpreter here (tiny geometry, 4 layers), compiled with 
 Bound (relative L2 of the logits, both models BF16 with the same weights): each kernel rounds its
 intermediates to bf16 where the reference keeps fp32 (chunk-state w/u, attention probabilities, expert h),
 ~2^-8 relative each, independent across the ~6 ops of a layer and 4 layers: sqrt(24) * 2^-8 = 1.9e-2,
-amplified through the final norm and head by at most their condition; 3e-2.
+amplified through the final norm and head by at most their condition; 3e-2. The FP8 model also rounds
+activations to e4m3 inside its FP8 ops; those errors are independent across the K terms of each dot product
+and average out (measured here: logits 0.8-0.9% FP8, 0.4-0.5% BF16), so the same bound holds.
 """
 
 from __future__ import annotations
 
-from pathlib import Path
+import math
 
 import pytest
 import torch
@@ -26,10 +28,15 @@ from qwen35_export.graph.fuse_weights import fuse_layer_weights
 from qwen35_export.graph.substitute_custom_ops import triton_implementations
 from qwen35_export.kernels.fp8_linear import gemm
 from qwen35_export.model.model import Qwen35Model
+from test_moe import BF16_U, FP8_U
 
 BOUND = 3e-2
-# Per op at its call site, one op's own rounding (the kernel tests' bf16 bounds are 1e-2): 2e-2.
+# Per op at its call site, one op's own rounding: bf16 intermediates 2e-2 (the kernel tests' bf16 bounds are
+# 1e-2); the FP8 ops quantise their activations to e4m3 by design (decode rows of the FP8 linear, prefill rows
+# of the FP8 experts), one e4m3 rounding plus one bf16: sqrt(FP8_U^2 + BF16_U^2) = 0.063, as their kernel
+# tests bound them against the unquantised op.
 OP_BOUND = 2e-2
+OP_BOUNDS = {"fp8_linear": math.sqrt(FP8_U ** 2 + BF16_U ** 2), "moe_experts_fp8": math.sqrt(FP8_U ** 2 + BF16_U ** 2)}
 
 
 def rel(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -84,7 +91,8 @@ def test_prefill_and_decode_match_reference(models, monkeypatch):
     assert set(worst) == set(impls) - {"moe_experts_fp8" if dtype == "bf16" else "moe_experts"} - \
         ({"fp8_linear"} if dtype == "bf16" else set()), worst
     for name, err in worst.items():
-        assert err < OP_BOUND, f"{dtype}: {name} at the model's call site, rel. L2 {err:.3g} >= {OP_BOUND}"
+        bound = OP_BOUNDS.get(name, OP_BOUND)
+        assert err < bound, f"{dtype}: {name} at the model's call site, rel. L2 {err:.3g} >= {bound:.3g}"
     for i, (a, b) in enumerate(zip(got, want)):
         assert rel(a, b) < BOUND, f"{dtype} step {i}: logits rel. L2 {rel(a, b):.3g} >= {BOUND}"
 
