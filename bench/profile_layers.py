@@ -132,7 +132,8 @@ def main() -> None:
         wa = random_layer(cfg, i_att, dtype, writer=a.writer_weights)
         wrap = (lambda f: f) if a.eager else (lambda f: torch.compile(f, dynamic=False))
         gdn = wrap(lambda x, cs, rs, ln: layers.gdn_layer(x, wg, cs, rs, ln, cfg))
-        att = wrap(lambda x, kc, vc, st, ln: layers.attention_layer(x, wa, kc, vc, st, ln, cfg))
+        # cache_op: prefill through the flash kernel, as single-GPU builds capture it
+        att = wrap(lambda x, kc, vc, st, ln: layers.attention_layer(x, wa, kc, vc, st, ln, cfg, cache_op=True))
         shapes = [("prefill", 1, int(t)) for t in a.prefill.split(",") if t] + \
                  [("decode", int(b), 1) for b in a.decode.split(",") if b]
         for phase, B, T in shapes:

@@ -236,7 +236,9 @@ def build_engine(checkpoint: str | Path, out: str | Path, settings: BuildSetting
         capture = {C.GDN: C.capture_gdn, C.ATTN: C.capture_attention} if plan is None else sharded_capture(plan)
         for name, kind, phase in tqdm(jobs, desc="capture", disable=not settings.progress):
             # GPU builds substituting the Triton attention op prefill through it (flash kernel over the cache)
-            kw = {"cache_op": True} if kind == C.ATTN and plan is None and "decode_attention" in impls else {}
+            # (single-rank builds only: the sharded attention layer keeps SDPA for prefill)
+            flash = kind == C.ATTN and plan is None and device.type == "cuda" and "decode_attention" in impls
+            kw = {"cache_op": True} if flash else {}
             ep, names = capture[kind](cfg, examples[kind], phase, shapes, act, device, **kw)
             ep, recs = run_passes(ep, name, impls, dump)
             eps[name] = (ep, GraphEntry(f"graphs/{name}.pt2", kind, phase, names,

@@ -224,19 +224,20 @@ def test_shipped_default_one_row_launches_two_kernels(monkeypatch):
 
 
 def test_export_unbounded_rows_dequantise(monkeypatch):
-    """A prefill graph (rows not bounded by the decode sizes) dequantises the weight and runs a dense GEMM:
-    no Triton launch, an mm in the graph; a decode-bounded graph keeps the w8a8 kernels."""
+    """A prefill graph (rows may exceed DEQUANT_SYMBOLIC_MIN_BOUND) dequantises the weight and runs a dense
+    GEMM: no Triton launch, an mm in the graph; a decode graph (rows up to max_batch) keeps the w8a8 kernels."""
     w, s = make_linear(256, 128, seed=0)
-    T = torch.export.Dim("T", min=1, max=4096)
+    T = torch.export.Dim("T", min=1, max=8256)  # a prefill graph's flattened rows (batch 1 x 8256 tokens)
     ep = torch.export.export(_Lin(), (torch.randn(40, 128).bfloat16(), w, s), dynamic_shapes=({0: T}, None, None))
     launches = launched_kernels(monkeypatch, ep)
     assert launches == {}, launches
     ep = torch.export.export(_Lin(), (torch.randn(40, 128).bfloat16(), w, s), dynamic_shapes=({0: T}, None, None))
     targets = [str(n.target) for n in ep.run_decompositions(decompose_custom_triton_ops=True).graph.nodes]
     assert any("mm" in t for t in targets), targets
-    B = torch.export.Dim("B", min=1, max=64)
-    ep = torch.export.export(_Lin(), (torch.randn(40, 128).bfloat16(), w, s), dynamic_shapes=({0: B}, None, None))
-    assert list(launched_kernels(monkeypatch, ep)) == ["_act_quant_kernel", "_w8a8_gemm_kernel"]
+    for max_batch in (64, 512):  # decode graphs, also past 64 rows (the decode tiles' bound)
+        B = torch.export.Dim("B", min=1, max=max_batch)
+        ep = torch.export.export(_Lin(), (torch.randn(40, 128).bfloat16(), w, s), dynamic_shapes=({0: B}, None, None))
+        assert list(launched_kernels(monkeypatch, ep)) == ["_act_quant_kernel", "_w8a8_gemm_kernel"], max_batch
 
 
 @pytest.mark.parametrize("R,N,K", [(256, 200, 384), (300, 384, 300), (513, 128, 256)])

@@ -1,4 +1,5 @@
-"""Split-KV decode attention (flash-decoding) for T <= 8 query tokens per row with grouped KV heads.
+"""Split-KV decode attention (flash-decoding) for T <= 8 query tokens per row with grouped KV heads; the
+launcher sends any other T (a prefill graph's symbolic T, a long eager call) to the flash kernel in prefill.py.
 
 One program per (row, KV head, split of SPLIT cache positions) scores the G*T query rows that share the KV
 head against its positions with an online softmax, reading only positions below the row's length (a split
@@ -32,6 +33,8 @@ def _decode_attn_partial(q_ptr, k_ptr, v_ptr, start_ptr, len_ptr, acc_ptr, ml_pt
     b = pid // KVH
     h = pid % KVH
     start = tl.load(start_ptr + b)
+    # AOTI passes a Python float as a fp64 scalar, which would promote every score tile to fp64: convert once.
+    scale = (tl.zeros([], tl.float32) + scale).to(tl.float32)
     # Clamped to the cache so that no input can make a load leave it (AOTI also runs kernels on random
     # example inputs while compiling). A split at or past the row's length runs no iteration; the merge
     # reads only the splits below it.
@@ -55,8 +58,7 @@ def _decode_attn_partial(q_ptr, k_ptr, v_ptr, start_ptr, len_ptr, acc_ptr, ml_pt
         j = j0 + tl.arange(0, BLOCK_N)
         kv_ok = j < hi
         k = tl.load(k_base + j[:, None].to(tl.int64) * sk_t + d[None, :], mask=kv_ok[:, None], other=0.0)
-        # AOTI passes a Python float as fp64: keep the loop-carried softmax state fp32.
-        s = (tl.dot(q, tl.trans(k)) * scale).to(tl.float32)  # [ROWS, BLOCK_N]
+        s = tl.dot(q, tl.trans(k)) * scale  # [ROWS, BLOCK_N] fp32
         s = tl.where(kv_ok[None, :] & (j[None, :] <= pos[:, None]), s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, 1))
         m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # a row with no key yet: keep exp() at 0, not NaN

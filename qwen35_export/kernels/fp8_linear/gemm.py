@@ -136,14 +136,17 @@ def _split_k_sum_kernel(p_ptr, c_ptr, numel, SPLIT_K: tl.constexpr, BLOCK: tl.co
 FUSED_MAX_R = 0
 
 
-# From this many rows on (and in a graph whose row count is not bounded by the decode sizes: a prefill
+# From this many rows on (and in a graph whose row count may exceed DEQUANT_SYMBOLIC_MIN_BOUND: a prefill
 # graph) the weight is dequantised to the activation dtype and multiplied by cuBLAS: compute bound there, a
 # bf16 tensor-core GEMM beats this file's w8a8 kernel (it rescales every 128-wide K step in registers).
 # H200, 35B-A3B prefill of 8192 tokens (bench/results/profile_h200/layers_35b_compiled_flash_attn.json): the
 # w8a8 kernel took 1052 us for in_proj_qkvz + out_proj against 517 + ~170 us for the same two GEMMs in BF16; dequantising reads the FP8
 # weight once (12.6 M elements: ~10 us). It is also closer to the op's contract (x unquantised).
 DEQUANT_MIN_R = 256
-DECODE_MAX_R = 64  # the largest row count the decode-regime tiles are meant for
+# A graph with a symbolic row count dequantises only when that count may exceed this: a prefill graph
+# (max_batch x max_seq_len rows), never a decode graph (max_batch rows: memory bound at every batch, where
+# dequantising would read ~5 bytes per weight instead of 1 every step).
+DEQUANT_SYMBOLIC_MIN_BOUND = 4096
 
 
 def at_most(R: int | torch.SymInt, bound: int) -> bool:
@@ -183,7 +186,7 @@ def fused_config(R: int | torch.SymInt, N: int) -> dict:
 
 def default_config(R: int | torch.SymInt, N: int) -> dict:
     """The config `fp8_linear_triton` uses for R rows and N output columns when given none."""
-    if (R >= DEQUANT_MIN_R) if isinstance(R, int) else not at_most(R, DECODE_MAX_R):
+    if (R >= DEQUANT_MIN_R) if isinstance(R, int) else not at_most(R, DEQUANT_SYMBOLIC_MIN_BOUND):
         return dict(DEQUANT=True)
     if at_most(R, FUSED_MAX_R):
         return fused_config(R, N)

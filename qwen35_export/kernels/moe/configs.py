@@ -21,7 +21,7 @@ DECODE_MAX_TOKENS = 64  # up to this many tokens a call is memory bound: the dec
 # live tiles and weight reads as the align path, one launch fewer; past it the ids block per program grows.
 # H200, 397B layer (bench/results/moe_pairs_h200.md): T = 1 pairs 84.3 / 66.4 us vs align 91.5 / 73.0 (BF16 /
 # FP8); T = 8 pairs 503.5 / 364.1 vs 483.5 / 356.0 (the rank match per program costs more than the launch);
-# T = 64 far slower. So one token only: a decode graph with a dynamic batch (min 2) never proves N <= 1 and
+# T = 64 far slower. So one token only: a decode graph with a dynamic batch (max >= 2) never proves N <= 1 and
 # keeps the align path; eager and static single-row calls take pairs.
 PAIRS_MAX_TOKENS = 1
 # A GPU without its own table takes the table of one with the same SM (the H200 is an sm_90 H100 with
