@@ -37,6 +37,7 @@ def chunk_gdn_fwd_kernel(
     USE_H0: tl.constexpr, STORE_HT: tl.constexpr, IS_VARLEN: tl.constexpr,
 ):
     """One (sequence, value head, V block): walk the chunks, carry S [K, BV] in fp32, write o."""
+    scale = (tl.zeros([], tl.float32) + scale).to(tl.float32)  # AOTI passes Python floats as fp64 scalars
     i_v, i_nh = tl.program_id(0), tl.program_id(1)
     i_n, i_h = i_nh // HV, i_nh % HV
     i_hk = i_h // (HV // H)
@@ -146,6 +147,7 @@ def chunk_gdn_o_kernel(
     BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, IS_VARLEN: tl.constexpr,
 ):
     """Split mode, the parallel half: o = (q exp(gc)) S_chunk + tril(q k^T exp(gc_i - gc_j)) v_new."""
+    scale = (tl.zeros([], tl.float32) + scale).to(tl.float32)  # AOTI passes Python floats as fp64 scalars
     i_v, i_t, i_bh = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     i_b, i_h = i_bh // HV, i_bh % HV
     i_hk = i_h // (HV // H)

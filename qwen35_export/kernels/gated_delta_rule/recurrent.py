@@ -30,6 +30,7 @@ def fused_recurrent_gdn_kernel(
 ):
     """One (sequence, value head, V block): T steps of S <- e^g S + k (beta (v - S^T k))^T, o = S^T q.
     USE_GATE: g and beta hold the raw projections a and b; the gating is computed here (one launch less)."""
+    scale = (tl.zeros([], tl.float32) + scale).to(tl.float32)  # AOTI passes Python floats as fp64 scalars
     i_v, i_nh = tl.program_id(0), tl.program_id(1)
     i_n, i_h = i_nh // HV, i_nh % HV
     i_hk = i_h // (HV // H)

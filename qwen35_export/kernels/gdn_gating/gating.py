@@ -36,6 +36,7 @@ def gdn_gating_kernel(A_log, a, dt_bias, b, g, beta, n, HV: tl.constexpr, BLOCK:
 def gated_rms_norm_kernel(o, z, w, y, n_rows, eps, V: tl.constexpr, BR: tl.constexpr, BV: tl.constexpr,
                           ROUND_W: tl.constexpr):
     """BR rows of V: y = (round(norm(o)) * w [rounded to o's dtype if ROUND_W]) * silu(z), to o's dtype."""
+    eps = (tl.zeros([], tl.float32) + eps).to(tl.float32)  # AOTI passes Python floats as fp64 scalars
     rows = tl.program_id(0).to(tl.int64) * BR + tl.arange(0, BR)
     cols = tl.arange(0, BV)
     m = (rows[:, None] < n_rows) & (cols[None, :] < V)
