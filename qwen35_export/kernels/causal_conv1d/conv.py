@@ -116,18 +116,19 @@ def causal_conv1d_prefill_kernel(
     """
     tl.static_assert(BT * NT >= W - 1, "the first program must cover the whole state halo")
     i_c, i_t, i_n = tl.program_id(0), tl.program_id(1), tl.program_id(2)
-    _prefill_program(x, w, s0, y, st, cu_seqlens, lengths, s0_idx, st_idx, T, C, sx_n, sx_t, i_c, i_t, i_n,
+    prefill_program(x, w, s0, y, st, cu_seqlens, lengths, s0_idx, st_idx, T, C, sx_n, sx_t, i_c, i_t, i_n,
                      W, WP, BT, BC, NT, WINDOW, IS_VARLEN, USE_S0, USE_IDX, USE_LENGTHS, STORE_ST)
 
 
 @triton.jit
-def _prefill_program(
+def prefill_program(
     x, w, s0, y, st, cu_seqlens, lengths, s0_idx, st_idx, T, C, sx_n, sx_t, i_c, i_t, i_n,
     W: tl.constexpr, WP: tl.constexpr, BT: tl.constexpr, BC: tl.constexpr, NT: tl.constexpr,
     WINDOW: tl.constexpr, IS_VARLEN: tl.constexpr, USE_S0: tl.constexpr, USE_IDX: tl.constexpr,
     USE_LENGTHS: tl.constexpr, STORE_ST: tl.constexpr,
 ):
-    """The body of causal_conv1d_prefill_kernel for program (i_c, i_t, i_n); see there."""
+    """The body of causal_conv1d_prefill_kernel for program (i_c, i_t, i_n); see there. Also the body of
+    the TensorRT AOT adapter (plugins/tensorrt/aot_kernels.py), which runs one tile per program."""
     if IS_VARLEN:
         bos = tl.load(cu_seqlens + i_n).to(tl.int64)
         Tn = (tl.load(cu_seqlens + i_n + 1).to(tl.int64) - bos).to(tl.int32)
@@ -191,21 +192,6 @@ def _prefill_program(
                 tl.debug_barrier()
             tl.store(st + (slot_out * C + cols[None, :]) * (W - 1) + o_j[:, None], f_x.to(st.dtype.element_ty),
                      mask=(o_j[:, None] < tl.where(slot_out >= 0, W - 1, 0)) & mc[None, :])
-
-
-@triton.jit
-def causal_conv1d_fwd_kernel(
-    x, w, s0, y, st, cu_seqlens, lengths, s0_idx, st_idx, T, C,
-    W: tl.constexpr, WP: tl.constexpr, BT: tl.constexpr, BC: tl.constexpr,
-    IS_VARLEN: tl.constexpr, USE_S0: tl.constexpr, USE_IDX: tl.constexpr, USE_LENGTHS: tl.constexpr,
-    STORE_ST: tl.constexpr,
-):
-    """The former prefill entry, kept for the TensorRT AOT adapter (plugins/tensorrt/aot_kernels.py calls it
-    by keyword and launches grid (cdiv(T, BT), cdiv(C, BC), N) on contiguous x): the body of
-    causal_conv1d_prefill_kernel with one tile per program. Delete once that adapter launches the new kernel."""
-    i_t, i_c, i_n = tl.program_id(0), tl.program_id(1), tl.program_id(2)
-    _prefill_program(x, w, s0, y, st, cu_seqlens, lengths, s0_idx, st_idx, T, C, T * C, C, i_c, i_t, i_n,
-                     W, WP, BT, BC, 1, False, IS_VARLEN, USE_S0, USE_IDX, USE_LENGTHS, STORE_ST)
 
 
 @triton.jit

@@ -140,8 +140,9 @@ FUSED_MAX_R = 0
 # graph) the weight is dequantised to the activation dtype and multiplied by cuBLAS: compute bound there, a
 # bf16 tensor-core GEMM beats this file's w8a8 kernel (it rescales every 128-wide K step in registers).
 # H200, 35B-A3B prefill of 8192 tokens (bench/results/profile_h200/layers_35b_compiled_flash_attn.json): the
-# w8a8 kernel took 1052 us for in_proj_qkvz + out_proj against 517 + ~170 us for the same two GEMMs in BF16; dequantising reads the FP8
-# weight once (12.6 M elements: ~10 us). It is also closer to the op's contract (x unquantised).
+# w8a8 kernel took 1052 us for in_proj_qkvz + out_proj against 517 + ~170 us for the same two GEMMs in BF16;
+# dequantising reads the FP8 weight once (12.6 M elements: ~10 us). Closer to the op's contract too (x
+# unquantised).
 DEQUANT_MIN_R = 256
 # A graph with a symbolic row count dequantises only when that count may exceed this: a prefill graph
 # (max_batch x max_seq_len rows), never a decode graph (max_batch rows: memory bound at every batch, where
@@ -241,13 +242,13 @@ def fp8_linear_triton(x: Tensor, w: Tensor, w_scale: Tensor, config: dict | None
     if x2.stride(-1) != 1:  # strided rows (a column slice of a fused projection's output) are read in place
         x2 = x2.contiguous()
     R = x2.shape[0]
-    out = torch.empty(R, N, dtype=x.dtype, device=x.device)
     if R == 0:
-        return out.reshape(*lead, N)
+        return x.new_empty(*lead, N)
     cfg = dict(config or default_config(R, N))
     if cfg.pop("DEQUANT", False):
         wd = dequantize_fp8_block(w, w_scale, x.dtype)  # [N, K]; Inductor fuses this into one pass over w
         return torch.mm(x2, wd.t()).reshape(*lead, N)
+    out = torch.empty(R, N, dtype=x.dtype, device=x.device)
     w, w_scale = w.contiguous(), w_scale.contiguous()
     if cfg.pop("FUSED", False):
         _launch_fused(x2, w, w_scale, out, cfg)

@@ -31,22 +31,23 @@ from typing import Any
 import triton
 import triton.language as tl
 
-from ...kernels.causal_conv1d.conv import causal_conv1d_fwd_kernel
+from ...kernels.causal_conv1d.conv import prefill_program
 from ...kernels.gated_delta_rule.recurrent import fused_recurrent_gdn_kernel, recurrent_blocks
 
 # torch / TensorRT dtype names -> Triton pointer element types
 TRITON_PTR = {"float32": "*fp32", "bfloat16": "*bf16", "float16": "*fp16", "int64": "*i64"}
-CONV_BT, CONV_BC = 64, 128  # tiles of kernels/causal_conv1d causal_conv1d_fwd
+CONV_BT, CONV_BC = 64, 128  # one [BT, BC] tile per program (kernels/causal_conv1d prefill_program, NT = 1)
 
 
 @triton.jit
 def causal_conv1d_aot(x, w, s0, lengths, T, C, y, st,
                       W: tl.constexpr, WP: tl.constexpr, BT: tl.constexpr, BC: tl.constexpr):
     """inputs (x, weight, conv_state, lengths), extras (T, C), outputs (y, final_state aliasing conv_state)."""
-    # unused pointer parameters (cu_seqlens, state indices) get `lengths`: their flags are off
-    causal_conv1d_fwd_kernel(x=x, w=w, s0=s0, y=y, st=st, cu_seqlens=lengths, lengths=lengths, s0_idx=lengths,
-                             st_idx=lengths, T=T, C=C, W=W, WP=WP, BT=BT, BC=BC, IS_VARLEN=False, USE_S0=True,
-                             USE_IDX=False, USE_LENGTHS=True, STORE_ST=True)
+    # grid (time tile, channel tile, row) on contiguous x [B, T, C]; unused pointer parameters (cu_seqlens,
+    # state indices) get `lengths`: their flags are off
+    prefill_program(x, w, s0, y, st, lengths, lengths, lengths, lengths, T, C, T * C, C,
+                    tl.program_id(1), tl.program_id(0), tl.program_id(2), W, WP, BT, BC, 1, False, False, True,
+                    False, True, True)
 
 
 @triton.jit
