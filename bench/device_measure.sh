@@ -1,0 +1,38 @@
+#!/usr/bin/env bash
+# One device call that re-measures the engine path after kernel changes (issues 4, 5, 7):
+#  - 35B-A3B at 8 of 40 layers: BF16 + FP8 engines built side by side from bench/e2e.py's checkpoint;
+#  - while they compile (GPU idle): bench/gdn.py against fla-core (carried wheel, .whl) -> $OUT/gdn;
+#  - ours timed with bench/e2e.py (decode B 1/8/64, prefill 512/8192, profiles) -> $OUT/{bf16,fp8};
+#  - both engines validated against our fp32 reference (flash prefill path on the GPU) -> $OUT/val.
+#   bash bench/device_measure.sh h200 $OUT [SECONDS]
+set -u
+TARGET=${1:-h200}; OUT=${2:?out dir}; BUDGET=${3:-585}; W=/tmp/e35
+export PYTHONUNBUFFERED=1 PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
+Q="python3 -m qwen35_export.cli"
+L=/tmp/logs; mkdir -p $W $L $OUT/val
+start=$(date +%s)
+left() { echo $(( BUDGET - ($(date +%s) - start) )); }
+finish() { tar czf $OUT/logs.tgz -C /tmp logs; }
+trap finish EXIT
+nvidia-smi --query-gpu=name,clocks.sm,clocks.mem,memory.total --format=csv > $L/gpu.txt 2>&1
+python3 bench/e2e.py --out $L/ckpt --work $W --preset 35b-a3b --layers 8 --systems "" > $L/ckpt.log 2>&1
+echo "checkpoint: $(( $(date +%s) - start )) s"
+for d in bf16 fp8; do
+  $Q build $W/ckpt --target $TARGET --dtype $d --max-batch 64 --max-seq-len 8256 --out $W/eng_$d \
+    > $L/build_$d.log 2>&1 &
+done
+[ "${NO_GDN:-0}" = 1 ] || timeout 240 python3 bench/gdn.py --out $OUT/gdn --no-tune > $L/gdn.log 2>&1
+wait
+echo "builds (+ gdn bench): $(( $(date +%s) - start )) s"; tail -2 $L/build_*.log; grep -a "^| \|total" $L/gdn.log | head -30
+for d in bf16 fp8; do
+  [ $(left) -gt 60 ] && python3 bench/e2e.py --out $OUT/$d --work $W --preset 35b-a3b --layers 8 --target $TARGET \
+    --systems ours-$d --timeout $(( $(left) - 60 )) > $L/e2e_$d.log 2>&1
+  echo "e2e $d: $(( $(date +%s) - start )) s"; grep -a "decode B\|prefill T" $L/e2e_$d.log | tail -6
+done
+for d in bf16 fp8; do
+  [ $(left) -gt 20 ] && timeout $(( $(left) - 10 )) $Q validate $W/eng_$d --checkpoint $W/ckpt --reference ours \
+    --random 2 --gen 32 --report $OUT/val/$d > $L/val_$d.log 2>&1 &
+done
+wait
+echo "validate: $(( $(date +%s) - start )) s"
+for f in $L/val_*.log; do echo "== $f"; grep -av "it/s\]" "$f" | tail -8 | cut -c1-200; done
