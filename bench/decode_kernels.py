@@ -27,9 +27,8 @@ from qwen35_export.kernels.attention import decode_attention_triton, naive_decod
 from qwen35_export.kernels.causal_conv1d import causal_conv1d, causal_conv1d_fwd, naive_causal_conv1d  # noqa: E402
 from qwen35_export.kernels.causal_conv1d import conv as conv_mod  # noqa: E402
 from qwen35_export.kernels.fp8_linear import fp8_linear_reference  # noqa: E402
-from qwen35_export.kernels.fp8_linear.gemm import (_w8a8_gemm_kernel, fp8_linear_triton, fused_config,  # noqa: E402
+from qwen35_export.kernels.fp8_linear.gemm import (fp8_linear_triton, fused_config,  # noqa: E402
                                                    two_kernel_config)
-from qwen35_export.kernels.fp8_linear.quant import quantize_act  # noqa: E402
 from qwen35_export.runtime.bench import hbm_bandwidth  # noqa: E402
 
 GEOMS = {"35b-a3b": (16, 2), "397b-a17b": (32, 2)}  # (query heads, KV heads), head_dim 256
@@ -96,41 +95,52 @@ def rotating_weights(N: int, K: int) -> tuple[list, list]:
     return ws, ss
 
 
-def bench_fp8_linear(bw: float) -> list[dict]:
-    """Tile sweep of the two-kernel path's GEMM alone (activations quantised once, outside the timing)."""
+# The FP8 linears an engine's decode graph runs (projections fused at build, graph/fuse_weights.py)
+ENGINE_LINEARS = {
+    "35b in_proj_qkvz": (12288, 2048), "35b out_proj": (2048, 4096), "35b attn qkv": (9216, 2048),
+    "397b in_proj_qkvz": (20480, 4096), "397b out_proj": (4096, 8192), "397b attn qkv": (17408, 4096),
+}
+
+
+def bench_fp8_linear(bw: float, Ms: tuple[int, ...] = (1, 64), splits: tuple[int, ...] = (1,)) -> list[dict]:
+    """Tile sweep of the two-kernel path (activation quantisation + GEMM [+ split-K sum], as the engine runs
+    it), per linear and token count; with `splits` beyond (1,), the engine's fused linears over a narrower
+    tile set, every tile with each K split."""
     rows = []
-    cands = [dict(BLOCK_M=16, BLOCK_N=bn, BLOCK_K=128, GROUP_M=1, num_warps=w, num_stages=s)
-             for bn, w, s in itertools.product((16, 32, 64, 128), (2, 4), (3, 5))] + [PREV_SMALL_TILE]
-    for (name, (N, K)), M in itertools.product(LINEARS.items(), (1, 64)):
+    split_sweep = splits != (1,)
+    bns, stages = ((16, 32, 64), (3, 5)) if split_sweep else ((16, 32, 64, 128), (3, 5))
+    cands = [dict(BLOCK_M=16, BLOCK_N=bn, BLOCK_K=128, GROUP_M=1, num_warps=w, num_stages=s, SPLIT_K=sk)
+             for bn, w, s, sk in itertools.product(bns, (2, 4), stages, splits)]
+    cands += [dict(PREV_SMALL_TILE, SPLIT_K=1)]
+    linears = ENGINE_LINEARS if split_sweep else LINEARS
+    for (name, (N, K)), M in itertools.product(linears.items(), Ms):
         ws, ss = rotating_weights(N, K)
         nbuf = len(ws)
         x = torch.randn(M, K, device="cuda", dtype=torch.bfloat16)
-        xq, xs = quantize_act(x)
-        out = torch.empty(M, N, device="cuda", dtype=torch.bfloat16)
         nbytes = N * K + ss[0].numel() * 4
         res = []
         for cfg in cands:
-            c = dict(cfg)
-            grid = (triton.cdiv(M, c["BLOCK_M"]) * triton.cdiv(N, c["BLOCK_N"]),)
+            c = dict(FUSED=False, **cfg)
 
             def run():  # every weight set once: a graph replays them in turn, past the L2
                 for i in range(nbuf):
-                    _w8a8_gemm_kernel[grid](xq, xs, ws[i], ss[i], out, M, N, K, xq.stride(0), xs.stride(0),
-                                            ws[i].stride(0), ss[i].stride(0), out.stride(0), UPCAST=False, **c)
+                    fp8_linear_triton(x, ws[i], ss[i], c)
             try:
                 us = graph_us(run, 4) / nbuf
             except Exception as e:  # a config the compiler rejects (shared memory): skip it
                 print("skip", name, c, str(e)[:80])
                 continue
-            res.append((us, c))
+            res.append((us, cfg))
         res.sort(key=lambda r: r[0])
-        dflt = two_kernel_config(M, N)
+        dflt = dict(two_kernel_config(M, N))
+        dflt.setdefault("SPLIT_K", 1)
         d_us = next((us for us, c in res if c == dflt), None)
         best_us, best = res[0]
         rows.append(dict(name=name, N=N, K=K, M=M, best=best, best_us=best_us, default_us=d_us,
                          best_roofline_pct=nbytes / bw / (best_us * 1e-6) * 100, top5=[(u, c) for u, c in res[:5]]))
         print(f"fp8 {name:18s} M={M:3d}: best {best_us:7.1f} us ({rows[-1]['best_roofline_pct']:5.1f}% HBM) "
-              f"BN={best['BLOCK_N']} w={best['num_warps']} s={best['num_stages']}; default {d_us}", flush=True)
+              f"BN={best['BLOCK_N']} w={best['num_warps']} s={best['num_stages']} split={best['SPLIT_K']}; "
+              f"default {d_us}", flush=True)
     return rows
 
 
@@ -340,6 +350,8 @@ def main() -> None:
     ap.add_argument("--fp8-fused-ms", default=",".join(map(str, FUSED_MS)),
                     help="token counts of those rows, e.g. 1 (one device call) then 8,16 (the next)")
     ap.add_argument("--conv1d-only", action="store_true", help="only the conv1d op rows (a short device call)")
+    ap.add_argument("--fp8-split-only", action="store_true",
+                    help="only the two-kernel FP8 linear sweep with split-K (1, 2, 4, 8) at M = 1, 8, 64")
     a = ap.parse_args()
     if a.report:
         report(json.loads(a.report.read_text()), a.out / "decode_kernels_h200.md", a.out / "decode_kernels_h200.png")
@@ -352,6 +364,10 @@ def main() -> None:
         res["fp8_linear_fused"] = []
         bench_fp8_fused(bw, fused_ms, res["fp8_linear_fused"],
                         lambda: (a.out / "decode_kernels.json").write_text(json.dumps(res, indent=1)))
+        return
+    if a.fp8_split_only:
+        res["fp8_linear"] = bench_fp8_linear(bw, (1, 8, 64), (1, 2, 4, 8))
+        (a.out / "decode_kernels.json").write_text(json.dumps(res, indent=1))
         return
     if a.conv1d_only:
         res["conv1d"] = bench_conv1d(bw)

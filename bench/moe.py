@@ -35,6 +35,8 @@ from qwen35_export.kernels.moe.configs import DECODE_MAX_TOKENS, default_config,
 from qwen35_export.kernels.moe.experts import PAIRS_MAX_SLOTS, combine, down, gate_up
 
 H, I, E, K = 4096, 1024, 512, 10
+# --geometry: (H, I, E, k) of each preset's MoE layer; the module constants above are the default's
+GEOMETRIES = {"397b-a17b": (4096, 1024, 512, 10), "35b-a3b": (2048, 512, 256, 8)}
 HBM_TBS = 3.35  # H100 SXM datasheet; main() takes the detected GPU's figure (runtime.bench.hbm_bandwidth)
 PEAK = {"bf16": 989.0, "fp8": 1979.0}  # dense TFLOPS, H100 SXM
 
@@ -218,7 +220,11 @@ def main() -> None:
     ap.add_argument("--loop-max", type=int, default=512, help="skip the eager loop above this many tokens")
     ap.add_argument("--no-loop", action="store_true", help="skip the eager loop (transformers' form) entirely")
     ap.add_argument("--tune-budget-s", type=float, default=1e9, help="stop tuning (use stored tables) after this")
+    ap.add_argument("--geometry", choices=sorted(GEOMETRIES), default="397b-a17b",
+                    help="the MoE layer's shapes (35b-a3b: H 2048, I 512, E 256, top-8 + shared)")
     args = ap.parse_args()
+    global H, I, E, K
+    H, I, E, K = GEOMETRIES[args.geometry]
     tokens = [int(t) for arg in args.tokens for t in arg.split(",") if t]
     args.out.mkdir(parents=True, exist_ok=True)
     dev = torch.cuda.get_device_name()
@@ -294,14 +300,14 @@ def main() -> None:
 def make_meta(dev: str) -> dict:
     return dict(device=dev, torch=torch.__version__, triton=triton.__version__, H=H, I=I, E=E, k=K,
                 shared_expert=True, hbm_tbs=HBM_TBS, peak_tflops=PEAK,
-                note="weights random; shared expert = expert 512 (11 slots/token); CUDA-graph medians "
+                note=f"weights random; shared expert = expert {E} ({K + 1} slots/token); CUDA-graph medians "
                      "except loop_bf16 (eager); hbm_pct counts touched experts' weight bytes only")
 
 
 def write(out: Path, meta: dict, rows: list[dict], tables: dict | None, breakdowns: list[dict]) -> None:
     dev = meta["device"]
     (out / "moe.json").write_text(json.dumps(dict(meta=meta, rows=rows, phases=breakdowns), indent=1))
-    lines = [f"# MoE layer, 397B geometry, {dev}", "", f"torch {meta['torch']}, triton {meta['triton']}; "
+    lines = [f"# MoE layer, H {meta['H']}, I {meta['I']}, E {meta['E']}, top-{meta['k']} + shared, {dev}", "", f"torch {meta['torch']}, triton {meta['triton']}; "
              + meta["note"], "", "| T | method | us | TFLOPS | experts | % HBM roofline | % dense peak | rel err |",
              "|---|---|---|---|---|---|---|---|"]
     for r in rows:

@@ -6,8 +6,11 @@ the same input become one GEMM over their concatenated rows, and the shared expe
 experts' size and format, becomes expert E of the routed MoE op (one more slot per token, weighted by its
 sigmoid gate) instead of three linears, a gate and an add:
 
-- GDN:        in_proj_qkv + in_proj_z -> in_proj_qkvz;  in_proj_b + in_proj_a -> in_proj_ba
+- GDN:        in_proj_qkv + in_proj_z -> in_proj_qkvz;  in_proj_b + in_proj_a -> in_proj_ba; and when both
+              are unquantised (BF16 builds; FP8 keeps b/a in BF16) in_proj_qkvz + in_proj_ba -> in_proj_qkvzba
 - attention:  q_proj + k_proj + v_proj -> qkv_proj
+- router:     mlp.gate + mlp.shared_expert_gate -> mlp.gate_shared (E + 1 rows; both stay BF16 in FP8
+              checkpoints): at batch 1 the one-row shared gate alone was a cuBLAS dot + reduce, ~4 us
 - MoE:        shared_expert.{gate,up,down}_proj -> row E of mlp.experts.{gate_up,down}_proj
               (else shared_expert.gate_proj + up_proj -> shared_expert.gate_up_proj)
 
@@ -30,6 +33,9 @@ ROW_GROUPS: dict[str, tuple[str, ...]] = {
     "linear_attn.in_proj_qkvz.weight": ("linear_attn.in_proj_qkv.weight", "linear_attn.in_proj_z.weight"),
     "linear_attn.in_proj_ba.weight": ("linear_attn.in_proj_b.weight", "linear_attn.in_proj_a.weight"),
     "self_attn.qkv_proj.weight": ("self_attn.q_proj.weight", "self_attn.k_proj.weight", "self_attn.v_proj.weight"),
+    # after the two above (dict order): the [HV + HV]-row GEMM was its own ~5 us launch at batch 1
+    "linear_attn.in_proj_qkvzba.weight": ("linear_attn.in_proj_qkvz.weight", "linear_attn.in_proj_ba.weight"),
+    "mlp.gate_shared.weight": ("mlp.gate.weight", "mlp.shared_expert_gate.weight"),
 }
 SHARED = "mlp.shared_expert."
 SHARED_GATE_UP = SHARED + "gate_up_proj.weight"
@@ -90,6 +96,8 @@ def fuse_layer_weights(w: dict[str, Tensor]) -> tuple[dict[str, Tensor], list[st
     """Return (weights with every fusable group fused, the fused names created)."""
     out = dict(w)
     done = [fused for fused, parts in ROW_GROUPS.items() if _fuse_rows(out, fused, parts)]
+    if "linear_attn.in_proj_qkvzba.weight" in done:  # its parts were fused names themselves
+        done = [d for d in done if d not in ROW_GROUPS["linear_attn.in_proj_qkvzba.weight"]]
     if _fold_shared_expert(out):
         done.append("mlp.experts (+ shared expert as expert E)")
     elif _fuse_rows(out, SHARED_GATE_UP, (SHARED + "gate_proj.weight", SHARED + "up_proj.weight")):

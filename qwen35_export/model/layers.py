@@ -83,17 +83,21 @@ def gdn_mixer(x: Tensor, w: dict[str, Tensor], conv_state: Tensor, rec_state: Te
     K, V = cfg.linear_key_head_dim, cfg.linear_value_head_dim
     p = "linear_attn."
     C = 2 * HK * K + HV * V
-    if p + "in_proj_qkvz.weight" in w:  # fused at build (graph/fuse_weights.py): one GEMM for both
-        qkv, z = torch.split(linear(x, w, p + "in_proj_qkvz.weight"), [C, HV * V], dim=-1)
+    # projections fused at build (graph/fuse_weights.py): one GEMM for all four, or for qkv+z and b+a
+    if p + "in_proj_qkvzba.weight" in w:
+        qkv, z, b, a = torch.split(linear(x, w, p + "in_proj_qkvzba.weight"), [C, HV * V, HV, HV], dim=-1)
     else:
-        qkv = linear(x, w, p + "in_proj_qkv.weight")  # [B, T, C]
-        z = linear(x, w, p + "in_proj_z.weight")
+        if p + "in_proj_qkvz.weight" in w:
+            qkv, z = torch.split(linear(x, w, p + "in_proj_qkvz.weight"), [C, HV * V], dim=-1)
+        else:
+            qkv = linear(x, w, p + "in_proj_qkv.weight")  # [B, T, C]
+            z = linear(x, w, p + "in_proj_z.weight")
+        if p + "in_proj_ba.weight" in w:
+            b, a = torch.split(linear(x, w, p + "in_proj_ba.weight"), [HV, HV], dim=-1)
+        else:
+            b = linear(x, w, p + "in_proj_b.weight")  # [B, T, HV]
+            a = linear(x, w, p + "in_proj_a.weight")  # [B, T, HV]
     z = z.reshape(B, T, HV, V)
-    if p + "in_proj_ba.weight" in w:
-        b, a = torch.split(linear(x, w, p + "in_proj_ba.weight"), [HV, HV], dim=-1)
-    else:
-        b = linear(x, w, p + "in_proj_b.weight")  # [B, T, HV]
-        a = linear(x, w, p + "in_proj_a.weight")  # [B, T, HV]
 
     conv_w = w[p + "conv1d.weight"][:, 0, :]  # [C, W]
     qkv, conv_state = torch.ops.qwen35.causal_conv1d(qkv, conv_w, conv_state, lengths)
@@ -190,7 +194,12 @@ def moe_block(x: Tensor, w: dict[str, Tensor], cfg: Qwen35Config, expert_map: Te
     """
     B, T, H = x.shape
     xf = x.reshape(B * T, H)  # [N, H]
-    logits = F.linear(xf, w["mlp.gate.weight"])  # [N, E] over all experts: routing is global
+    E = cfg.num_experts
+    if "mlp.gate_shared.weight" in w:  # router + shared-expert gate rows in one GEMM (graph/fuse_weights.py)
+        logits, sg_logit = torch.split(F.linear(xf, w["mlp.gate_shared.weight"]), [E, 1], dim=-1)  # [N, E], [N, 1]
+    else:
+        logits = F.linear(xf, w["mlp.gate.weight"])  # [N, E] over all experts: routing is global
+        sg_logit = F.linear(xf, w["mlp.shared_expert_gate.weight"])  # [N, 1]
     rw, ids = torch.ops.qwen35.moe_router(logits, cfg.num_experts_per_tok)
     rw = rw.to(x.dtype)  # HF casts the renormalised weights to the activation dtype
     if expert_map is not None:
@@ -201,7 +210,7 @@ def moe_block(x: Tensor, w: dict[str, Tensor], cfg: Qwen35Config, expert_map: Te
     folded = w["mlp.experts.down_proj"].shape[0] == cfg.num_experts + 1 and expert_map is None
     if folded:
         # The shared expert is expert E (graph/fuse_weights.py): one more slot per token, weighted by its gate.
-        sg = torch.sigmoid(F.linear(xf, w["mlp.shared_expert_gate.weight"])).to(rw.dtype)  # [N, 1]
+        sg = torch.sigmoid(sg_logit).to(rw.dtype)  # [N, 1]
         rw = torch.cat([rw, sg], dim=1)  # [N, k+1]
         ids = torch.cat([ids, torch.full_like(ids[:, :1], cfg.num_experts)], dim=1)
     if "mlp.experts.gate_up_proj_scale_inv" in w:
@@ -219,7 +228,7 @@ def moe_block(x: Tensor, w: dict[str, Tensor], cfg: Qwen35Config, expert_map: Te
     else:
         gate, up = linear(xf, w, s + "gate_proj.weight"), linear(xf, w, s + "up_proj.weight")
     shared = linear(F.silu(gate) * up, w, s + "down_proj.weight")
-    shared = torch.sigmoid(F.linear(xf, w["mlp.shared_expert_gate.weight"])) * shared
+    shared = torch.sigmoid(sg_logit) * shared
     return (routed + shared).reshape(B, T, H)
 
 

@@ -49,9 +49,14 @@ def test_fused_layer_equals_unfused(layer: int, fp8: bool) -> None:
         w, _ = quantize_layer_fp8(w)
     fused, groups = fuse_layer_weights(w)
     kind = cfg.layer_types[layer]
-    want = {"linear_attention": {"linear_attn.in_proj_qkvz.weight", "linear_attn.in_proj_ba.weight"},
-            "full_attention": {"self_attn.qkv_proj.weight"}}[kind]
-    assert want <= set(groups) and "mlp.experts (+ shared expert as expert E)" in groups
+    # FP8 keeps b/a in BF16 (quantize_fp8), so their GEMM cannot join the FP8 qkvz one
+    gdn = ({"linear_attn.in_proj_qkvz.weight", "linear_attn.in_proj_ba.weight"} if fp8
+           else {"linear_attn.in_proj_qkvzba.weight"})
+    want = {"linear_attention": gdn, "full_attention": {"self_attn.qkv_proj.weight"}}[kind]
+    assert want | {"mlp.gate_shared.weight", "mlp.experts (+ shared expert as expert E)"} == set(groups)
+    assert all(n in fused for n in want) and "mlp.gate.weight" not in fused
+    assert not any(n.startswith("linear_attn.in_proj_") and n.removeprefix("linear_attn.").removesuffix(".weight")
+                   in ("in_proj_qkv", "in_proj_z", "in_proj_b", "in_proj_a") for n in fused)
     assert fused["mlp.experts.down_proj"].shape[0] == cfg.num_experts + 1
     assert not any(n.startswith("mlp.shared_expert.") and "proj" in n for n in fused)
     x = torch.randn(3, 5, cfg.hidden_size, generator=torch.Generator().manual_seed(2))

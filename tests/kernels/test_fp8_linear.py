@@ -150,6 +150,23 @@ def test_fused_equals_two_kernel(R, cfg, nan_empty):
     assert_close(f"fused {cfg} vs two-kernel", y, y2, FP32_BOUND)
 
 
+@pytest.mark.parametrize("R", [1, 5, 17])
+@pytest.mark.parametrize("split,K", [(2, 384), (3, 640), (8, 384), (2, 200)])  # uneven, more splits than steps, K tail
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=["bf16", "fp32"])
+def test_two_kernel_split_k(R, split, K, dtype, nan_empty):
+    """Split-K of the two-kernel GEMM: the same products summed per split in fp32, then the splits in order,
+    so it equals the unsplit kernel up to fp32 summation order (bf16 output: one rounding of either sum)."""
+    N = 130
+    w, s = make_linear(N, K, seed=K + split, dev=DEVICE)
+    x = make_rows(R, K, dtype, seed=R + 7)
+    one = dict(FUSED=False, **two_kernel_config(R, N))
+    y1 = fp8_linear_triton(x, w, s, one)
+    ys = fp8_linear_triton(x, w, s, dict(one, SPLIT_K=split))
+    assert ys.shape == (R, N) and ys.dtype == dtype
+    assert_close(f"split {split} vs one split", ys, y1, OUT_BOUND[dtype])
+    assert_close("split vs simulated reference", ys, fp8_linear_reference(x, w, s, quant_act=True), OUT_BOUND[dtype])
+
+
 @pytest.mark.parametrize("fused_path", [True, False], ids=["fused", "two-kernel"])
 def test_row_strided_x(fused_path, nan_empty, fused_default):
     """x a column slice of a wider tensor (a fused projection's output): rows strided, read in place."""

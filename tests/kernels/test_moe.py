@@ -109,13 +109,17 @@ def test_router_ties(nan_empty):
 
 
 # -- tile map --------------------------------------------------------------------------------------
-@pytest.mark.parametrize("N,E,k,bm", [(1, 512, 10, 16), (65, 8, 2, 16), (40, 4, 3, 64), (7, 16, 1, 32)])
+@pytest.mark.parametrize("N,E,k,bm", [(1, 512, 10, 16), (65, 8, 2, 16), (40, 4, 3, 64), (7, 16, 1, 32),
+                                    (6, 257, 11, 16)])  # M = 66: just past the small branch
 def test_align_tile_map(N, E, k, bm, monkeypatch):
     _, ids = make_routing(N, E, k, seed=N + E, pin=1 if E == 4 else None)
     slots, tile_e, num_padded = align_block_size(ids, E, bm)  # the one-program Triton path (small M)
+    # the same kernel sized for a graph's largest M (its small-M branch when M <= ALIGN_SMALL_BLOCK)
+    sized = align_block_size(ids, E, bm, m_max=1000)
     monkeypatch.setattr(align, "SMALL_M", 0)
-    for got, want in zip((slots, tile_e, num_padded), align_block_size(ids, E, bm)):  # the torch-ops path
+    for got, want, big in zip((slots, tile_e, num_padded), align_block_size(ids, E, bm), sized):  # torch path
         assert torch.equal(got, want), "the two tile-map paths disagree"
+        assert torch.equal(big, want), "the kernel sized for 1000 slots disagrees"
     M = N * k
     n_pad = int(num_padded)
     assert n_pad % bm == 0 and slots.shape[0] % bm == 0 and n_pad <= slots.shape[0]

@@ -33,23 +33,28 @@ def grouped_tile(pid, num_m, num_n, GROUP_M: tl.constexpr):
 
 
 @triton.jit
-def _w8a8_gemm_kernel(a_ptr, as_ptr, b_ptr, bs_ptr, c_ptr, M, N, K,
-                      stride_am, stride_asm, stride_bn, stride_bsn, stride_cm,
+def _w8a8_gemm_kernel(a_ptr, as_ptr, b_ptr, bs_ptr, c_ptr, M, N, K, steps_per_split,
+                      stride_am, stride_asm, stride_bn, stride_bsn, stride_cm, stride_cs,
                       UPCAST: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                       BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr):
+    """Program (tile, K split) -> the sum over its split's K steps, at `c_ptr + split * stride_cs` (fp32
+    partials when K is split, else the output itself: one split of every step, stride 0)."""
     pid_m, pid_n = grouped_tile(tl.program_id(0), tl.cdiv(M, BLOCK_M), tl.cdiv(N, BLOCK_N), GROUP_M)
+    pid_k = tl.program_id(1)
+    kb0 = pid_k * steps_per_split
+    kb1 = tl.minimum(kb0 + steps_per_split, tl.cdiv(K, BLOCK_K))
 
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_k = tl.arange(0, BLOCK_K)
     m_ok = offs_m < M
     n_ok = offs_n < N
-    a_ptrs = a_ptr + offs_m[:, None].to(tl.int64) * stride_am + offs_k[None, :]
-    b_ptrs = b_ptr + offs_n[None, :].to(tl.int64) * stride_bn + offs_k[:, None]  # [BK, BN]
+    a_ptrs = a_ptr + offs_m[:, None].to(tl.int64) * stride_am + offs_k[None, :] + kb0 * BLOCK_K
+    b_ptrs = b_ptr + offs_n[None, :].to(tl.int64) * stride_bn + offs_k[:, None] + kb0 * BLOCK_K  # [BK, BN]
     as_ptrs = as_ptr + offs_m * stride_asm
     bs_ptrs = bs_ptr + (offs_n // 128) * stride_bsn
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for kb in range(0, tl.cdiv(K, BLOCK_K)):
+    for kb in range(kb0, kb1):
         k_ok = offs_k < K - kb * BLOCK_K
         a = tl.load(a_ptrs, mask=m_ok[:, None] & k_ok[None, :], other=0.0)
         b = tl.load(b_ptrs, mask=k_ok[:, None] & n_ok[None, :], other=0.0)
@@ -59,7 +64,7 @@ def _w8a8_gemm_kernel(a_ptr, as_ptr, b_ptr, bs_ptr, c_ptr, M, N, K,
         acc += dot(a, b, UPCAST) * (sa[:, None] * sb[None, :])
         a_ptrs += BLOCK_K
         b_ptrs += BLOCK_K
-    c_ptrs = c_ptr + offs_m[:, None].to(tl.int64) * stride_cm + offs_n[None, :]
+    c_ptrs = c_ptr + pid_k.to(tl.int64) * stride_cs + offs_m[:, None].to(tl.int64) * stride_cm + offs_n[None, :]
     tl.store(c_ptrs, cast_out(acc, c_ptr.dtype.element_ty), mask=m_ok[:, None] & n_ok[None, :])
 
 
@@ -200,11 +205,26 @@ def _launch_two_kernel(x2: Tensor, w: Tensor, w_scale: Tensor, out: Tensor, cfg:
     R, K = x2.shape
     N = w.shape[0]
     xq, xs = quantize_act(x2)
-    grid = (triton.cdiv(R, cfg["BLOCK_M"]) * triton.cdiv(N, cfg["BLOCK_N"]),)
+    steps = triton.cdiv(K, cfg["BLOCK_K"])
+    per_split = triton.cdiv(steps, max(1, min(cfg.pop("SPLIT_K", 1), steps)))
+    split = triton.cdiv(steps, per_split)  # no empty splits
+    # split-K (few rows, long K: too few tiles to keep the SMs streaming): fp32 partials [split, R, N],
+    # summed in split order by a second launch (deterministic, unlike atomics)
+    part = out if split == 1 else torch.empty(split, R, N, dtype=torch.float32, device=out.device)
+    grid = (triton.cdiv(R, cfg["BLOCK_M"]) * triton.cdiv(N, cfg["BLOCK_N"]), split)
     wrap_triton(_w8a8_gemm_kernel)[grid](
-        xq, xs, w, w_scale, out, R, N, K,
-        xq.stride(0), xs.stride(0), w.stride(0), w_scale.stride(0), out.stride(0),
+        xq, xs, w, w_scale, part, R, N, K, per_split,
+        xq.stride(0), xs.stride(0), w.stride(0), w_scale.stride(0), part.stride(-2), R * N if split > 1 else 0,
         UPCAST=INTERPRET, **cfg)
+    if split > 1:
+        _split_k_sum(part, out, split)
+
+
+def _split_k_sum(part: Tensor, out: Tensor, split: int) -> None:
+    numel = out.numel()
+    block = 1024
+    wrap_triton(_split_k_sum_kernel)[(triton.cdiv(numel, block),)](
+        part, out, numel, SPLIT_K=split, BLOCK=block, num_warps=4)
 
 
 def _launch_fused(x2: Tensor, w: Tensor, w_scale: Tensor, out: Tensor, cfg: dict) -> None:
@@ -225,9 +245,7 @@ def _launch_fused(x2: Tensor, w: Tensor, w_scale: Tensor, out: Tensor, cfg: dict
         x2.stride(0), w.stride(0), w_scale.stride(0), part.stride(-2), R * N if split > 1 else 0,
         UPCAST=INTERPRET, **cfg)
     if split > 1:
-        block = 1024
-        wrap_triton(_split_k_sum_kernel)[(triton.cdiv(R * N, block),)](
-            part, out, R * N, SPLIT_K=split, BLOCK=block, num_warps=4)
+        _split_k_sum(part, out, split)
 
 
 def fp8_linear_triton(x: Tensor, w: Tensor, w_scale: Tensor, config: dict | None = None) -> Tensor:
@@ -235,7 +253,7 @@ def fp8_linear_triton(x: Tensor, w: Tensor, w_scale: Tensor, config: dict | None
 
     `config` (default `default_config`): `DEQUANT` (weight dequantised, then a dense GEMM in x's dtype) or
     `FUSED` picks the path; the rest are its kernel's tiles (`fused_config` / `two_kernel_config` keys;
-    `SPLIT_K` > 1 only on the fused path)."""
+    `SPLIT_K` > 1 splits K on either path)."""
     *lead, K = x.shape
     N = w.shape[0]
     x2 = x.reshape(-1, K)  # [R, K]

@@ -19,8 +19,10 @@ SMALL_M = 4096
 
 
 @triton.jit
-def _align_kernel(ids_ptr, slots_ptr, tile_expert_ptr, num_padded_ptr, M, E, P, num_tiles,
-                  TILE: tl.constexpr, BLOCK: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_T: tl.constexpr):
+def _align_body(ids_ptr, slots_ptr, tile_expert_ptr, num_padded_ptr, M, E, P, num_tiles,
+                TILE: tl.constexpr, BLOCK: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_T: tl.constexpr,
+                FILL: tl.constexpr):
+    """The tile map of M <= BLOCK slots (see align_block_size)."""
     offs = tl.arange(0, BLOCK)
     e = tl.load(ids_ptr + offs, mask=offs < M, other=E).to(tl.int32)  # padding lands in spare bin E
     eo = tl.arange(0, BLOCK_E)
@@ -31,8 +33,9 @@ def _align_kernel(ids_ptr, slots_ptr, tile_expert_ptr, num_padded_ptr, M, E, P, 
     key = tl.sort(e * BLOCK + offs)  # expert-major, slot order inside an expert (stable)
     se = key // BLOCK
     pos = tl.gather(shift, tl.minimum(se, BLOCK_E - 1), 0) + offs  # offs is now the sorted index
-    for p0 in range(0, P, BLOCK):
-        tl.store(slots_ptr + p0 + offs, M, mask=p0 + offs < P)
+    o_f = tl.arange(0, FILL)
+    for p0 in range(0, P, FILL):
+        tl.store(slots_ptr + p0 + o_f, M, mask=p0 + o_f < P)
     tl.debug_barrier()  # one CTA: the padding fill above lands before the real slots below
     tl.store(slots_ptr + pos, key % BLOCK, mask=se < E)
     for t0 in range(0, num_tiles, BLOCK_T):
@@ -40,6 +43,28 @@ def _align_kernel(ids_ptr, slots_ptr, tile_expert_ptr, num_padded_ptr, M, E, P, 
         before = tl.sum((pad_end[None, :] <= (t * TILE)[:, None]).to(tl.int32), axis=1)  # [BLOCK_T]
         tl.store(tile_expert_ptr + t, tl.minimum(before, E), mask=t < num_tiles)
     tl.store(num_padded_ptr, tl.sum(padded, 0))
+
+
+@triton.jit
+def _align_kernel(ids_ptr, slots_ptr, tile_expert_ptr, num_padded_ptr, M, E, P, num_tiles,
+                  TILE: tl.constexpr, BLOCK: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_T: tl.constexpr,
+                  BLOCK_SMALL: tl.constexpr):
+    """One program. BLOCK is sized for the largest M the graph admits; a run with M <= BLOCK_SMALL sorts
+    BLOCK_SMALL keys instead (a batch-1 step of a graph built for batch 64 sorted 1024 keys: ~5 us)."""
+    if BLOCK_SMALL < BLOCK:
+        if M <= BLOCK_SMALL:
+            _align_body(ids_ptr, slots_ptr, tile_expert_ptr, num_padded_ptr, M, E, P, num_tiles,
+                        TILE, BLOCK_SMALL, BLOCK_E, BLOCK_T, BLOCK)
+        else:
+            _align_body(ids_ptr, slots_ptr, tile_expert_ptr, num_padded_ptr, M, E, P, num_tiles,
+                        TILE, BLOCK, BLOCK_E, BLOCK_T, BLOCK)
+    else:
+        _align_body(ids_ptr, slots_ptr, tile_expert_ptr, num_padded_ptr, M, E, P, num_tiles,
+                    TILE, BLOCK, BLOCK_E, BLOCK_T, BLOCK)
+
+
+# slots sorted by the small branch of _align_kernel (a few tokens of top-10 + shared)
+ALIGN_SMALL_BLOCK = 64
 
 
 def upper_bound(n: int | torch.SymInt) -> int | None:
@@ -63,11 +88,14 @@ def max_padded(M: int | torch.SymInt, E: int, block_m: int) -> int | torch.SymIn
     return M + torch.sym_min(E, M) * (block_m - 1)
 
 
-def align_block_size(ids: Tensor, E: int, block_m: int) -> tuple[Tensor, Tensor, Tensor]:
+def align_block_size(ids: Tensor, E: int, block_m: int, m_max: int | None = None
+                     ) -> tuple[Tensor, Tensor, Tensor]:
     """`ids` [N, k] -> (sorted_slots [P] int32, tile_expert [P / block_m] int32, num_padded [1] int32).
 
     Rows `tile * block_m ...` of `sorted_slots` all belong to expert `tile_expert[tile]`; tiles at or past
     `num_padded / block_m` are unused (their expert is E). P = `max_padded` rounded up to block_m.
+    `m_max`: the most slots the kernel is sized for (default: the largest M the graph admits; tests pass
+    a larger one to run a small M through a kernel built for many).
     """
     flat = ids.reshape(-1)  # [M]
     M = flat.numel()
@@ -75,17 +103,19 @@ def align_block_size(ids: Tensor, E: int, block_m: int) -> tuple[Tensor, Tensor,
     P = -(-max_padded(M, E, block_m) // block_m) * block_m
     # M is symbolic under export: take the one-program path only when every admitted M fits it, sized for
     # the largest (a block sized from the example M would drop slots at run time).
-    m_max = upper_bound(M)
+    if m_max is None:
+        m_max = upper_bound(M)
     small = (0 < M <= SMALL_M) if isinstance(M, int) else (m_max is not None and m_max <= SMALL_M)
     if small:
         slots = torch.empty(P, dtype=torch.int32, device=dev)
         tile_expert = torch.empty(P // block_m, dtype=torch.int32, device=dev)
         num_padded = torch.empty(1, dtype=torch.int32, device=dev)
         block_e = triton.next_power_of_2(E + 1)
+        block = triton.next_power_of_2(m_max)
         wrap_triton(_align_kernel)[(1,)](flat, slots, tile_expert, num_padded, M, E, P, P // block_m,
-                                         TILE=block_m, BLOCK=triton.next_power_of_2(m_max),
-                                         BLOCK_E=block_e,
-                                         BLOCK_T=max(1, 8192 // block_e), num_warps=8)
+                                         TILE=block_m, BLOCK=block, BLOCK_E=block_e,
+                                         BLOCK_T=max(1, 8192 // block_e),
+                                         BLOCK_SMALL=min(block, ALIGN_SMALL_BLOCK), num_warps=8)
         return slots, tile_expert, num_padded
     counts = torch.zeros(E, dtype=torch.int64, device=dev).scatter_add_(0, flat, torch.ones_like(flat))
     padded = (counts + block_m - 1) // block_m * block_m
