@@ -66,14 +66,62 @@ def fwd_mode(request, monkeypatch):
     return request.param
 
 
-@pytest.mark.parametrize("B,T,H,HV,K,V,dtype,h0", CHUNK_CASES)
-def test_chunk_matches_reference(B, T, H, HV, K, V, dtype, h0, fwd_mode, poison_empty):
-    q, k, v, g, beta, state = make_inputs(B, T, H, HV, K, V, dtype, seed=T * 7 + B)
+def check_chunk(B: int, T: int, H: int, HV: int, K: int, V: int, dtype: torch.dtype, h0: bool, label: str) -> None:
+    """chunk_gated_delta_rule on fresh inputs (initial state when h0) against the fp64 reference."""
+    q, k, v, g, beta, state = make_inputs(B, T, H, HV, K, V, dtype, seed=T * 7 + B, h0=h0)
     o, ht = chunk_gated_delta_rule(q, k, v, g, beta, initial_state=state)
     ro, rh = naive_gated_delta_rule(q, k, v, g, beta, state)
     assert o.dtype == v.dtype and ht.dtype == torch.float32
-    assert_close("o", o, ro, bound(dtype))
-    assert_close("ht", ht, rh, bound(dtype))
+    assert_close(f"o {label}", o, ro, bound(dtype))
+    assert_close(f"ht {label}", ht, rh, bound(dtype))
+
+
+def check_chunk_varlen(lens: list[int], H: int, HV: int, dtype: torch.dtype, h0: bool, label: str) -> None:
+    """Packed sequences of the given lengths in one call against the fp64 reference."""
+    T = sum(lens)
+    q, k, v, g, beta, state = make_inputs(1, T, H, HV, 32, 32, dtype, seed=len(lens), N=len(lens), h0=h0)
+    cu = torch.tensor([0] + torch.tensor(lens).cumsum(0).tolist(), dtype=torch.int32, device=DEVICE)
+    o, ht = chunk_gated_delta_rule(q, k, v, g, beta, initial_state=state, cu_seqlens=cu)
+    ro, rh = naive_gated_delta_rule(q, k, v, g, beta, state, cu_seqlens=cu)
+    assert_close(f"o {label}", o, ro, bound(dtype))
+    assert_close(f"ht {label}", ht, rh, bound(dtype))
+
+
+@pytest.mark.parametrize("B,T,H,HV,K,V,dtype,h0", CHUNK_CASES)
+def test_chunk_matches_reference(B, T, H, HV, K, V, dtype, h0, fwd_mode, poison_empty):
+    check_chunk(B, T, H, HV, K, V, dtype, h0, fwd_mode)
+
+
+# chunk.py's variant switches (split mode). The tf32 merges run only on a GPU: under the interpreter every
+# fp32 product is exact whatever precision is asked for, so they would repeat "wyfull".
+VARIANTS = {
+    "wyfull": dict(WY_FORM="full"),
+    "prenorm": dict(PRENORM=True),
+    "prenorm-decayv": dict(PRENORM=True, H_DECAY_V=True),
+    "wyfull-prenorm-decayv": dict(WY_FORM="full", PRENORM=True, H_DECAY_V=True),
+    **({"wyfull-tf32x3-prenorm-decayv": dict(WY_FORM="full", WY_MERGE="tf32x3", PRENORM=True, H_DECAY_V=True),
+        "wyfull-tf32-prenorm-decayv": dict(WY_FORM="full", WY_MERGE="tf32", PRENORM=True, H_DECAY_V=True)}
+       if ON_GPU else {}),
+}
+# the representative subset every variant runs (the default path runs the whole sweep above):
+# T 1/2/63/65/200, HV/HK 1, 2 and 4, with and without an initial state, bf16 and fp32, B > 1
+VARIANT_CASES = [p for p in CHUNK_CASES if p.id in (
+    "T1-B1-HV1-fp32-h0zero", "T2-B3-HV4-bf16", "T63-B1-HV2-fp32", "T65-B1-HV8-HK2-V64-bf16",
+    "T200-B1-HV4-fp32")]
+
+
+@pytest.fixture(params=list(VARIANTS))
+def variant(request, monkeypatch):
+    """One variant of the split path, its switches set on chunk.py for the test."""
+    monkeypatch.setattr(chunk_mod, "FWD_MODE", "split")
+    for name, val in VARIANTS[request.param].items():
+        monkeypatch.setattr(chunk_mod, name, val)
+    return request.param
+
+
+@pytest.mark.parametrize("B,T,H,HV,K,V,dtype,h0", VARIANT_CASES)
+def test_chunk_variant_matches_reference(B, T, H, HV, K, V, dtype, h0, variant, poison_empty):
+    check_chunk(B, T, H, HV, K, V, dtype, h0, variant)
 
 
 @pytest.mark.parametrize("mode", ["subst", "joint", "power"])
@@ -101,13 +149,19 @@ VARLEN_CASES = [
 
 @pytest.mark.parametrize("lens,H,HV,dtype,h0", VARLEN_CASES)
 def test_chunk_varlen_matches_reference(lens, H, HV, dtype, h0, fwd_mode, poison_empty):
-    T = sum(lens)
-    q, k, v, g, beta, state = make_inputs(1, T, H, HV, 32, 32, dtype, seed=len(lens), N=len(lens), h0=h0)
-    cu = torch.tensor([0] + torch.tensor(lens).cumsum(0).tolist(), dtype=torch.int32, device=DEVICE)
-    o, ht = chunk_gated_delta_rule(q, k, v, g, beta, initial_state=state, cu_seqlens=cu)
-    ro, rh = naive_gated_delta_rule(q, k, v, g, beta, state, cu_seqlens=cu)
-    assert_close("o", o, ro, bound(dtype))
-    assert_close("ht", ht, rh, bound(dtype))
+    check_chunk_varlen(lens, H, HV, dtype, h0, fwd_mode)
+
+
+VARIANT_VARLEN_CASES = [  # short packed batches for the variants
+    pytest.param([1, 65, 7], 2, 8, torch.bfloat16, True, id="lens1-65-7-HV8-HK2-bf16"),
+    VARLEN_CASES[1],
+]
+
+
+@pytest.mark.parametrize("lens,H,HV,dtype,h0", VARIANT_VARLEN_CASES)
+def test_chunk_variant_varlen_matches_reference(lens, H, HV, dtype, h0, variant, poison_empty):
+    """Packed sequences: every chunk of every sequence, normalised q/k written once per key head."""
+    check_chunk_varlen(lens, H, HV, dtype, h0, variant)
 
 
 @pytest.mark.parametrize("split", [64, 100], ids=["at-chunk-boundary", "mid-chunk"])
@@ -125,6 +179,16 @@ def test_chunk_split_prefill_equals_one_call(split, fwd_mode):
     else:
         assert_close("o split", o12, o, FP32_BOUND)
         assert_close("ht split", h2, ht, FP32_BOUND)
+
+
+def test_chunk_variant_split_prefill_equals_one_call(variant):
+    """A variant's prefill split at a chunk boundary equals one call bitwise (as the default path's)."""
+    q, k, v, g, beta, state = make_inputs(1, 130, 1, 2, 32, 32, torch.float32, seed=6)
+    o, ht = chunk_gated_delta_rule(q, k, v, g, beta, initial_state=state)
+    a, b = slice(0, 64), slice(64, 130)
+    o1, h1 = chunk_gated_delta_rule(q[:, a], k[:, a], v[:, a], g[:, a], beta[:, a], initial_state=state)
+    o2, h2 = chunk_gated_delta_rule(q[:, b], k[:, b], v[:, b], g[:, b], beta[:, b], initial_state=h1)
+    assert torch.equal(torch.cat([o1, o2], dim=1), o) and torch.equal(h2, ht)
 
 
 @pytest.mark.parametrize("T", [63, 64, 130])

@@ -27,7 +27,7 @@ import triton.language as tl
 from torch import Tensor
 from torch.library import wrap_triton
 
-from .wy import BC, BT, _load_rows_l2norm, _seq_bounds, chunk_gdn_wy_kernel
+from .wy import BC, BT, _load_rows, _load_rows_l2norm, _seq_bounds, chunk_gdn_wy_kernel
 
 @triton.jit
 def chunk_gdn_fwd_kernel(
@@ -90,11 +90,14 @@ def chunk_gdn_h_kernel(
     H: tl.constexpr, HV: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
     BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
     USE_H0: tl.constexpr, STORE_HT: tl.constexpr, IS_VARLEN: tl.constexpr,
+    NORM: tl.constexpr = True, DECAY_V: tl.constexpr = False,
 ):
     """Split mode, the sequential half: per chunk store S (input dtype) and v_new, then advance S.
 
     Only the two dependent products (w S, k^T v_new) stay on the serial path; the outputs are left to
-    chunk_gdn_o_kernel, which runs over all chunks in parallel.
+    chunk_gdn_o_kernel, which runs over all chunks in parallel. NORM: k is raw (normalise it here), else
+    the WY kernel's normalised copy. DECAY_V: the decay exp(g_last - gc) scales the rows of v_new
+    ([BT, BV]) instead of those of k ([BT, K]), so k goes from its load straight into the product.
     """
     i_v, i_nh = tl.program_id(0), tl.program_id(1)
     i_n, i_h = i_nh // HV, i_nh % HV
@@ -129,13 +132,24 @@ def chunk_gdn_h_kernel(
         tl.store(h + ((boh + i_t) * HV + i_h) * K * V + s_tile, b_S, mask=mkv)
         b_w = tl.load(w_base + r64 * HV * K + o_k[None, :], mask=mr[:, None] & (o_k[None, :] < K), other=0.)
         b_u = tl.load(u_base + r64 * HV * V + cols[None, :], mask=mrv, other=0.)
-        b_vn = (b_u.to(tl.float32) - tl.dot(b_w, b_S)).to(DT)  # [BT, BV]
-        tl.store(vn_base + r64 * HV * V + cols[None, :], b_vn, mask=mrv)
-        b_k = _load_rows_l2norm(k_base, rows, Tn, H * K, K, BK)
-        b_g = tl.load(g_base + rows.to(tl.int64) * HV, mask=mr, other=0.)
-        g_last = tl.load(g_base + (tl.minimum(i_t * BT + BT, Tn) - 1).to(tl.int64) * HV)
-        b_kd = (b_k * tl.exp(g_last - b_g)[:, None]).to(DT)  # [BT, BK]
-        S = S * tl.exp(g_last) + tl.dot(tl.trans(b_kd), b_vn)
+        # k and g are loaded after the first product in both branches: loaded before it, k stays live
+        # across it and the default kernel spills more (sm_90: 1400 B of stack instead of 928)
+        if DECAY_V:
+            v_new = b_u.to(tl.float32) - tl.dot(b_w, b_S)  # [BT, BV]
+            tl.store(vn_base + r64 * HV * V + cols[None, :], v_new.to(DT), mask=mrv)
+            b_k = _load_rows(k_base, rows, Tn, H * K, K, BK, NORM)
+            b_g = tl.load(g_base + rows.to(tl.int64) * HV, mask=mr, other=0.)
+            g_last = tl.load(g_base + (tl.minimum(i_t * BT + BT, Tn) - 1).to(tl.int64) * HV)
+            b_vd = (v_new * tl.exp(g_last - b_g)[:, None]).to(DT)
+            S = S * tl.exp(g_last) + tl.dot(tl.trans(b_k.to(DT)), b_vd)
+        else:
+            b_vn = (b_u.to(tl.float32) - tl.dot(b_w, b_S)).to(DT)  # [BT, BV]
+            tl.store(vn_base + r64 * HV * V + cols[None, :], b_vn, mask=mrv)
+            b_k = _load_rows(k_base, rows, Tn, H * K, K, BK, NORM)
+            b_g = tl.load(g_base + rows.to(tl.int64) * HV, mask=mr, other=0.)
+            g_last = tl.load(g_base + (tl.minimum(i_t * BT + BT, Tn) - 1).to(tl.int64) * HV)
+            b_kd = (b_k.to(tl.float32) * tl.exp(g_last - b_g)[:, None]).to(DT)  # [BT, BK]
+            S = S * tl.exp(g_last) + tl.dot(tl.trans(b_kd), b_vn)
     if STORE_HT:
         tl.store(ht + s_off, S, mask=mkv)
 
@@ -145,8 +159,11 @@ def chunk_gdn_o_kernel(
     q, k, vn, h, gc, o, cu_seqlens, chunk_indices, scale, T,
     H: tl.constexpr, HV: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
     BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, IS_VARLEN: tl.constexpr,
+    NORM: tl.constexpr = True,
 ):
-    """Split mode, the parallel half: o = (q exp(gc)) S_chunk + tril(q k^T exp(gc_i - gc_j)) v_new."""
+    """Split mode, the parallel half: o = (q exp(gc)) S_chunk + tril(q k^T exp(gc_i - gc_j)) v_new.
+    NORM: q, k are raw (normalise them here), else the WY kernel's normalised copies (scale applied
+    after the q k^T product, in fp32)."""
     scale = (tl.zeros([], tl.float32) + scale).to(tl.float32)  # AOTI passes Python floats as fp64 scalars
     i_v, i_t, i_bh = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     i_b, i_h = i_bh // HV, i_bh % HV
@@ -167,16 +184,25 @@ def chunk_gdn_o_kernel(
     mr = rows < Tn
     r64 = rows[:, None].to(tl.int64)
     mrv = mr[:, None] & (cols[None, :] < V)
-    b_q = (_load_rows_l2norm(q + bos * H * K + i_hk * K, rows, Tn, H * K, K, BK) * scale)
-    b_k = _load_rows_l2norm(k + bos * H * K + i_hk * K, rows, Tn, H * K, K, BK).to(DT)
     b_g = tl.load(gc + bos * HV + i_h + rows.to(tl.int64) * HV, mask=mr, other=0.)
+    if NORM:
+        b_q = (_load_rows_l2norm(q + bos * H * K + i_hk * K, rows, Tn, H * K, K, BK) * scale)
+        b_k = _load_rows_l2norm(k + bos * H * K + i_hk * K, rows, Tn, H * K, K, BK).to(DT)
+        b_qg = (b_q * tl.exp(b_g)[:, None]).to(DT)
+        b_q = b_q.to(DT)
+        qk_scale = 1.0
+    else:
+        b_q = _load_rows(q + bos * H * K + i_hk * K, rows, Tn, H * K, K, BK, False)
+        b_k = _load_rows(k + bos * H * K + i_hk * K, rows, Tn, H * K, K, BK, False)
+        b_qg = (b_q.to(tl.float32) * (scale * tl.exp(b_g))[:, None]).to(DT)
+        qk_scale = scale
     b_S = tl.load(h + (i_c.to(tl.int64) * HV + i_h) * K * V + o_k[:, None] * V + cols[None, :],
                   mask=(o_k[:, None] < K) & (cols[None, :] < V), other=0.)
     b_vn = tl.load(vn + bos * HV * V + i_h * V + r64 * HV * V + cols[None, :], mask=mrv, other=0.)
     causal = o_t[:, None] >= o_t[None, :]
-    A = tl.dot(b_q.to(DT), tl.trans(b_k))  # [BT, BT]
-    A = tl.where(causal, A * tl.exp(tl.where(causal, b_g[:, None] - b_g[None, :], 0.)), 0.)
-    b_o = tl.dot((b_q * tl.exp(b_g)[:, None]).to(DT), b_S) + tl.dot(A.to(DT), b_vn)
+    A = tl.dot(b_q, tl.trans(b_k))  # [BT, BT]
+    A = tl.where(causal, A * (qk_scale * tl.exp(tl.where(causal, b_g[:, None] - b_g[None, :], 0.))), 0.)
+    b_o = tl.dot(b_qg, b_S) + tl.dot(A.to(DT), b_vn)
     tl.store(o + bos * HV * V + i_h * V + r64 * HV * V + cols[None, :], b_o.to(o.dtype.element_ty), mask=mrv)
 
 
@@ -199,6 +225,17 @@ WY_CONFIG = (128, 4, 1)
 # 4 x 15 serial steps), "joint" (one substitution over the stack: 15 steps), "power" (six fp32 products).
 WY_INV = "joint"
 _WY_INV_CODE = {"subst": 0, "joint": 1, "power": 2}
+_WY_FORM_CODE = {"blocks": 0, "full": 1}
+# Variants of the split path (bench/gdn_variants.py sweeps them; tests run each):
+# WY_FORM "blocks" (16x16 blocks, ~30 small products) or "full" (one [64, 64] tile: one beta k k^T
+# product, the inverse merged by three [64, 64] fp32 products of precision WY_MERGE, one product each for
+# w and u); PRENORM: the WY kernel writes L2-normalised q, k once per key head, the h and o kernels read
+# them instead of normalising again; H_DECAY_V: the h kernel scales v_new's rows by the decay instead of
+# k's (half the elements, and k needs no conversion before the product).
+WY_FORM = "blocks"
+WY_MERGE = "ieee"
+PRENORM = False
+H_DECAY_V = False
 FWD_CONFIG = (64, 8, 3)
 FWD_MODE = "split"
 H_CONFIG = (64, 4, 2)
@@ -245,9 +282,12 @@ def chunk_gated_delta_rule_fwd(
     o = torch.empty(B, T, HV, V, dtype=v.dtype, device=q.device)
     ht = torch.empty(N, HV, K, V, dtype=torch.float32, device=q.device) if output_final_state else None
     wy_bv = min(V, 64 if dt == torch.float32 else WY_CONFIG[0])
+    prenorm = PRENORM and FWD_MODE == "split"  # the fused kernel normalises itself
+    qn, kn = (torch.empty_like(q), torch.empty_like(k)) if prenorm else (q, k)
     wrap_triton(chunk_gdn_wy_kernel)[grid1](
-        k, v, g, beta, w, u, gc, cu_seqlens, chunk_indices, T,
+        k, v, g, beta, w, u, gc, q, qn, kn, cu_seqlens, chunk_indices, T,
         H=H, HV=HV, K=K, V=V, BT=BT, BC=BC, BK=K, BV=wy_bv, IS_VARLEN=is_varlen, INV=_WY_INV_CODE[WY_INV],
+        FORM=_WY_FORM_CODE[WY_FORM], PRENORM=prenorm, MERGE=WY_MERGE,
         num_warps=WY_CONFIG[1], num_stages=1 if dt == torch.float32 else WY_CONFIG[2],
     )
     h0 = initial_state.contiguous() if initial_state is not None else None
@@ -268,15 +308,15 @@ def chunk_gated_delta_rule_fwd(
         BV, nw, ns = (min(V, 32), 4, 1) if small else (min(V, H_CONFIG[0]), H_CONFIG[1], H_CONFIG[2])
         BVo, nwo, nso = (min(V, 32), 4, 1) if small else (min(V, O_CONFIG[0]), O_CONFIG[1], O_CONFIG[2])
         wrap_triton(chunk_gdn_h_kernel)[(triton.cdiv(V, BV), N * HV)](
-            k, w, u, gc, h, vn, h0, ht, cu_seqlens, chunk_offsets, T,
+            kn, w, u, gc, h, vn, h0, ht, cu_seqlens, chunk_offsets, T,
             H=H, HV=HV, K=K, V=V, BT=BT, BK=K, BV=BV,
             USE_H0=h0 is not None, STORE_HT=ht is not None, IS_VARLEN=is_varlen,
-            num_warps=nw, num_stages=ns,
+            NORM=not prenorm, DECAY_V=H_DECAY_V, num_warps=nw, num_stages=ns,
         )
         wrap_triton(chunk_gdn_o_kernel)[(triton.cdiv(V, BVo),) + grid_o](
-            q, k, vn, h, gc, o, cu_seqlens, chunk_indices, scale, T,
+            qn, kn, vn, h, gc, o, cu_seqlens, chunk_indices, scale, T,
             H=H, HV=HV, K=K, V=V, BT=BT, BK=K, BV=BVo, IS_VARLEN=is_varlen,
-            num_warps=nwo, num_stages=nso,
+            NORM=not prenorm, num_warps=nwo, num_stages=nso,
         )
         return o, ht
     # small BV: S [K, BV] stays in registers and a single sequence still gives HV * V / BV programs

@@ -4,6 +4,14 @@ For one (chunk, value head): L2-normalise k, take the in-chunk cumulative decay 
 L = strict_tril(beta k k^T * exp(gc_i - gc_j)), invert (I + L) (16x16 diagonal blocks by substitution, then
 block merge) and write w = (I+L)^-1 (beta * exp(gc) * k), u = (I+L)^-1 (beta * v) and gc.
 The helpers here (sequence bounds, normalised row loads) are shared with chunk.py's kernels.
+
+Variants (constexpr switches, picked by chunk.py's module-level settings):
+- FORM 0 "blocks": ten 16x16 blocks of beta k k^T, ten 16-row products each for w and u;
+  FORM 1 "full": one [BT, BT] product for beta k k^T, the inverse assembled as one [BT, BT] tile
+  (diagonal blocks by the joint substitution, the rest by (I + Y)(I + Y^2) Dinv with Y = -Dinv E, E the
+  below-diagonal blocks: Y^4 = 0), then one [BT, BT] x [BT, K|BV] product each for w and u.
+- PRENORM: programs of the first value head of each key head also write the L2-normalised q and k
+  (input dtype), so the later kernels skip the normalisation (and its cross-thread reduction).
 """
 
 from __future__ import annotations
@@ -50,24 +58,49 @@ def _inv_unit_lower(L, BC: tl.constexpr):
 
 
 @triton.jit
-def _inv_unit_lower_x4(L0, L1, L2, L3, BC: tl.constexpr):
-    """(I + L_b)^-1 of four strictly lower [BC, BC] blocks at once: one substitution over a [4, BC, BC]
-    stack, BC - 1 serial steps instead of 4 (BC - 1)."""
-    # join twice: [BC, BC, 2 (i1), 2 (i2)] holding block 2 * i2 + i1, then [4, BC, BC]
-    A = tl.join(tl.join(L0, L1), tl.join(L2, L3))
-    A = -tl.reshape(tl.permute(A, (3, 2, 0, 1)), (4, BC, BC))
+def _inv_unit_lower_stack(L, BC: tl.constexpr):
+    """(I + L_b)^-1 of a [4, BC, BC] stack of strictly lower blocks: one substitution over the stack."""
+    A = -L
     o = tl.arange(0, BC)
     for i in range(1, BC):
         row = (o == i)[None, :, None]
         a = tl.sum(tl.where(row, A, 0.), axis=1)  # [4, BC]: row i of every block
         a = a + tl.sum(a[:, :, None] * A, axis=1) * (o < i)[None, :]
         A = tl.where(row, a[:, None, :], A)
-    A = A + (o[:, None] == o[None, :]).to(tl.float32)[None, :, :]
+    return A + (o[:, None] == o[None, :]).to(tl.float32)[None, :, :]
+
+
+@triton.jit
+def _inv_unit_lower_x4(L0, L1, L2, L3, BC: tl.constexpr):
+    """(I + L_b)^-1 of four strictly lower [BC, BC] blocks at once: one substitution over a [4, BC, BC]
+    stack, BC - 1 serial steps instead of 4 (BC - 1)."""
+    # join twice: [BC, BC, 2 (i1), 2 (i2)] holding block 2 * i2 + i1, then [4, BC, BC]
+    A = tl.join(tl.join(L0, L1), tl.join(L2, L3))
+    A = _inv_unit_lower_stack(tl.reshape(tl.permute(A, (3, 2, 0, 1)), (4, BC, BC)), BC)
     A = tl.permute(tl.reshape(A, (2, 2, BC, BC)), (2, 3, 1, 0))  # back to [BC, BC, 2 (i1), 2 (i2)]
     X, Y = tl.split(A)
     T0, T1 = tl.split(X)
     T2, T3 = tl.split(Y)
     return T0, T1, T2, T3
+
+
+@triton.jit
+def _load_rows(x, rows, n_rows, stride, K: tl.constexpr, BK: tl.constexpr, NORM: tl.constexpr):
+    """Rows of x, L2-normalised in fp32 when NORM, else as stored (already normalised by the WY kernel)."""
+    if NORM:  # (no early return: Triton cannot inline one into a loop body)
+        b = _load_rows_l2norm(x, rows, n_rows, stride, K, BK)
+    else:
+        o_k = tl.arange(0, BK)
+        m = (rows[:, None] < n_rows) & (o_k[None, :] < K)
+        b = tl.load(x + rows[:, None].to(tl.int64) * stride + o_k[None, :], mask=m, other=0.)
+    return b
+
+
+@triton.jit
+def _store_rows(x, rows, n_rows, stride, val, K: tl.constexpr, BK: tl.constexpr):
+    o_k = tl.arange(0, BK)
+    m = (rows[:, None] < n_rows) & (o_k[None, :] < K)
+    tl.store(x + rows[:, None].to(tl.int64) * stride + o_k[None, :], val.to(x.dtype.element_ty), mask=m)
 
 
 @triton.jit
@@ -106,15 +139,72 @@ def _dot32(a, b):
 
 
 @triton.jit
+def _store_qn(q, qn, bos, Tn, i_t, i_h, i_hk, H: tl.constexpr, HV: tl.constexpr, K: tl.constexpr,
+              BT: tl.constexpr, BK: tl.constexpr):
+    """PRENORM: the chunk's normalised q rows, written by the first value head of each key head only."""
+    if i_h % (HV // H) == 0:
+        rows = i_t * BT + tl.arange(0, BT)
+        _store_rows(qn + bos * H * K + i_hk * K, rows, Tn, H * K,
+                    _load_rows_l2norm(q + bos * H * K + i_hk * K, rows, Tn, H * K, K, BK), K, BK)
+
+
+@triton.jit
+def _wy_full(k_base, v_base, g, beta, w, u, gc, kn, bos, Tn, i_t, i_h, i_hk, gb_off,
+             H: tl.constexpr, HV: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr,
+             BC: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, PRENORM: tl.constexpr, MERGE: tl.constexpr):
+    """FORM 1 of chunk_gdn_wy_kernel: the chunk as one [BT, *] tile (BT = 4 BC)."""
+    DT = k_base.dtype.element_ty
+    o_t = tl.arange(0, BT)
+    rows = i_t * BT + o_t
+    mr = rows < Tn
+    b_k = _load_rows_l2norm(k_base, rows, Tn, H * K, K, BK)  # [BT, BK] fp32
+    if PRENORM:
+        if i_h % (HV // H) == 0:
+            _store_rows(kn + bos * H * K + i_hk * K, rows, Tn, H * K, b_k, K, BK)
+    b_b = tl.load(beta + gb_off + rows.to(tl.int64) * HV, mask=mr, other=0.).to(tl.float32)
+    b_g = tl.cumsum(tl.load(g + gb_off + rows.to(tl.int64) * HV, mask=mr, other=0.).to(tl.float32), axis=0)
+    tl.store(gc + gb_off + rows.to(tl.int64) * HV, b_g, mask=mr)
+    b_kd = b_k.to(DT)
+    A = tl.dot((b_k * b_b[:, None]).to(DT), tl.trans(b_kd))  # [BT, BT]: beta_i k_i . k_j
+    strict = o_t[:, None] > o_t[None, :]
+    # the exponent is masked before exp: above the diagonal it is positive and could overflow
+    A = tl.where(strict, A * tl.exp(tl.where(strict, b_g[:, None] - b_g[None, :], 0.)), 0.)
+    # [BT, BT] viewed as [4 (row block), BC, 4 (column block), BC]; sel picks the diagonal blocks
+    o4 = tl.arange(0, 4)
+    sel = o4[:, None, None, None] == o4[None, None, :, None]
+    Ld = tl.sum(tl.where(sel, tl.reshape(A, (4, BC, 4, BC)), 0.), axis=2)  # [4, BC, BC]
+    Dinv = _inv_unit_lower_stack(Ld, BC)
+    Df = tl.reshape(tl.where(sel, Dinv[:, :, None, :], 0.), (BT, BT))  # block-diagonal (I + D)^-1
+    E = tl.where((o_t[:, None] // BC) > (o_t[None, :] // BC), A, 0.)  # below the diagonal blocks
+    # (I + A)^-1 = (I + Dinv E)^-1 Dinv = (I + Y)(I + Y^2) Dinv, Y = -Dinv E block-strictly-lower: Y^4 = 0
+    Y = -tl.dot(Df, E, input_precision=MERGE)
+    Z = Df + tl.dot(tl.dot(Y, Y, input_precision=MERGE), Df, input_precision=MERGE)
+    Ti = (Z + tl.dot(Y, Z, input_precision=MERGE)).to(DT)
+    kg = (b_k * (b_b * tl.exp(b_g))[:, None]).to(DT)  # rows past Tn are zero since beta is
+    _store_rows(w + bos * HV * K + i_h * K, rows, Tn, HV * K, tl.dot(Ti, kg), K, BK)
+    o_v = tl.arange(0, BV)
+    for i_v in range(0, tl.cdiv(V, BV)):
+        cols = i_v * BV + o_v
+        mv = mr[:, None] & (cols[None, :] < V)
+        b_v = tl.load(v_base + rows[:, None].to(tl.int64) * HV * V + cols[None, :], mask=mv, other=0.)
+        b_u = tl.dot(Ti, (b_v.to(tl.float32) * b_b[:, None]).to(DT))
+        tl.store(u + bos * HV * V + i_h * V + rows[:, None].to(tl.int64) * HV * V + cols[None, :],
+                 b_u.to(DT), mask=mv)
+
+
+@triton.jit
 def chunk_gdn_wy_kernel(
-    k, v, g, beta, w, u, gc, cu_seqlens, chunk_indices, T,
+    k, v, g, beta, w, u, gc, q, qn, kn, cu_seqlens, chunk_indices, T,
     H: tl.constexpr, HV: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
     BT: tl.constexpr, BC: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, IS_VARLEN: tl.constexpr,
-    INV: tl.constexpr = 0,
+    INV: tl.constexpr = 0, FORM: tl.constexpr = 0, PRENORM: tl.constexpr = False,
+    MERGE: tl.constexpr = "ieee",
 ):
     """One (chunk, value head): w [BT, K], u [BT, V] and the in-chunk decay cumsum gc [BT].
-    INV picks how the four diagonal blocks are inverted: 0 substitution per block, 1 one substitution over
-    the stack of four, 2 the power product (`_inv_unit_lower_pow`)."""
+    INV picks how the four diagonal blocks are inverted (FORM 0): 0 substitution per block, 1 one
+    substitution over the stack of four, 2 the power product (`_inv_unit_lower_pow`). FORM 1 is the
+    one-tile form (module docstring), MERGE the precision of its fp32 [BT, BT] products. PRENORM: also
+    write normalised q, k into qn, kn (the programs of value head 0 of each key head)."""
     i_t, i_bh = tl.program_id(0), tl.program_id(1)
     i_b, i_h = i_bh // HV, i_bh % HV
     i_hk = i_h // (HV // H)
@@ -130,6 +220,12 @@ def chunk_gdn_wy_kernel(
     gb_off = bos * HV + i_h
     o_c = tl.arange(0, BC)
     o_v = tl.arange(0, BV)
+    if FORM == 1:
+        _wy_full(k_base, v_base, g, beta, w, u, gc, kn, bos, Tn, i_t, i_h, i_hk, gb_off,
+                 H, HV, K, V, BT, BC, BK, BV, PRENORM, MERGE)
+        if PRENORM:
+            _store_qn(q, qn, bos, Tn, i_t, i_h, i_hk, H, HV, K, BT, BK)
+        return
     r0 = i_t * BT + o_c
     r1, r2, r3 = r0 + BC, r0 + 2 * BC, r0 + 3 * BC
 
@@ -153,6 +249,13 @@ def chunk_gdn_wy_kernel(
     tl.store(gc + gb_off + r1.to(tl.int64) * HV, g1, mask=r1 < Tn)
     tl.store(gc + gb_off + r2.to(tl.int64) * HV, g2, mask=r2 < Tn)
     tl.store(gc + gb_off + r3.to(tl.int64) * HV, g3, mask=r3 < Tn)
+    if PRENORM:
+        if i_h % (HV // H) == 0:
+            kn_base = kn + bos * H * K + i_hk * K
+            _store_rows(kn_base, r0, Tn, H * K, k0, K, BK)
+            _store_rows(kn_base, r1, Tn, H * K, k1, K, BK)
+            _store_rows(kn_base, r2, Tn, H * K, k2, K, BK)
+            _store_rows(kn_base, r3, Tn, H * K, k3, K, BK)
     k0, k1, k2, k3 = k0.to(DT), k1.to(DT), k2.to(DT), k3.to(DT)
 
     # (I + L)^-1 by blocks: T_ii by substitution, T_ij = -T_ii sum_{j<=m<i} L_im T_mj
@@ -229,3 +332,5 @@ def chunk_gdn_wy_kernel(
         tl.store(u_base + r1[:, None].to(tl.int64) * HV * V, u1.to(DT), mask=(r1 < Tn)[:, None] & mv)
         tl.store(u_base + r2[:, None].to(tl.int64) * HV * V, u2.to(DT), mask=(r2 < Tn)[:, None] & mv)
         tl.store(u_base + r3[:, None].to(tl.int64) * HV * V, u3.to(DT), mask=(r3 < Tn)[:, None] & mv)
+    if PRENORM:  # last: the q tile is not live across the rest
+        _store_qn(q, qn, bos, Tn, i_t, i_h, i_hk, H, HV, K, BT, BK)
