@@ -245,7 +245,8 @@ def ptx_stats() -> dict:
                              ("full", "tf32x3", False), ("full", "ieee", True)]:
         for bv, nw, ns in SWEEP["WY_CONFIG"][:3]:
             c = dict(common, cu_seqlens=None, chunk_indices=None, BC=16, BV=bv, INV=cm._WY_INV_CODE[cm.WY_INV],
-                     FORM=cm._WY_FORM_CODE[form], PRENORM=pre, MERGE=merge)
+                     FORM=cm._WY_FORM_CODE[form], PRENORM=pre,
+                     MERGE=cm._WY_MERGE_CODE[merge])
             jobs.append((f"wy {form} {merge} prenorm={pre} {(bv, nw, ns)}", wy.chunk_gdn_wy_kernel, wy_sig, c, nw, ns))
     for norm, dv in [(True, False), (False, False), (False, True)]:
         for bv, nw, ns in SWEEP["H_CONFIG"]:

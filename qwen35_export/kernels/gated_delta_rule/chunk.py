@@ -226,6 +226,7 @@ WY_CONFIG = (128, 4, 1)
 WY_INV = "joint"
 _WY_INV_CODE = {"subst": 0, "joint": 1, "power": 2}
 _WY_FORM_CODE = {"blocks": 0, "full": 1}
+_WY_MERGE_CODE = {"ieee": 0, "tf32x3": 1, "tf32": 2}
 # Variants of the split path (bench/gdn_variants.py sweeps them; tests run each):
 # WY_FORM "blocks" (16x16 blocks, ~30 small products) or "full" (one [64, 64] tile: one beta k k^T
 # product, the inverse merged by three [64, 64] fp32 products of precision WY_MERGE, one product each for
@@ -287,7 +288,7 @@ def chunk_gated_delta_rule_fwd(
     wrap_triton(chunk_gdn_wy_kernel)[grid1](
         k, v, g, beta, w, u, gc, q, qn, kn, cu_seqlens, chunk_indices, T,
         H=H, HV=HV, K=K, V=V, BT=BT, BC=BC, BK=K, BV=wy_bv, IS_VARLEN=is_varlen, INV=_WY_INV_CODE[WY_INV],
-        FORM=_WY_FORM_CODE[WY_FORM], PRENORM=prenorm, MERGE=WY_MERGE,
+        FORM=_WY_FORM_CODE[WY_FORM], PRENORM=prenorm, MERGE=_WY_MERGE_CODE[WY_MERGE],
         num_warps=WY_CONFIG[1], num_stages=1 if dt == torch.float32 else WY_CONFIG[2],
     )
     h0 = initial_state.contiguous() if initial_state is not None else None

@@ -139,6 +139,19 @@ def _dot32(a, b):
 
 
 @triton.jit
+def _dot_p(a, b, P: tl.constexpr):
+    """fp32 product at precision P: 0 ieee, 1 tf32x3, 2 tf32 (an int: a str constexpr may not survive
+    AOTInductor's kernel codegen, as WY_INV's code does not need to)."""
+    if P == 1:
+        c = tl.dot(a, b, input_precision="tf32x3")
+    elif P == 2:
+        c = tl.dot(a, b, input_precision="tf32")
+    else:
+        c = tl.dot(a, b, input_precision="ieee")
+    return c
+
+
+@triton.jit
 def _store_qn(q, qn, bos, Tn, i_t, i_h, i_hk, H: tl.constexpr, HV: tl.constexpr, K: tl.constexpr,
               BT: tl.constexpr, BK: tl.constexpr):
     """PRENORM: the chunk's normalised q rows, written by the first value head of each key head only."""
@@ -177,9 +190,9 @@ def _wy_full(k_base, v_base, g, beta, w, u, gc, kn, bos, Tn, i_t, i_h, i_hk, gb_
     Df = tl.reshape(tl.where(sel, Dinv[:, :, None, :], 0.), (BT, BT))  # block-diagonal (I + D)^-1
     E = tl.where((o_t[:, None] // BC) > (o_t[None, :] // BC), A, 0.)  # below the diagonal blocks
     # (I + A)^-1 = (I + Dinv E)^-1 Dinv = (I + Y)(I + Y^2) Dinv, Y = -Dinv E block-strictly-lower: Y^4 = 0
-    Y = -tl.dot(Df, E, input_precision=MERGE)
-    Z = Df + tl.dot(tl.dot(Y, Y, input_precision=MERGE), Df, input_precision=MERGE)
-    Ti = (Z + tl.dot(Y, Z, input_precision=MERGE)).to(DT)
+    Y = -_dot_p(Df, E, MERGE)
+    Z = Df + _dot_p(_dot_p(Y, Y, MERGE), Df, MERGE)
+    Ti = (Z + _dot_p(Y, Z, MERGE)).to(DT)
     kg = (b_k * (b_b * tl.exp(b_g))[:, None]).to(DT)  # rows past Tn are zero since beta is
     _store_rows(w + bos * HV * K + i_h * K, rows, Tn, HV * K, tl.dot(Ti, kg), K, BK)
     o_v = tl.arange(0, BV)
@@ -198,13 +211,13 @@ def chunk_gdn_wy_kernel(
     H: tl.constexpr, HV: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
     BT: tl.constexpr, BC: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, IS_VARLEN: tl.constexpr,
     INV: tl.constexpr = 0, FORM: tl.constexpr = 0, PRENORM: tl.constexpr = False,
-    MERGE: tl.constexpr = "ieee",
+    MERGE: tl.constexpr = 0,
 ):
     """One (chunk, value head): w [BT, K], u [BT, V] and the in-chunk decay cumsum gc [BT].
     INV picks how the four diagonal blocks are inverted (FORM 0): 0 substitution per block, 1 one
     substitution over the stack of four, 2 the power product (`_inv_unit_lower_pow`). FORM 1 is the
-    one-tile form (module docstring), MERGE the precision of its fp32 [BT, BT] products. PRENORM: also
-    write normalised q, k into qn, kn (the programs of value head 0 of each key head)."""
+    one-tile form (module docstring), MERGE the precision of its fp32 [BT, BT] products (`_dot_p`).
+    PRENORM: also write normalised q, k into qn, kn (the programs of value head 0 of each key head)."""
     i_t, i_bh = tl.program_id(0), tl.program_id(1)
     i_b, i_h = i_bh // HV, i_bh % HV
     i_hk = i_h // (HV // H)
