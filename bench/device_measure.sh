@@ -1,15 +1,16 @@
 #!/usr/bin/env bash
 # One device call that re-measures the engine path after kernel changes (issues 4, 5, 7):
 #  - 35B-A3B at 8 of 40 layers: BF16 + FP8 engines built side by side from bench/e2e.py's checkpoint;
-#  - while they compile (GPU idle): bench/gdn.py against fla-core (carried wheel, .whl) -> $OUT/gdn;
+#  - while they compile (GPU idle): $TESTS on the GPU, then bench/gdn.py against fla-core (carried wheel, .whl)
+#    -> $OUT/gdn, or with GDN=variants bench/gdn_variants.py -> $OUT/gdn_variants (GDN=none: neither);
 #  - ours timed with bench/e2e.py (decode B 1/8/64, prefill 512/8192, profiles) -> $OUT/{bf16,fp8};
-#  - both engines validated against our fp32 reference (flash prefill path on the GPU) -> $OUT/val.
-#   bash bench/device_measure.sh h200 $OUT [SECONDS]
+#  - both engines validated against our fp32 reference (flash prefill path on the GPU) -> logs.tgz: val/.
+#   [GDN=bench|variants|none] [TESTS="pytest args"] bash bench/device_measure.sh h200 $OUT [SECONDS]
 set -u
 TARGET=${1:-h200}; OUT=${2:?out dir}; BUDGET=${3:-585}; W=/tmp/e35
 export PYTHONUNBUFFERED=1 PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
 Q="python3 -m qwen35_export.cli"
-L=/tmp/logs; mkdir -p $W $L $OUT/val
+L=/tmp/logs; V=$L/val; mkdir -p $W $L $V  # validate reports travel inside logs.tgz (8 files come back)
 start=$(date +%s)
 left() { echo $(( BUDGET - ($(date +%s) - start) )); }
 finish() { tar czf $OUT/logs.tgz -C /tmp logs; }
@@ -21,9 +22,20 @@ for d in bf16 fp8; do
   $Q build $W/ckpt --target $TARGET --dtype $d --max-batch 64 --max-seq-len 8256 --out $W/eng_$d \
     > $L/build_$d.log 2>&1 &
 done
-[ "${NO_GDN:-0}" = 1 ] || timeout 240 python3 bench/gdn.py --out $OUT/gdn --no-tune > $L/gdn.log 2>&1
+# beside the builds (GPU otherwise idle): real-size runs of the named kernel tests, then the GDN bench (GDN=bench,
+# against fla), its variant sweep (GDN=variants) or nothing (GDN=none)
+if [ -n "${TESTS:-}" ]; then
+  QWEN35_TRITON_GPU=1 TRITON_INTERPRET=0 timeout 120 python3 -m pytest -q -p no:cacheprovider $TESTS > $L/gpu_tests.log 2>&1
+  echo "gpu tests ($(( $(date +%s) - start )) s): $(tail -1 $L/gpu_tests.log)"
+fi
+case "${GDN:-bench}" in
+  bench) timeout 240 python3 bench/gdn.py --out $OUT/gdn --no-tune > $L/gdn.log 2>&1 ;;
+  variants) timeout 220 python3 bench/gdn_variants.py --out $OUT/gdn_variants > $L/gdn_variants.log 2>&1
+            tail -30 $L/gdn_variants.log | cut -c1-220 ;;
+esac
 wait
-echo "builds (+ gdn bench): $(( $(date +%s) - start )) s"; tail -2 $L/build_*.log; grep -a "^| \|total" $L/gdn.log | head -30
+echo "builds (+ gdn bench): $(( $(date +%s) - start )) s"; for f in $L/build_*.log; do tail -n 2 $f; done
+grep -a "^| \|total" $L/gdn.log 2>/dev/null | head -30
 for d in bf16 fp8; do
   [ $(left) -gt 60 ] && python3 bench/e2e.py --out $OUT/$d --work $W --preset 35b-a3b --layers 8 --target $TARGET \
     --systems ours-$d --timeout $(( $(left) - 60 )) > $L/e2e_$d.log 2>&1
@@ -31,7 +43,7 @@ for d in bf16 fp8; do
 done
 for d in bf16 fp8; do
   [ $(left) -gt 20 ] && timeout $(( $(left) - 10 )) $Q validate $W/eng_$d --checkpoint $W/ckpt --reference ours \
-    --random 2 --gen 32 --report $OUT/val/$d > $L/val_$d.log 2>&1 &
+    --random 2 --gen 32 --report $V/$d > $L/val_$d.log 2>&1 &
 done
 wait
 echo "validate: $(( $(date +%s) - start )) s"

@@ -9,8 +9,9 @@ sigmoid gate) instead of three linears, a gate and an add:
 - GDN:        in_proj_qkv + in_proj_z -> in_proj_qkvz;  in_proj_b + in_proj_a -> in_proj_ba; and when both
               are unquantised (BF16 builds; FP8 keeps b/a in BF16) in_proj_qkvz + in_proj_ba -> in_proj_qkvzba
 - attention:  q_proj + k_proj + v_proj -> qkv_proj
-- router:     mlp.gate + mlp.shared_expert_gate -> mlp.gate_shared (E + 1 rows; both stay BF16 in FP8
-              checkpoints): at batch 1 the one-row shared gate alone was a cuBLAS dot + reduce, ~4 us
+- router:     mlp.gate + mlp.shared_expert_gate -> mlp.gate_shared (E + 1 rows, zero rows up to a multiple
+              of 8; both stay BF16 in FP8 checkpoints): at batch 1 the one-row shared gate alone was a
+              cuBLAS dot + reduce, ~4 us
 - MoE:        shared_expert.{gate,up,down}_proj -> row E of mlp.experts.{gate_up,down}_proj
               (else shared_expert.gate_proj + up_proj -> shared_expert.gate_up_proj)
 
@@ -37,6 +38,8 @@ ROW_GROUPS: dict[str, tuple[str, ...]] = {
     "linear_attn.in_proj_qkvzba.weight": ("linear_attn.in_proj_qkvz.weight", "linear_attn.in_proj_ba.weight"),
     "mlp.gate_shared.weight": ("mlp.gate.weight", "mlp.shared_expert_gate.weight"),
 }
+# fused name -> row multiple it is zero-padded to (only unquantised groups: FP8 rows come in 128s)
+ROW_ALIGN = {"mlp.gate_shared.weight": 8}
 SHARED = "mlp.shared_expert."
 SHARED_GATE_UP = SHARED + "gate_up_proj.weight"
 EXPERTS_GATE_UP, EXPERTS_DOWN = "mlp.experts.gate_up_proj", "mlp.experts.down_proj"
@@ -54,6 +57,9 @@ def _fuse_rows(w: dict[str, Tensor], fused: str, parts: tuple[str, ...]) -> bool
         return False
     if fp8[0] and any(t.shape[0] % FP8_BLOCK for t in ts):  # a part's last scale row would cover the next part
         return False
+    pad = 0 if fp8[0] else -sum(t.shape[0] for t in ts) % ROW_ALIGN.get(fused, 1)
+    if pad:  # zero rows: the GEMM's output rows keep 16-byte aligned strides (E + 1 = 257 or 513 did not)
+        ts.append(ts[0].new_zeros(pad, *ts[0].shape[1:]))
     w[fused] = torch.cat(ts, 0)
     if fp8[0]:
         w[scale_name(fused)] = torch.cat([w[scale_name(p)] for p in parts], 0)

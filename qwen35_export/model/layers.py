@@ -196,7 +196,8 @@ def moe_block(x: Tensor, w: dict[str, Tensor], cfg: Qwen35Config, expert_map: Te
     xf = x.reshape(B * T, H)  # [N, H]
     E = cfg.num_experts
     if "mlp.gate_shared.weight" in w:  # router + shared-expert gate rows in one GEMM (graph/fuse_weights.py)
-        logits, sg_logit = torch.split(F.linear(xf, w["mlp.gate_shared.weight"]), [E, 1], dim=-1)  # [N, E], [N, 1]
+        lg = F.linear(xf, w["mlp.gate_shared.weight"])  # [N, E + 1 + zero rows' columns]
+        logits, sg_logit = lg[:, :E], lg[:, E:E + 1]  # [N, E], [N, 1]
     else:
         logits = F.linear(xf, w["mlp.gate.weight"])  # [N, E] over all experts: routing is global
         sg_logit = F.linear(xf, w["mlp.shared_expert_gate.weight"])  # [N, 1]

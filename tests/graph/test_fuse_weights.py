@@ -55,6 +55,9 @@ def test_fused_layer_equals_unfused(layer: int, fp8: bool) -> None:
     want = {"linear_attention": gdn, "full_attention": {"self_attn.qkv_proj.weight"}}[kind]
     assert want | {"mlp.gate_shared.weight", "mlp.experts (+ shared expert as expert E)"} == set(groups)
     assert all(n in fused for n in want) and "mlp.gate.weight" not in fused
+    gs = fused["mlp.gate_shared.weight"]  # router rows, the shared gate's row, zero rows to a multiple of 8
+    assert gs.shape[0] % 8 == 0 and gs.shape[0] - cfg.num_experts - 1 < 8 and not gs[cfg.num_experts + 1:].any()
+    assert torch.equal(gs[cfg.num_experts], w["mlp.shared_expert_gate.weight"][0])
     assert not any(n.startswith("linear_attn.in_proj_") and n.removeprefix("linear_attn.").removesuffix(".weight")
                    in ("in_proj_qkv", "in_proj_z", "in_proj_b", "in_proj_a") for n in fused)
     assert fused["mlp.experts.down_proj"].shape[0] == cfg.num_experts + 1

@@ -25,8 +25,9 @@ DECODE_MAX_TOKENS = 64  # up to this many tokens a call is memory bound: the dec
 # keeps the align path; eager and static single-row calls take pairs.
 PAIRS_MAX_TOKENS = 1
 # A GPU without its own table takes the table of one with the same SM (the H200 is an sm_90 H100 with
-# faster, larger HBM: its tiles compile and run the same, tuned there rather than not at all).
-SAME_SM_TABLES = {"H200": "H100"}
+# faster, larger HBM: its tiles compile and run the same, tuned there rather than not at all). 397B tables
+# were tuned on an H100, the 35B-A3B ones (E 256/257, I 512) on an H200 (bench/results/moe_35b_h200/).
+SAME_SM_TABLES = {"H200": "H100", "H100": "H200"}
 
 
 def device_tag(device: torch.device) -> str:
