@@ -94,14 +94,19 @@ def test_chunk_matches_reference(B, T, H, HV, K, V, dtype, h0, fwd_mode, poison_
 
 # chunk.py's variant switches (split mode). The tf32 merges run only on a GPU: under the interpreter every
 # fp32 product is exact whatever precision is asked for, so they would repeat "wyfull".
+def _switches(form: str = "blocks", merge: str = "ieee", prenorm: bool = False, decay_v: bool = False) -> dict:
+    return dict(WY_FORM=form, WY_MERGE=merge, PRENORM=prenorm, H_DECAY_V=decay_v)
+
+
+# Each variant sets all four switches (the default is full + tf32 + prenorm + decay_v, which the whole sweep
+# above runs; fp32 inputs take the blocks form whatever WY_FORM says). "blocks" is the earlier default.
 VARIANTS = {
-    "wyfull": dict(WY_FORM="full"),
-    "prenorm": dict(PRENORM=True),
-    "prenorm-decayv": dict(PRENORM=True, H_DECAY_V=True),
-    "wyfull-prenorm-decayv": dict(WY_FORM="full", PRENORM=True, H_DECAY_V=True),
-    **({"wyfull-tf32x3-prenorm-decayv": dict(WY_FORM="full", WY_MERGE="tf32x3", PRENORM=True, H_DECAY_V=True),
-        "wyfull-tf32-prenorm-decayv": dict(WY_FORM="full", WY_MERGE="tf32", PRENORM=True, H_DECAY_V=True)}
-       if ON_GPU else {}),
+    "blocks": _switches(),
+    "wyfull": _switches("full"),
+    "prenorm": _switches(prenorm=True),
+    "prenorm-decayv": _switches(prenorm=True, decay_v=True),
+    "wyfull-ieee-prenorm-decayv": _switches("full", "ieee", True, True),
+    **({"wyfull-tf32x3-prenorm-decayv": _switches("full", "tf32x3", True, True)} if ON_GPU else {}),
 }
 # the representative subset every variant runs (the default path runs the whole sweep above):
 # T 1/2/63/65/200, HV/HK 1, 2 and 4, with and without an initial state, bf16 and fp32, B > 1

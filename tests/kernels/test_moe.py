@@ -18,7 +18,7 @@ from qwen35_export.kernels.moe import (DECODE_MAX_TOKENS, align_block_size, moe_
                                        moe_experts_fp8_reference, moe_experts_reference, moe_experts_triton,
                                        moe_router, moe_router_reference)
 import qwen35_export.model.ops  # noqa: F401  (registers the qwen35:: reference ops)
-from gdn_compare import assert_close  # the kernel tests' one comparison helper
+from gdn_compare import DEVICE, assert_close  # the kernel tests' one comparison helper
 from qwen35_export.kernels.moe import align
 
 BF16_U = 2.0 ** -8  # unit roundoff of bf16 (8 significant bits): one RNE rounding errs by at most this, relative
@@ -113,6 +113,7 @@ def test_router_ties(nan_empty):
                                     (6, 257, 11, 16)])  # M = 66: just past the small branch
 def test_align_tile_map(N, E, k, bm, monkeypatch):
     _, ids = make_routing(N, E, k, seed=N + E, pin=1 if E == 4 else None)
+    ids = ids.to(DEVICE)  # compiled on the GPU under QWEN35_TRITON_GPU=1
     slots, tile_e, num_padded = align_block_size(ids, E, bm)  # the one-program Triton path (small M)
     # the same kernel sized for a graph's largest M (its small-M branch when M <= ALIGN_SMALL_BLOCK)
     sized = align_block_size(ids, E, bm, m_max=1000)

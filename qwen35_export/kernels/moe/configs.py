@@ -27,6 +27,10 @@ PAIRS_MAX_TOKENS = 1
 # A GPU without its own table takes the table of one with the same SM (the H200 is an sm_90 H100 with
 # faster, larger HBM: its tiles compile and run the same, tuned there rather than not at all). 397B tables
 # were tuned on an H100, the 35B-A3B ones (E 256/257, I 512) on an H200 (bench/results/moe_35b_h200/).
+# An engine's decode graph serves every batch up to its max with the entry nearest DECODE_MAX_TOKENS (64),
+# so that entry should be good at batch 1 too: the 35B FP8 tables keep the T = 8 tiles there (BLOCK_N 32:
+# 275.9 us at T = 64 against the tune's 273.3 with BLOCK_N 64, which took gate_up from 16 to 20 us per layer
+# at batch 1 in the engine, bench/results/e2e_35b_8layers_h200.json).
 SAME_SM_TABLES = {"H200": "H100", "H100": "H200"}
 
 
