@@ -102,11 +102,13 @@ ENGINE_LINEARS = {
 }
 
 
-def bench_fp8_linear(bw: float, Ms: tuple[int, ...] = (1, 64), splits: tuple[int, ...] = (1,)) -> list[dict]:
+def bench_fp8_linear(bw: float, Ms: tuple[int, ...] = (1, 64), splits: tuple[int, ...] = (1,),
+                     rows: list | None = None, save=None) -> list[dict]:
     """Tile sweep of the two-kernel path (activation quantisation + GEMM [+ split-K sum], as the engine runs
     it), per linear and token count; with `splits` beyond (1,), the engine's fused linears over a narrower
-    tile set, every tile with each K split."""
-    rows = []
+    tile set, every tile with each K split. Times include the activation quantisation (the earlier
+    decode_kernels_h200 rows timed the GEMM alone). `save` runs after each row (a cut run keeps them)."""
+    rows = [] if rows is None else rows
     split_sweep = splits != (1,)
     bns, stages = ((16, 32, 64), (3, 5)) if split_sweep else ((16, 32, 64, 128), (3, 5))
     cands = [dict(BLOCK_M=16, BLOCK_N=bn, BLOCK_K=128, GROUP_M=1, num_warps=w, num_stages=s, SPLIT_K=sk)
@@ -141,6 +143,8 @@ def bench_fp8_linear(bw: float, Ms: tuple[int, ...] = (1, 64), splits: tuple[int
         print(f"fp8 {name:18s} M={M:3d}: best {best_us:7.1f} us ({rows[-1]['best_roofline_pct']:5.1f}% HBM) "
               f"BN={best['BLOCK_N']} w={best['num_warps']} s={best['num_stages']} split={best['SPLIT_K']}; "
               f"default {d_us}", flush=True)
+        if save is not None:
+            save()
     return rows
 
 
@@ -366,8 +370,9 @@ def main() -> None:
                         lambda: (a.out / "decode_kernels.json").write_text(json.dumps(res, indent=1)))
         return
     if a.fp8_split_only:
-        res["fp8_linear"] = bench_fp8_linear(bw, (1, 8, 64), (1, 2, 4, 8))
-        (a.out / "decode_kernels.json").write_text(json.dumps(res, indent=1))
+        res["fp8_linear"] = []
+        bench_fp8_linear(bw, (1, 8, 64), (1, 2, 4, 8), res["fp8_linear"],
+                         lambda: (a.out / "decode_kernels.json").write_text(json.dumps(res, indent=1)))
         return
     if a.conv1d_only:
         res["conv1d"] = bench_conv1d(bw)

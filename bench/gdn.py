@@ -262,7 +262,7 @@ def tune() -> dict:
 
     cands = [dict(FWD_MODE="fused", FWD_CONFIG=fw) for fw in [(64, 8, 3), (64, 8, 2), (64, 4, 2)]]
     cands += [dict(FWD_MODE="split", H_CONFIG=hc, O_CONFIG=oc)
-              for hc in [(64, 4, 2), (64, 8, 2), (32, 4, 2)] for oc in [(64, 4, 2), (128, 8, 2)]]
+              for hc in [(64, 4, 2), (64, 8, 2), (32, 4, 2)] for oc in [(64, 4, 2), (128, 8, 2), (128, 4, 2)]]
     for c in cands:
         try_cfg(json.dumps(c), **c)
     ok = {n: t for n, t in out["prefill_8192"].items() if isinstance(t, float)}
@@ -277,12 +277,12 @@ def tune() -> dict:
         cm.WY_CONFIG = (128, 4, 1)
         best.update(c)
         best_t = t_wy
-    for mode in ("subst", "joint", "power"):
-        c = dict(WY_INV=mode)
+    for mode in ("subst", "joint", "power"):  # the blocks form's inverse (the full form has its own merge)
+        c = dict(WY_FORM="blocks", WY_INV=mode)
         try_cfg(json.dumps(c), **c)
         t_inv = out["prefill_8192"][json.dumps(c)]
         if isinstance(t_inv, float) and t_inv < best_t:
-            cm.WY_INV = mode
+            cm.WY_FORM, cm.WY_INV = "blocks", mode
             best.update(c)
             best_t = t_inv
     out["chosen_prefill"] = best

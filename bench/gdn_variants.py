@@ -31,13 +31,19 @@ from qwen35_export.kernels.gated_delta_rule import chunk_gated_delta_rule  # noq
 HK, K, V = 16, 128, 128
 # most promising first (a sweep past its share of --budget keeps the default configs); "wyfull" (ieee merge)
 # is left out: its fp32 [64, 64] products run on FMA units (sm_90 SASS: ~8000 FFMA, 4.8 KB of spills)
+def _switches(form: str = "blocks", merge: str = "ieee", prenorm: bool = False, decay_v: bool = False) -> dict:
+    """All four of chunk.py's switches (a variant never inherits the module's current defaults)."""
+    return dict(WY_FORM=form, WY_MERGE=merge, PRENORM=prenorm, H_DECAY_V=decay_v)
+
+
 VARIANTS = {
-    "default": {},
-    "prenorm+decayv": dict(PRENORM=True, H_DECAY_V=True),
-    "wyfull-tf32x3+prenorm+decayv": dict(WY_FORM="full", WY_MERGE="tf32x3", PRENORM=True, H_DECAY_V=True),
-    "prenorm": dict(PRENORM=True),
-    "wyfull-tf32x3": dict(WY_FORM="full", WY_MERGE="tf32x3"),
-    "wyfull-tf32+prenorm+decayv": dict(WY_FORM="full", WY_MERGE="tf32", PRENORM=True, H_DECAY_V=True),
+    "default": {},  # chunk.py as committed: full + tf32 + prenorm + decay_v since 2026-12-01
+    "blocks": _switches(),  # the earlier default
+    "prenorm+decayv": _switches(prenorm=True, decay_v=True),
+    "wyfull-tf32x3+prenorm+decayv": _switches("full", "tf32x3", True, True),
+    "prenorm": _switches(prenorm=True),
+    "wyfull-tf32x3": _switches("full", "tf32x3"),
+    "wyfull-tf32+prenorm+decayv": _switches("full", "tf32", True, True),
 }
 # launch configs (BV, num_warps, num_stages) per kernel; the first is the default in chunk.py
 SWEEP = {

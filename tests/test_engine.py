@@ -297,3 +297,23 @@ def test_prefill_checks_its_limits(engine: Engine) -> None:
     long = torch.ones(2, engine.max_seq_len - 4, dtype=torch.int64)
     with pytest.raises(InputError, match="past the engine's max sequence length"):
         engine.prefill(long, torch.full((2,), engine.max_seq_len - 4), s)
+
+
+def test_decode_bucket_padding_rows(engine: Engine) -> None:
+    """A CUDA-graph bucket's step (runtime/engine.py): rows past the batch decode with step 0. The real rows'
+    logits and states equal a step of the real rows alone; the padding rows' slots do not move. Run through
+    the eager step that the GPU graph captures (CUDA graphs themselves need a GPU)."""
+    s = engine.reset(4)
+    engine.prefill_grouped(PROMPTS + [[42, 43]], s)
+    pools = (*s.conv, *s.rec, *s.k, *s.v, s.lengths)
+    before = [t.clone() for t in pools]
+    tok = torch.tensor([7, 8, 9, 0])
+    padded = engine._decode_eager(tok, s, step=torch.tensor([1, 1, 1, 0]))
+    after_padded = [t.clone() for t in pools]
+    for t, b in zip(pools, before):
+        t.copy_(b)
+    alone = engine._decode_eager(tok[:3], engine.slots(3))
+    torch.testing.assert_close(padded[:3], alone, rtol=1e-5, atol=1e-5)  # fp32; batch 4 vs 3 GEMM order only
+    for p, a, b in zip(after_padded, pools, before):
+        torch.testing.assert_close(p[:3], a[:3], rtol=1e-5, atol=1e-5)
+        assert torch.equal(p[3], b[3]), "a padding row moved its slot's state"

@@ -139,3 +139,46 @@ def test_short_chunks_through_decode_attention_equal_one_call(model: Qwen35Model
     assert_logits_close(b[1], one[1, 6:13], REL, "T=7 call, row 1")
     assert_logits_close(c[0], one[0, 17:20], REL, "T=3 call, row 0 up to the cache end")
     assert_state_close(s, s_one, REL, n_kv=13)
+
+
+@pytest.mark.parametrize("layer", [0, 3])  # a GDN layer and an attention layer of the tiny preset
+def test_decode_padding_rows_reuse_real_rows_experts(model: Qwen35Model, layer: int, monkeypatch) -> None:
+    """Decode rows of length 0 (a CUDA-graph bucket's padding, real rows first) leave the real rows' output
+    as it is, send their MoE slots to experts the real rows already use, with weight 0, and keep their own
+    states: the step reads no expert weights for them."""
+    from qwen35_export.model import layers as L
+
+    cfg, lw = model.cfg, model.w.layers[layer]
+    seen = []
+    real_op = torch.ops.qwen35.moe_experts
+
+    def spy(x, rw, ids, *rest):
+        seen.append((rw.clone(), ids.clone()))
+        return real_op(x, rw, ids, *rest)
+
+    monkeypatch.setattr(L.torch.ops.qwen35, "moe_experts", spy)
+    g = torch.Generator().manual_seed(layer)
+    B, n_real = 7, 3
+    x = torch.randn(B, 1, cfg.hidden_size, generator=g)
+    lengths = torch.tensor([1] * n_real + [0] * (B - n_real))
+
+    def step(xs, lens):
+        if cfg.layer_types[layer] == "linear_attention":
+            conv = torch.randn(len(lens), cfg.conv_dim, cfg.linear_conv_kernel_dim - 1, generator=torch.Generator().manual_seed(5))
+            rec = torch.randn(len(lens), cfg.linear_num_value_heads, cfg.linear_key_head_dim, cfg.linear_value_head_dim,
+                              generator=torch.Generator().manual_seed(6))
+            out, c2, r2 = L.gdn_layer(xs, lw, conv.clone(), rec.clone(), lens, cfg)
+            return out, [(conv, c2), (rec, r2)]
+        kc = torch.randn(len(lens), cfg.num_key_value_heads, 16, cfg.head_dim, generator=torch.Generator().manual_seed(7))
+        start = torch.full((len(lens),), 4)
+        out, k2, v2 = L.attention_layer(xs, lw, kc.clone(), kc.clone(), start, lens, cfg)
+        return out, [(kc, k2), (kc, v2)]
+
+    out, states = step(x, lengths)
+    (rw_pad, ids_pad), = seen
+    alone, _ = step(x[:n_real], lengths[:n_real])
+    torch.testing.assert_close(out[:n_real], alone, rtol=1e-5, atol=1e-5)  # fp32: summation order only
+    assert set(ids_pad[n_real:].flatten().tolist()) <= set(ids_pad[:n_real].flatten().tolist())
+    assert not rw_pad[n_real:].any() and rw_pad[:n_real].any()
+    for before, after in states:  # padding rows' states untouched (they would be spare slots' states)
+        assert torch.equal(after[n_real:], before[n_real:])

@@ -186,11 +186,15 @@ def attention_mixer(x: Tensor, w: dict[str, Tensor], k_cache: Tensor, v_cache: T
 
 
 # -- MoE -------------------------------------------------------------------------------------------
-def moe_block(x: Tensor, w: dict[str, Tensor], cfg: Qwen35Config, expert_map: Tensor | None = None) -> Tensor:
+def moe_block(x: Tensor, w: dict[str, Tensor], cfg: Qwen35Config, expert_map: Tensor | None = None,
+              real: Tensor | None = None) -> Tensor:
     """Sparse MoE over x [B, T, H]: routed top-k experts plus the sigmoid-gated shared expert.
 
     `expert_map` [E] (expert parallelism) maps global expert ids to this rank's local ones, -1 for experts
     another rank owns: those slots go to local expert 0 with weight 0, adding exactly 0 here.
+    `real` [B * T] bool, real tokens first (decode: the rows of a CUDA-graph bucket past the batch are
+    padding): a padding token's slots take the experts of real token (i mod n_real) with weight 0, so the
+    step reads no expert weights for it. Its output is then 0 plus its shared expert, never read.
     """
     B, T, H = x.shape
     xf = x.reshape(B * T, H)  # [N, H]
@@ -214,6 +218,11 @@ def moe_block(x: Tensor, w: dict[str, Tensor], cfg: Qwen35Config, expert_map: Te
         sg = torch.sigmoid(sg_logit).to(rw.dtype)  # [N, 1]
         rw = torch.cat([rw, sg], dim=1)  # [N, k+1]
         ids = torch.cat([ids, torch.full_like(ids[:, :1], cfg.num_experts)], dim=1)
+    if real is not None:
+        n_real = real.sum().clamp(min=1)
+        tok = torch.arange(ids.shape[0], device=x.device)
+        ids = ids[torch.where(real, tok, tok % n_real)]  # [N, k(+1)]
+        rw = torch.where(real[:, None], rw, torch.zeros_like(rw))
     if "mlp.experts.gate_up_proj_scale_inv" in w:
         routed = torch.ops.qwen35.moe_experts_fp8(
             xf, rw, ids, w["mlp.experts.gate_up_proj"], w["mlp.experts.gate_up_proj_scale_inv"],
@@ -234,12 +243,21 @@ def moe_block(x: Tensor, w: dict[str, Tensor], cfg: Qwen35Config, expert_map: Te
 
 
 # -- decoder layers (one per kind) ---------------------------------------------------------------
+def _decode_rows_real(x: Tensor, lengths: Tensor) -> Tensor | None:
+    """Decode (one token per row, T static): rows with length 0 are a bucket's padding, real rows first
+    (runtime/engine.py); None for prefill, where every row holds real tokens."""
+    T = x.shape[1]
+    return lengths > 0 if isinstance(T, int) and T == 1 else None
+
+
+
 def gdn_layer(x: Tensor, w: dict[str, Tensor], conv_state: Tensor, rec_state: Tensor, lengths: Tensor,
               cfg: Qwen35Config) -> tuple[Tensor, Tensor, Tensor]:
     h, conv_state, rec_state = gdn_mixer(rms_norm(x, w["input_layernorm.weight"], cfg.rms_norm_eps), w,
                                          conv_state, rec_state, lengths, cfg)
     x = x + h
-    x = x + moe_block(rms_norm(x, w["post_attention_layernorm.weight"], cfg.rms_norm_eps), w, cfg)
+    x = x + moe_block(rms_norm(x, w["post_attention_layernorm.weight"], cfg.rms_norm_eps), w, cfg,
+                      real=_decode_rows_real(x, lengths))
     return x, conv_state, rec_state
 
 
@@ -248,7 +266,8 @@ def attention_layer(x: Tensor, w: dict[str, Tensor], k_cache: Tensor, v_cache: T
     h, k_cache, v_cache = attention_mixer(rms_norm(x, w["input_layernorm.weight"], cfg.rms_norm_eps), w,
                                           k_cache, v_cache, start, lengths, cfg, cache_op)
     x = x + h
-    x = x + moe_block(rms_norm(x, w["post_attention_layernorm.weight"], cfg.rms_norm_eps), w, cfg)
+    x = x + moe_block(rms_norm(x, w["post_attention_layernorm.weight"], cfg.rms_norm_eps), w, cfg,
+                      real=_decode_rows_real(x, lengths))
     return x, k_cache, v_cache
 
 

@@ -129,6 +129,7 @@ class Engine:
         self.tokenizer = self._load_tokenizer()
         self.use_cuda_graphs = use_cuda_graphs and device.type == "cuda"
         self._cuda_graphs: dict[int, tuple] = {}
+        self._bucket_steps: dict[int, dict[int, Tensor]] = {}
         self.cuda_graph_error: str | None = None
 
     @classmethod
@@ -238,12 +239,15 @@ class Engine:
             raise InputError(f"prefill: a row would reach {total} tokens, past the engine's max sequence length "
                              f"{self.max_seq_len}")
 
-    def _decode_eager(self, tokens: Tensor, s: Slots, hook: LayerHook | None = None) -> Tensor:
-        ones = torch.ones_like(s.lengths)
+    def _decode_eager(self, tokens: Tensor, s: Slots, hook: LayerHook | None = None,
+                      step: Tensor | None = None) -> Tensor:
+        """One decode step. `step` [B] (default all 1): 1 for a real row, 0 for a padding row, which leaves
+        its slot's states and length alone and routes its MoE slots to real rows' experts (model/layers.py)."""
+        step = torch.ones_like(s.lengths) if step is None else step
         x = self.graphs["embed"](tokens[:, None], self.globals["embed_tokens.weight"])
-        x = self._layers(x, s, ones, "decode", hook)
+        x = self._layers(x, s, step, "decode", hook)
         logits = self._final(x)[:, 0]
-        s.lengths.add_(1)
+        s.lengths.add_(step)
         return logits
 
     @torch.no_grad()
@@ -261,8 +265,9 @@ class Engine:
         return min(n, self.max_batch)
 
     def _decode_graphed(self, tokens: Tensor, s: Slots) -> Tensor:
-        """Replay the CUDA graph of the smallest bucket >= B. Rows past B are zero tokens in spare slots:
-        each row's compute is independent (per-row state, per-token MoE), so they never touch real rows."""
+        """Replay the CUDA graph of the smallest bucket >= B. Rows past B are padding (zero tokens, step 0, in
+        spare slots): each row's compute is independent (per-row state, per-token MoE), so they never touch
+        real rows, and their MoE slots reuse real rows' experts (no expert weights read for them)."""
         B = tokens.shape[0]
         nb = self._bucket(B)
         if nb not in self._cuda_graphs:
@@ -278,15 +283,20 @@ class Engine:
                 torch.cuda.synchronize()
                 self.use_cuda_graphs = False
                 return self._decode_eager(tokens, s)
-        graph, tok_buf, out = self._cuda_graphs[nb]
+        graph, tok_buf, step_buf, out = self._cuda_graphs[nb]
         tok_buf.zero_()
         tok_buf[:B].copy_(tokens)
+        step_buf.copy_(self._bucket_steps[nb][B])
         graph.replay()
         # A copy: the graph's output buffer is overwritten by the next replay, and callers keep logits.
         return out[:B].clone()
 
     def _capture(self, nb: int) -> None:
         tok = torch.zeros(nb, dtype=torch.int64, device=self.device)
+        step = torch.ones(nb, dtype=torch.int64, device=self.device)
+        # per batch size B of this bucket, its step vector (B ones, then zeros), made once on the device
+        self._bucket_steps[nb] = {b: (torch.arange(nb, device=self.device) < b).to(torch.int64)
+                                  for b in range(1, nb + 1)}
         s = self.slots(nb)
         # Snapshot the slots: warm-up and capture run the step for real and would advance the state.
         state = (*s.conv, *s.rec, *s.k, *s.v, s.lengths)
@@ -296,17 +306,17 @@ class Engine:
             stream.wait_stream(torch.cuda.current_stream())
             with torch.cuda.stream(stream):
                 for _ in range(2):
-                    self._decode_eager(tok, s)
+                    self._decode_eager(tok, s, step=step)
             torch.cuda.current_stream().wait_stream(stream)
             graph = torch.cuda.CUDAGraph()
             with torch.cuda.graph(graph):
-                out = self._decode_eager(tok, s)
+                out = self._decode_eager(tok, s, step=step)
         finally:
             # Restore even when capture fails: the real sequences' states must not have moved.
             torch.cuda.synchronize()
             for t, v in zip(state, saved):
                 t.copy_(v)
-        self._cuda_graphs[nb] = (graph, tok, out)
+        self._cuda_graphs[nb] = (graph, tok, step, out)
 
     # -- generation ------------------------------------------------------------------------------------
     def check_prompts(self, prompts: list[list[int]], max_new_tokens: int) -> None:

@@ -134,6 +134,7 @@ def test_block_inverse_modes_agree(mode, monkeypatch):
     """Every WY_INV mode (substitution per block, one substitution over the four-block stack, the power
     product) matches the fp64 reference; the two substitutions compute the same numbers exactly."""
     q, k, v, g, beta, state = make_inputs(2, 130, 2, 4, 32, 32, torch.bfloat16, seed=11)
+    monkeypatch.setattr(chunk_mod, "WY_FORM", "blocks")  # WY_INV is the blocks form's (full has its own merge)
     monkeypatch.setattr(chunk_mod, "WY_INV", "subst")
     o1, h1 = chunk_gated_delta_rule(q, k, v, g, beta, initial_state=state)
     monkeypatch.setattr(chunk_mod, "WY_INV", mode)
@@ -186,9 +187,10 @@ def test_chunk_split_prefill_equals_one_call(split, fwd_mode):
         assert_close("ht split", h2, ht, FP32_BOUND)
 
 
-def test_chunk_variant_split_prefill_equals_one_call(variant):
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])  # fp32 takes blocks
+def test_chunk_variant_split_prefill_equals_one_call(variant, dtype):
     """A variant's prefill split at a chunk boundary equals one call bitwise (as the default path's)."""
-    q, k, v, g, beta, state = make_inputs(1, 130, 1, 2, 32, 32, torch.float32, seed=6)
+    q, k, v, g, beta, state = make_inputs(1, 130, 1, 2, 32, 32, dtype, seed=6)
     o, ht = chunk_gated_delta_rule(q, k, v, g, beta, initial_state=state)
     a, b = slice(0, 64), slice(64, 130)
     o1, h1 = chunk_gated_delta_rule(q[:, a], k[:, a], v[:, a], g[:, a], beta[:, a], initial_state=state)

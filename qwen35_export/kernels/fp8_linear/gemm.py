@@ -4,10 +4,10 @@
 used exactly); `x` is quantised to e4m3 with scales [R, ceil(K/128)] (quant.py). Each 128-column K step
 multiplies the e4m3 operands into an fp32 partial sum and applies both scales to it. Two paths:
 - two kernels (any R): `quantize_act` writes q and its scales, `_w8a8_gemm_kernel` runs `tl.dot` on fp8
-  operands (fp8 tensor cores on sm_90);
+  operands (fp8 tensor cores on sm_90), optionally split over K (then a third, fixed-order sum kernel);
 - fused (decode, R <= FUSED_MAX_R): `_fused_w8a8_gemm_kernel` quantises its rows of x in registers at each
   K step (same rounding and scale formula as quant.py) and multiplies at once: one launch, no q round trip.
-  There, each program streams BLOCK_N weight rows over K; optional split-K adds a fixed-order sum kernel.
+  There, each program streams BLOCK_N weight rows over K; split-K works as on the two-kernel path.
 """
 
 from __future__ import annotations

@@ -15,8 +15,9 @@ in one of two modes (FWD_MODE):
 Derivation (per chunk, S_0 its initial state): unrolling S_t = e^{g_t} S_{t-1} + k_t u_t^T with
 u_t = beta_t (v_t - e^{g_t} S_{t-1}^T k_t) gives (I + L) U = beta V - beta exp(gc) K S_0.
 Dots take their operands in the input dtype (bf16: tensor cores; fp32: tf32 on GPU, exact under the
-interpreter) and accumulate in fp32; the state S stays fp32. q/k are L2-normalised in fp32 inside every
-kernel that reads them (cheaper than a pass that writes them back).
+interpreter) and accumulate in fp32; the state S stays fp32. q/k are L2-normalised in fp32 by the WY kernel,
+which writes them once per key head in the input dtype (PRENORM, the default) for the h and o kernels to read
+(o applies the scale after its q k^T product); with PRENORM off every kernel normalises the rows it reads.
 """
 
 from __future__ import annotations
@@ -221,8 +222,9 @@ def prepare_chunk_indices(cu_seqlens: Tensor, chunk_size: int = BT) -> Tensor:
 # H200, same sweep (2026-12-01, bench/device_profile.sh): split (64,4,2)+(64,4,2) 1.51 ms, (32,4,2) 1.55;
 # WY_JOINT_INV 1.32 ms (WY kernel 0.63 ms, was 0.79).
 WY_CONFIG = (128, 4, 1)
-# How the WY kernel inverts the four diagonal 16x16 blocks of (I + L): "subst" (one substitution each,
-# 4 x 15 serial steps), "joint" (one substitution over the stack: 15 steps), "power" (six fp32 products).
+# How the blocks form of the WY kernel (WY_FORM "blocks", and every fp32 input) inverts the four diagonal
+# 16x16 blocks of (I + L): "subst" (one substitution each, 4 x 15 serial steps), "joint" (one substitution
+# over the stack: 15 steps), "power" (six fp32 products). The full form always takes the joint substitution.
 WY_INV = "joint"
 _WY_INV_CODE = {"subst": 0, "joint": 1, "power": 2}
 _WY_FORM_CODE = {"blocks": 0, "full": 1}

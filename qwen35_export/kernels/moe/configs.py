@@ -3,8 +3,8 @@
 A table lives in `configs/E={E},N={I},device={H100|H200},dtype={bf16|fp8}.json` (vLLM's naming; N is the
 expert intermediate size I) and maps a token count to one config:
 `{"BLOCK_M": 16, "gate_up": {BLOCK_N, BLOCK_K, GROUP_M, num_warps, num_stages}, "down": {...}}`.
-The entry whose token count is nearest the call's is used; an H200 without its own table uses the H100's
-(same SM); without a table, `default_config`.
+The entry whose token count is nearest the call's is used; an H200 without its own table uses the H100's and
+the other way round (same SM); without a table, `default_config`.
 """
 
 from __future__ import annotations
