@@ -225,7 +225,7 @@ def test_bound_catches_small_mistakes(fused_pair, monkeypatch, mistake) -> None:
     def scaled(f):  # a mixer returns (out, *state): scale out only
         return lambda *a: (lambda r: (r[0] * 1.001, *r[1:]))(f(*a))
 
-    patch = {"moe-output-x1.001": ("moe_block", lambda f: lambda *a: f(*a) * 1.001),
+    patch = {"moe-output-x1.001": ("moe_block", lambda f: lambda *a, **kw: f(*a, **kw) * 1.001),
              "attention-output-x1.001": ("attention_mixer", scaled),
              "no-rope": ("apply_rope", lambda f: lambda x, cos, sin: x),
              "gdn-norm-1+w": ("gated_rms_norm", lambda f: lambda o, z, w, eps: f(o, z, 1 + w, eps))}[mistake]
