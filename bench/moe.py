@@ -222,7 +222,12 @@ def main() -> None:
     ap.add_argument("--tune-budget-s", type=float, default=1e9, help="stop tuning (use stored tables) after this")
     ap.add_argument("--geometry", choices=sorted(GEOMETRIES), default="397b-a17b",
                     help="the MoE layer's shapes (35b-a3b: H 2048, I 512, E 256, top-8 + shared)")
+    ap.add_argument("--align-large", action="store_true",
+                    help="past SMALL_M slots, the three-kernel align path (align.LARGE_TRITON) instead of torch ops")
     args = ap.parse_args()
+    if args.align_large:
+        from qwen35_export.kernels.moe import align
+        align.LARGE_TRITON = True
     global H, I, E, K
     H, I, E, K = GEOMETRIES[args.geometry]
     tokens = [int(t) for arg in args.tokens for t in arg.split(",") if t]

@@ -118,9 +118,14 @@ def test_align_tile_map(N, E, k, bm, monkeypatch):
     # the same kernel sized for a graph's largest M (its small-M branch when M <= ALIGN_SMALL_BLOCK)
     sized = align_block_size(ids, E, bm, m_max=1000)
     monkeypatch.setattr(align, "SMALL_M", 0)
-    for got, want, big in zip((slots, tile_e, num_padded), align_block_size(ids, E, bm), sized):  # torch path
+    want_all = align_block_size(ids, E, bm)  # the torch-ops path
+    monkeypatch.setattr(align, "LARGE_TRITON", True)
+    monkeypatch.setattr(align, "LARGE_BLOCK", 32)  # several blocks, the last one partial
+    large = align_block_size(ids, E, bm)
+    for got, want, big, lg in zip((slots, tile_e, num_padded), want_all, sized, large):
         assert torch.equal(got, want), "the two tile-map paths disagree"
         assert torch.equal(big, want), "the kernel sized for 1000 slots disagrees"
+        assert torch.equal(lg, want), "the large-M kernels disagree with the torch path"
     M = N * k
     n_pad = int(num_padded)
     assert n_pad % bm == 0 and slots.shape[0] % bm == 0 and n_pad <= slots.shape[0]
