@@ -6,8 +6,8 @@ the same input become one GEMM over their concatenated rows, and the shared expe
 experts' size and format, becomes expert E of the routed MoE op (one more slot per token, weighted by its
 sigmoid gate) instead of three linears, a gate and an add:
 
-- GDN:        in_proj_qkv + in_proj_z -> in_proj_qkvz;  in_proj_b + in_proj_a -> in_proj_ba; and when both
-              are unquantised (BF16 builds; FP8 keeps b/a in BF16) in_proj_qkvz + in_proj_ba -> in_proj_qkvzba
+- GDN:        in_proj_qkv + z + b + a -> in_proj_qkvzba when all four share a format (BF16 builds), else
+              (FP8 keeps b/a in BF16) in_proj_qkv + in_proj_z -> in_proj_qkvz;  in_proj_b + in_proj_a -> in_proj_ba
 - attention:  q_proj + k_proj + v_proj -> qkv_proj
 - router:     mlp.gate + mlp.shared_expert_gate -> mlp.gate_shared (E + 1 rows, zero rows up to a multiple
               of 8; both stay BF16 in FP8 checkpoints): at batch 1 the one-row shared gate alone was a
@@ -31,11 +31,12 @@ FP8_BLOCK = 128
 
 # fused name -> its parts, rows in this order
 ROW_GROUPS: dict[str, tuple[str, ...]] = {
+    # first (dict order): all four GDN input projections when they share a format (BF16: the [HV + HV]-row
+    # b/a GEMM was its own ~5 us launch at batch 1); else, as in FP8 builds, qkv+z and b+a below
+    "linear_attn.in_proj_qkvzba.weight": tuple(f"linear_attn.in_proj_{n}.weight" for n in ("qkv", "z", "b", "a")),
     "linear_attn.in_proj_qkvz.weight": ("linear_attn.in_proj_qkv.weight", "linear_attn.in_proj_z.weight"),
     "linear_attn.in_proj_ba.weight": ("linear_attn.in_proj_b.weight", "linear_attn.in_proj_a.weight"),
     "self_attn.qkv_proj.weight": ("self_attn.q_proj.weight", "self_attn.k_proj.weight", "self_attn.v_proj.weight"),
-    # after the two above (dict order): the [HV + HV]-row GEMM was its own ~5 us launch at batch 1
-    "linear_attn.in_proj_qkvzba.weight": ("linear_attn.in_proj_qkvz.weight", "linear_attn.in_proj_ba.weight"),
     "mlp.gate_shared.weight": ("mlp.gate.weight", "mlp.shared_expert_gate.weight"),
 }
 # fused name -> row multiple it is zero-padded to (only unquantised groups: FP8 rows come in 128s)
@@ -102,8 +103,6 @@ def fuse_layer_weights(w: dict[str, Tensor]) -> tuple[dict[str, Tensor], list[st
     """Return (weights with every fusable group fused, the fused names created)."""
     out = dict(w)
     done = [fused for fused, parts in ROW_GROUPS.items() if _fuse_rows(out, fused, parts)]
-    if "linear_attn.in_proj_qkvzba.weight" in done:  # its parts were fused names themselves
-        done = [d for d in done if d not in ROW_GROUPS["linear_attn.in_proj_qkvzba.weight"]]
     if _fold_shared_expert(out):
         done.append("mlp.experts (+ shared expert as expert E)")
     elif _fuse_rows(out, SHARED_GATE_UP, (SHARED + "gate_proj.weight", SHARED + "up_proj.weight")):

@@ -39,6 +39,15 @@ def linear(x: Tensor, w: dict[str, Tensor], name: str) -> Tensor:
     return F.linear(x, w[name])
 
 
+def linear_parts(x: Tensor, w: dict[str, Tensor], fused: str, parts: list[str],
+                 sizes: list[int]) -> tuple[Tensor, ...]:
+    """The outputs of the linears `parts` ([..., size] each): one GEMM when the build stacked their rows under
+    `fused` (graph/fuse_weights.py), else one per part."""
+    if fused in w:
+        return torch.split(linear(x, w, fused), sizes, dim=-1)
+    return tuple(linear(x, w, n) for n in parts)
+
+
 # -- rotary ----------------------------------------------------------------------------------------
 def rope_cos_sin(positions: Tensor, cfg: Qwen35Config, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
     """cos/sin [B, T, rotary_dim] from M-RoPE positions [3, B, T] (temporal, height, width rows).
@@ -83,20 +92,13 @@ def gdn_mixer(x: Tensor, w: dict[str, Tensor], conv_state: Tensor, rec_state: Te
     K, V = cfg.linear_key_head_dim, cfg.linear_value_head_dim
     p = "linear_attn."
     C = 2 * HK * K + HV * V
-    # projections fused at build (graph/fuse_weights.py): one GEMM for all four, or for qkv+z and b+a
-    if p + "in_proj_qkvzba.weight" in w:
-        qkv, z, b, a = torch.split(linear(x, w, p + "in_proj_qkvzba.weight"), [C, HV * V, HV, HV], dim=-1)
+    names = [f"{p}in_proj_{n}.weight" for n in ("qkv", "z", "b", "a")]
+    sizes = [C, HV * V, HV, HV]  # qkv [B, T, C], z [B, T, HV * V], b and a [B, T, HV]
+    if p + "in_proj_qkvzba.weight" in w:  # all four fused at build, else qkv+z and b+a (FP8 builds)
+        qkv, z, b, a = linear_parts(x, w, p + "in_proj_qkvzba.weight", names, sizes)
     else:
-        if p + "in_proj_qkvz.weight" in w:
-            qkv, z = torch.split(linear(x, w, p + "in_proj_qkvz.weight"), [C, HV * V], dim=-1)
-        else:
-            qkv = linear(x, w, p + "in_proj_qkv.weight")  # [B, T, C]
-            z = linear(x, w, p + "in_proj_z.weight")
-        if p + "in_proj_ba.weight" in w:
-            b, a = torch.split(linear(x, w, p + "in_proj_ba.weight"), [HV, HV], dim=-1)
-        else:
-            b = linear(x, w, p + "in_proj_b.weight")  # [B, T, HV]
-            a = linear(x, w, p + "in_proj_a.weight")  # [B, T, HV]
+        qkv, z = linear_parts(x, w, p + "in_proj_qkvz.weight", names[:2], sizes[:2])
+        b, a = linear_parts(x, w, p + "in_proj_ba.weight", names[2:], sizes[2:])
     z = z.reshape(B, T, HV, V)
 
     conv_w = w[p + "conv1d.weight"][:, 0, :]  # [C, W]
@@ -130,10 +132,8 @@ def attention_mixer(x: Tensor, w: dict[str, Tensor], k_cache: Tensor, v_cache: T
     NH, KVH, D = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
     Tmax = k_cache.shape[2]
     p = "self_attn."
-    if p + "qkv_proj.weight" in w:  # fused at build (graph/fuse_weights.py)
-        qg, k, v = torch.split(linear(x, w, p + "qkv_proj.weight"), [NH * 2 * D, KVH * D, KVH * D], dim=-1)
-    else:
-        qg, k, v = (linear(x, w, p + n + "_proj.weight") for n in ("q", "k", "v"))
+    qg, k, v = linear_parts(x, w, p + "qkv_proj.weight", [p + n + "_proj.weight" for n in ("q", "k", "v")],
+                            [NH * 2 * D, KVH * D, KVH * D])
     qg = qg.reshape(B, T, NH, 2 * D)
     q, gate = qg[..., :D], qg[..., D:]  # [B, T, NH, D] each
     gate = gate.reshape(B, T, NH * D)
@@ -248,7 +248,6 @@ def _decode_rows_real(x: Tensor, lengths: Tensor) -> Tensor | None:
     (runtime/engine.py); None for prefill, where every row holds real tokens."""
     T = x.shape[1]
     return lengths > 0 if isinstance(T, int) and T == 1 else None
-
 
 
 def gdn_layer(x: Tensor, w: dict[str, Tensor], conv_state: Tensor, rec_state: Tensor, lengths: Tensor,

@@ -129,7 +129,6 @@ class Engine:
         self.tokenizer = self._load_tokenizer()
         self.use_cuda_graphs = use_cuda_graphs and device.type == "cuda"
         self._cuda_graphs: dict[int, tuple] = {}
-        self._bucket_steps: dict[int, dict[int, Tensor]] = {}
         self.cuda_graph_error: str | None = None
 
     @classmethod
@@ -286,17 +285,15 @@ class Engine:
         graph, tok_buf, step_buf, out = self._cuda_graphs[nb]
         tok_buf.zero_()
         tok_buf[:B].copy_(tokens)
-        step_buf.copy_(self._bucket_steps[nb][B])
+        step_buf.zero_()
+        step_buf[:B].fill_(1)
         graph.replay()
         # A copy: the graph's output buffer is overwritten by the next replay, and callers keep logits.
         return out[:B].clone()
 
     def _capture(self, nb: int) -> None:
         tok = torch.zeros(nb, dtype=torch.int64, device=self.device)
-        step = torch.ones(nb, dtype=torch.int64, device=self.device)
-        # per batch size B of this bucket, its step vector (B ones, then zeros), made once on the device
-        self._bucket_steps[nb] = {b: (torch.arange(nb, device=self.device) < b).to(torch.int64)
-                                  for b in range(1, nb + 1)}
+        step = torch.ones(nb, dtype=torch.int64, device=self.device)  # 1 for real rows, 0 past the batch
         s = self.slots(nb)
         # Snapshot the slots: warm-up and capture run the step for real and would advance the state.
         state = (*s.conv, *s.rec, *s.k, *s.v, s.lengths)

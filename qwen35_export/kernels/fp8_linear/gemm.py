@@ -205,12 +205,7 @@ def _launch_two_kernel(x2: Tensor, w: Tensor, w_scale: Tensor, out: Tensor, cfg:
     R, K = x2.shape
     N = w.shape[0]
     xq, xs = quantize_act(x2)
-    steps = triton.cdiv(K, cfg["BLOCK_K"])
-    per_split = triton.cdiv(steps, max(1, min(cfg.pop("SPLIT_K", 1), steps)))
-    split = triton.cdiv(steps, per_split)  # no empty splits
-    # split-K (few rows, long K: too few tiles to keep the SMs streaming): fp32 partials [split, R, N],
-    # summed in split order by a second launch (deterministic, unlike atomics)
-    part = out if split == 1 else torch.empty(split, R, N, dtype=torch.float32, device=out.device)
+    per_split, split, part = _k_splits(triton.cdiv(K, cfg["BLOCK_K"]), cfg.pop("SPLIT_K", 1), out)
     grid = (triton.cdiv(R, cfg["BLOCK_M"]) * triton.cdiv(N, cfg["BLOCK_N"]), split)
     wrap_triton(_w8a8_gemm_kernel)[grid](
         xq, xs, w, w_scale, part, R, N, K, per_split,
@@ -218,6 +213,16 @@ def _launch_two_kernel(x2: Tensor, w: Tensor, w_scale: Tensor, out: Tensor, cfg:
         UPCAST=INTERPRET, **cfg)
     if split > 1:
         _split_k_sum(part, out, split)
+
+
+def _k_splits(steps: int, want: int, out: Tensor) -> tuple[int, int, Tensor]:
+    """(K steps per split, splits, where the GEMM writes) for `want` splits of `steps` K steps, none empty.
+    Split-K (few rows, long K: too few tiles to keep the SMs streaming) writes fp32 partials [split, R, N],
+    summed in split order by `_split_k_sum` (deterministic, unlike atomics); one split writes `out` itself."""
+    per_split = triton.cdiv(steps, max(1, min(want, steps)))
+    split = triton.cdiv(steps, per_split)
+    part = out if split == 1 else torch.empty(split, *out.shape, dtype=torch.float32, device=out.device)
+    return per_split, split, part
 
 
 def _split_k_sum(part: Tensor, out: Tensor, split: int) -> None:
@@ -234,11 +239,7 @@ def _launch_fused(x2: Tensor, w: Tensor, w_scale: Tensor, out: Tensor, cfg: dict
                          f"(tl.dot's smallest tile), got {cfg}")
     R, K = x2.shape
     N = w.shape[0]
-    steps = triton.cdiv(K, GROUP)
-    per_split = triton.cdiv(steps, max(1, min(cfg.pop("SPLIT_K", 1), steps)))
-    split = triton.cdiv(steps, per_split)  # no empty splits
-    # split-K: fp32 partials [split, R, N], summed in split order by a second launch (deterministic)
-    part = out if split == 1 else torch.empty(split, R, N, dtype=torch.float32, device=out.device)
+    per_split, split, part = _k_splits(triton.cdiv(K, GROUP), cfg.pop("SPLIT_K", 1), out)
     grid = (triton.cdiv(R, cfg["BLOCK_M"]) * triton.cdiv(N, cfg["BLOCK_N"]), split)
     wrap_triton(_fused_w8a8_gemm_kernel)[grid](
         x2, w, w_scale, part, R, N, K, per_split,

@@ -74,6 +74,8 @@ def chunk_gdn_fwd_kernel(
         b_S = S.to(DT)
         v_new = b_u.to(tl.float32) - tl.dot(b_w, b_S)  # [BT, BV]
         b_vn = v_new.to(DT)
+        # k and g are loaded after the first product: loaded before it, k stays live across it and the
+        # kernel spills more (sm_90: 1400 B of stack instead of 928 in the NORM / k-decay form)
         A = tl.dot(b_q, tl.trans(b_k.to(DT)))  # [BT, BT]
         A = tl.where(causal, A * tl.exp(tl.where(causal, b_g[:, None] - b_g[None, :], 0.)), 0.)
         b_o = tl.dot((b_q.to(tl.float32) * tl.exp(b_g)[:, None]).to(DT), b_S) + tl.dot(A.to(DT), b_vn)
@@ -135,22 +137,19 @@ def chunk_gdn_h_kernel(
         b_u = tl.load(u_base + r64 * HV * V + cols[None, :], mask=mrv, other=0.)
         # k and g are loaded after the first product in both branches: loaded before it, k stays live
         # across it and the default kernel spills more (sm_90: 1400 B of stack instead of 928)
-        if DECAY_V:
-            v_new = b_u.to(tl.float32) - tl.dot(b_w, b_S)  # [BT, BV]
-            tl.store(vn_base + r64 * HV * V + cols[None, :], v_new.to(DT), mask=mrv)
-            b_k = _load_rows(k_base, rows, Tn, H * K, K, BK, NORM)
-            b_g = tl.load(g_base + rows.to(tl.int64) * HV, mask=mr, other=0.)
-            g_last = tl.load(g_base + (tl.minimum(i_t * BT + BT, Tn) - 1).to(tl.int64) * HV)
-            b_vd = (v_new * tl.exp(g_last - b_g)[:, None]).to(DT)
-            S = S * tl.exp(g_last) + tl.dot(tl.trans(b_k.to(DT)), b_vd)
-        else:
-            b_vn = (b_u.to(tl.float32) - tl.dot(b_w, b_S)).to(DT)  # [BT, BV]
-            tl.store(vn_base + r64 * HV * V + cols[None, :], b_vn, mask=mrv)
-            b_k = _load_rows(k_base, rows, Tn, H * K, K, BK, NORM)
-            b_g = tl.load(g_base + rows.to(tl.int64) * HV, mask=mr, other=0.)
-            g_last = tl.load(g_base + (tl.minimum(i_t * BT + BT, Tn) - 1).to(tl.int64) * HV)
-            b_kd = (b_k.to(tl.float32) * tl.exp(g_last - b_g)[:, None]).to(DT)  # [BT, BK]
-            S = S * tl.exp(g_last) + tl.dot(tl.trans(b_kd), b_vn)
+        v_new = b_u.to(tl.float32) - tl.dot(b_w, b_S)  # [BT, BV]
+        b_vn = v_new.to(DT)
+        # k and g are loaded after the first product: loaded before it, k stays live across it and the
+        # kernel spills more (sm_90: 1400 B of stack instead of 928 in the NORM / k-decay form)
+        tl.store(vn_base + r64 * HV * V + cols[None, :], b_vn, mask=mrv)
+        b_k = _load_rows(k_base, rows, Tn, H * K, K, BK, NORM)
+        b_g = tl.load(g_base + rows.to(tl.int64) * HV, mask=mr, other=0.)
+        g_last = tl.load(g_base + (tl.minimum(i_t * BT + BT, Tn) - 1).to(tl.int64) * HV)
+        decay = tl.exp(g_last - b_g)[:, None]  # [BT, 1]
+        if DECAY_V:  # on v_new's rows ([BT, BV]): k goes from its load into the product
+            S = S * tl.exp(g_last) + tl.dot(tl.trans(b_k.to(DT)), (v_new * decay).to(DT))
+        else:  # on k's rows ([BT, BK])
+            S = S * tl.exp(g_last) + tl.dot(tl.trans((b_k.to(tl.float32) * decay).to(DT)), b_vn)
     if STORE_HT:
         tl.store(ht + s_off, S, mask=mkv)
 

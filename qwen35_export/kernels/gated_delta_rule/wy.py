@@ -35,11 +35,17 @@ def _seq_bounds(cu_seqlens, i_n, T, IS_VARLEN: tl.constexpr):
 
 
 @triton.jit
-def _load_rows_l2norm(x, rows, n_rows, stride, K: tl.constexpr, BK: tl.constexpr):
-    """Rows of x ([n, K] with row stride `stride`), L2-normalised in fp32; rows past n_rows read as 0."""
+def _load_rows_raw(x, rows, n_rows, stride, K: tl.constexpr, BK: tl.constexpr):
+    """Rows of x ([n, K] with row stride `stride`) as stored; rows past n_rows read as 0."""
     o_k = tl.arange(0, BK)
     m = (rows[:, None] < n_rows) & (o_k[None, :] < K)
-    b = tl.load(x + rows[:, None].to(tl.int64) * stride + o_k[None, :], mask=m, other=0.).to(tl.float32)
+    return tl.load(x + rows[:, None].to(tl.int64) * stride + o_k[None, :], mask=m, other=0.)
+
+
+@triton.jit
+def _load_rows_l2norm(x, rows, n_rows, stride, K: tl.constexpr, BK: tl.constexpr):
+    """Rows of x, L2-normalised in fp32; rows past n_rows read as 0."""
+    b = _load_rows_raw(x, rows, n_rows, stride, K, BK).to(tl.float32)
     return b * tl.rsqrt(tl.sum(b * b, axis=1) + 1e-6)[:, None]
 
 
@@ -90,9 +96,7 @@ def _load_rows(x, rows, n_rows, stride, K: tl.constexpr, BK: tl.constexpr, NORM:
     if NORM:  # (no early return: Triton cannot inline one into a loop body)
         b = _load_rows_l2norm(x, rows, n_rows, stride, K, BK)
     else:
-        o_k = tl.arange(0, BK)
-        m = (rows[:, None] < n_rows) & (o_k[None, :] < K)
-        b = tl.load(x + rows[:, None].to(tl.int64) * stride + o_k[None, :], mask=m, other=0.)
+        b = _load_rows_raw(x, rows, n_rows, stride, K, BK)
     return b
 
 

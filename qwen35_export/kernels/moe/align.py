@@ -59,13 +59,9 @@ def _align_kernel(ids_ptr, slots_ptr, tile_expert_ptr, num_padded_ptr, M, E, P, 
                   BLOCK_SMALL: tl.constexpr):
     """One program. BLOCK is sized for the largest M the graph admits; a run with M <= BLOCK_SMALL sorts
     BLOCK_SMALL keys instead (a batch-1 step of a graph built for batch 64 sorted 1024 keys: ~5 us)."""
-    if BLOCK_SMALL < BLOCK:
-        if M <= BLOCK_SMALL:
-            _align_body(ids_ptr, slots_ptr, tile_expert_ptr, num_padded_ptr, M, E, P, num_tiles,
-                        TILE, BLOCK_SMALL, BLOCK_E, BLOCK_T, BLOCK)
-        else:
-            _align_body(ids_ptr, slots_ptr, tile_expert_ptr, num_padded_ptr, M, E, P, num_tiles,
-                        TILE, BLOCK, BLOCK_E, BLOCK_T, BLOCK)
+    if M <= BLOCK_SMALL:
+        _align_body(ids_ptr, slots_ptr, tile_expert_ptr, num_padded_ptr, M, E, P, num_tiles,
+                    TILE, BLOCK_SMALL, BLOCK_E, BLOCK_T, BLOCK)
     else:
         _align_body(ids_ptr, slots_ptr, tile_expert_ptr, num_padded_ptr, M, E, P, num_tiles,
                     TILE, BLOCK, BLOCK_E, BLOCK_T, BLOCK)
