@@ -4,8 +4,9 @@
 #  - while they compile (GPU idle): $TESTS on the GPU, then bench/gdn.py against fla-core (carried wheel, .whl)
 #    -> $OUT/gdn, or with GDN=variants bench/gdn_variants.py -> $OUT/gdn_variants (GDN=none: neither);
 #  - ours timed with bench/e2e.py (decode B 1/8/64, prefill 512/8192, profiles) -> $OUT/{bf16,fp8};
+#  - decode through padded CUDA-graph buckets checked against eager (bench/check_graph_padding.py);
 #  - both engines validated against our fp32 reference (flash prefill path on the GPU) -> logs.tgz: val/.
-#   [GDN=bench|variants|none] [TESTS="pytest args"] bash bench/device_measure.sh h200 $OUT [SECONDS]
+#   [DTYPES="bf16 fp8"] [CHECKS=1] [GDN=bench|variants|after|none] [TESTS="pytest args"] [TESTS_TIMEOUT=120] bash bench/device_measure.sh h200 $OUT [SECONDS]
 set -u
 TARGET=${1:-h200}; OUT=${2:?out dir}; BUDGET=${3:-585}; W=/tmp/e35
 export PYTHONUNBUFFERED=1 PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
@@ -18,14 +19,15 @@ trap finish EXIT
 nvidia-smi --query-gpu=name,clocks.sm,clocks.mem,memory.total --format=csv > $L/gpu.txt 2>&1
 python3 bench/e2e.py --out $L/ckpt --work $W --preset 35b-a3b --layers 8 --systems "" > $L/ckpt.log 2>&1
 echo "checkpoint: $(( $(date +%s) - start )) s"
-for d in bf16 fp8; do
+DTYPES=${DTYPES:-bf16 fp8}
+for d in $DTYPES; do
   $Q build $W/ckpt --target $TARGET --dtype $d --max-batch 64 --max-seq-len 8256 --out $W/eng_$d \
     > $L/build_$d.log 2>&1 &
 done
 # beside the builds (GPU otherwise idle): real-size runs of the named kernel tests, then the GDN bench (GDN=bench,
 # against fla), its variant sweep (GDN=variants) or nothing (GDN=none)
 if [ -n "${TESTS:-}" ]; then
-  QWEN35_TRITON_GPU=1 TRITON_INTERPRET=0 timeout 120 python3 -m pytest -q -p no:cacheprovider $TESTS > $L/gpu_tests.log 2>&1
+  QWEN35_TRITON_GPU=1 TRITON_INTERPRET=0 timeout ${TESTS_TIMEOUT:-120} python3 -m pytest -q -p no:cacheprovider $TESTS > $L/gpu_tests.log 2>&1
   echo "gpu tests ($(( $(date +%s) - start )) s): $(tail -1 $L/gpu_tests.log)"
 fi
 case "${GDN:-bench}" in
@@ -36,12 +38,24 @@ esac
 wait
 echo "builds (+ gdn bench): $(( $(date +%s) - start )) s"; for f in $L/build_*.log; do tail -n 2 $f; done
 grep -a "^| \|total" $L/gdn.log 2>/dev/null | head -30
-for d in bf16 fp8; do
+# CHECKS=1: the e2e process also runs the padded-bucket check and validate on the engine it loaded (one load)
+for d in $DTYPES; do
   [ $(left) -gt 60 ] && python3 bench/e2e.py --out $OUT/$d --work $W --preset 35b-a3b --layers 8 --target $TARGET \
-    --systems ours-$d --timeout $(( $(left) - 60 )) > $L/e2e_$d.log 2>&1
-  echo "e2e $d: $(( $(date +%s) - start )) s"; grep -a "decode B\|prefill T" $L/e2e_$d.log | tail -6
+    --systems ours-$d --timeout $(( $(left) - 20 )) ${CHECKS:+--checks $V} > $L/e2e_$d.log 2>&1
+  echo "e2e $d: $(( $(date +%s) - start )) s"; grep -a "decode B\|prefill T\|padded\|validate:" $L/e2e_$d.log | tail -9
 done
-for d in bf16 fp8; do
+# GDN=after: the GDN bench against fla once nothing else runs on the machine (its launch-bound rows are clean)
+if [ "${GDN:-}" = after ] && [ $(left) -gt 40 ]; then
+  timeout $(( $(left) - 10 )) python3 bench/gdn.py --out $OUT/gdn --no-tune > $L/gdn.log 2>&1
+  echo "gdn bench: $(( $(date +%s) - start )) s"; grep -a "^| \|total" $L/gdn.log | head -30
+fi
+[ -n "${CHECKS:-}" ] && exit 0
+# decode through a padded bucket's CUDA graph (B 3, 5, 6) against the eager step -> $OUT/padding_{bf16,fp8}.json
+for d in $DTYPES; do
+  [ $(left) -gt 100 ] && timeout 60 python3 bench/check_graph_padding.py $W/eng_$d --out $OUT/padding_$d.json \
+    > $L/padding_$d.log 2>&1; echo "padding $d ($(( $(date +%s) - start )) s):"; tail -5 $L/padding_$d.log | cut -c1-300
+done
+for d in $DTYPES; do
   [ $(left) -gt 20 ] && timeout $(( $(left) - 10 )) $Q validate $W/eng_$d --checkpoint $W/ckpt --reference ours \
     --random 2 --gen 32 --report $V/$d > $L/val_$d.log 2>&1 &
 done

@@ -49,7 +49,10 @@ def _time(fn, repeats: int = 3) -> float:
     return sorted(ts)[len(ts) // 2]
 
 
-def run_ours(ckpt: Path, work: Path, dtype: str, profile: bool, target: str) -> dict:
+def run_ours(ckpt: Path, work: Path, dtype: str, profile: bool, target: str, checks: Path | None = None) -> dict:
+    """Time our engine; with `checks`, the same loaded engine then goes through the padded-bucket CUDA-graph
+    check (check_graph_padding.py) and `validate` against our fp32 reference (report under `checks`): one
+    engine load (~1 min for 8 layers of 35B) instead of three."""
     from qwen35_export.exporter.build import BuildSettings, build_engine
     from dataclasses import asdict
 
@@ -97,6 +100,17 @@ def run_ours(ckpt: Path, work: Path, dtype: str, profile: bool, target: str) -> 
         res["profile_top"], res["profile_total_us"] = prof["top"], prof["total_us"]
         pp = profile_prefill(eng, max(PREFILL_LENS))
         res["profile_prefill_top"], res["profile_prefill_total_us"] = pp["top"], pp["total_us"]
+    if checks is not None:
+        from check_graph_padding import check_padding
+        from qwen35_export.validate.run import validate
+
+        checks.mkdir(parents=True, exist_ok=True)
+        res["padding"] = check_padding(eng)
+        print(f"ours-{dtype} padded buckets: {'PASS' if res['padding']['pass'] else 'FAIL'}", flush=True)
+        eng.use_cuda_graphs = True
+        r = validate(eng, ckpt, reference="ours", random_n=2, gen=32, report_dir=checks / dtype, progress=False)
+        res["validate"] = {"passed": r.passed, "headline": r.headline(), "seconds": r.seconds}
+        print(f"ours-{dtype} validate: {r.headline()}", flush=True)
     return res
 
 
@@ -148,12 +162,14 @@ def main() -> None:
     ap.add_argument("--one", default=None, help=argparse.SUPPRESS)  # child mode
     ap.add_argument("--timeout", type=int, default=400)
     ap.add_argument("--target", default="h100", choices=["h100", "h200"])
+    ap.add_argument("--checks", type=Path, default=None,
+                    help="after timing ours: padded-bucket CUDA-graph check + validate, reports under this dir")
     a = ap.parse_args()
     ckpt_bf16 = a.work / "ckpt"
     if a.one:
         if a.one.startswith("ours"):
             dtype = a.one.split("-")[1]
-            r = run_ours(ckpt_bf16, a.work, dtype, profile=True, target=a.target)
+            r = run_ours(ckpt_bf16, a.work, dtype, profile=True, target=a.target, checks=a.checks)
         else:
             r = run_hf(ckpt_bf16, a.one == "hf-compile")
         print("RESULT " + json.dumps(r))
@@ -177,7 +193,8 @@ def main() -> None:
         t = time.time()
         try:
             p = subprocess.run([sys.executable, __file__, "--out", str(a.out), "--work", str(a.work), "--preset",
-                                a.preset, "--layers", str(a.layers), "--target", a.target, "--one", sysname],
+                                a.preset, "--layers", str(a.layers), "--target", a.target, "--one", sysname]
+                               + (["--checks", str(a.checks)] if a.checks else []),
                                capture_output=True, text=True, timeout=a.timeout)
             line = [ln for ln in p.stdout.splitlines() if ln.startswith("RESULT ")]
             results[sysname] = json.loads(line[-1][7:]) if line else {"error": p.stderr[-3000:]}

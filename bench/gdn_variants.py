@@ -243,7 +243,8 @@ def ptx_stats() -> dict:
     HV = 64
     bf, f32 = "*bf16", "*fp32"
     common = dict(H=HK, HV=HV, K=K, V=V, BT=64, BK=K, IS_VARLEN=False)
-    wy_sig = dict(k=bf, v=bf, g=f32, beta=f32, w=bf, u=bf, gc=f32, q=bf, qn=bf, kn=bf, T="i32")
+    wy_sig = dict(k=bf, v=bf, g=f32, beta=f32, w=bf, u=bf, gc=f32, q=bf, qn=bf, kn=bf, T="i32", SQ="i32", SK="i32",
+                  SV="i32")
     h_sig = dict(k=bf, w=bf, u=bf, gc=f32, h=bf, vn=bf, h0=f32, ht=f32, T="i32")
     o_sig = dict(q=bf, k=bf, vn=bf, h=bf, gc=f32, o=bf, scale="fp32", T="i32")
     jobs = []

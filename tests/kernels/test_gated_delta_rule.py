@@ -322,3 +322,56 @@ def test_recurrent_gating_in_kernel(poison_empty):
     ro, rh = naive_gated_delta_rule(q, k, v, g, beta, state)
     assert_close("o", o, ro, 5e-3)  # bf16 output: one rounding
     assert_close("ht", ht, rh, 1e-5)
+
+
+def _as_conv_slices(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pad: int = 8):
+    """q, k, v copied into column slices of one [B, T, C + pad] tensor, as the model takes them from the conv
+    output (token stride C + pad, not heads x head_dim); the pad columns hold NaN, so reading them shows."""
+    B, T = q.shape[:2]
+    qf, kf, vf = (x.reshape(B, T, -1) for x in (q, k, v))
+    buf = torch.cat([qf, kf, vf, torch.full((B, T, pad), float("nan"), dtype=q.dtype, device=q.device)], -1)
+    a, b = qf.shape[-1], kf.shape[-1]
+    return (buf[..., :a].view(q.shape), buf[..., a:a + b].view(k.shape), buf[..., a + b:a + b + vf.shape[-1]]
+            .view(v.shape))
+
+
+@pytest.mark.parametrize("B,T,varlen", [(3, 65, False), (1, 130, True), (2, 1, False), (2, 5, False)],
+                         ids=["B3-T65", "varlen-130", "B2-T1-recurrent", "B2-T5-recurrent"])
+def test_strided_qkv_read_in_place(B, T, varlen, poison_empty):
+    """q, k, v as column slices of one wider tensor (the conv output) give exactly the outputs of contiguous
+    copies: the kernels read them at their token stride, no copy (layout.token_rows)."""
+    from qwen35_export.kernels.gated_delta_rule.layout import token_rows
+
+    q, k, v, g, beta, state = make_inputs(B, T, 2, 4, 32, 32, torch.bfloat16, seed=T + B, N=2 if varlen else B)
+    qs, ks, vs = _as_conv_slices(q, k, v)
+    assert [token_rows(x)[0].data_ptr() for x in (qs, ks, vs)] == [x.data_ptr() for x in (qs, ks, vs)]
+    if T <= 8:
+        run = lambda a, b, c: fused_recurrent_gated_delta_rule(a, b, c, g, beta, initial_state=state)  # noqa: E731
+    else:
+        cu = torch.tensor([0, 47, T], dtype=torch.int32, device=DEVICE) if varlen else None
+        run = lambda a, b, c: chunk_gated_delta_rule(a, b, c, g, beta, initial_state=state,  # noqa: E731
+                                                     cu_seqlens=cu)
+    o1, h1 = run(q, k, v)
+    o2, h2 = run(qs, ks, vs)
+    assert torch.equal(o1, o2) and torch.equal(h1, h2)
+
+
+def test_token_rows_copies_what_it_cannot_read():
+    """Layouts the kernels cannot address (heads not adjacent, a batch stride that is not T x the token
+    stride) are copied to contiguous; the rest pass through with their token stride."""
+    from qwen35_export.kernels.gated_delta_rule.layout import token_rows
+
+    x = torch.randn(2, 5, 3, 4)
+    assert token_rows(x) == (x, 12)
+    wide = torch.randn(2, 5, 20)[..., 4:16].view(2, 5, 3, 4)  # a column slice: token stride 20
+    assert token_rows(wide)[0] is wide and token_rows(wide)[1] == 20
+    heads_apart = torch.randn(2, 5, 3, 8)[..., :4]  # head stride 8 != head dim 4
+    y, s = token_rows(heads_apart)
+    assert y.is_contiguous() and s == 12 and torch.equal(y, heads_apart)
+    batch_apart = torch.randn(2, 7, 3, 4)[:, :5]  # batch stride 7 x 12 != 5 x 12
+    y, s = token_rows(batch_apart)
+    assert y.is_contiguous() and s == 12 and torch.equal(y, batch_apart)
+    one_seq = torch.randn(1, 7, 3, 4)[:, :5]
+    assert token_rows(one_seq) == (one_seq, 12)
+    decode = torch.randn(3, 1, 20)[..., 4:16].view(3, 1, 3, 4)  # T = 1: tokens one batch stride apart
+    assert token_rows(decode) == (decode, 20)

@@ -28,6 +28,7 @@ import triton.language as tl
 from torch import Tensor
 from torch.library import wrap_triton
 
+from .layout import token_rows
 from .wy import BC, BT, _load_rows, _load_rows_l2norm, _seq_bounds, chunk_gdn_wy_kernel
 
 @triton.jit
@@ -271,7 +272,11 @@ def chunk_gated_delta_rule_fwd(
     """Launch both kernels. Padded layout when cu_seqlens is None (B sequences of T), else packed (B == 1)."""
     B, T, H, K = q.shape
     HV, V = v.shape[2], v.shape[3]
-    q, k, v, g, beta = (x.contiguous() for x in (q, k, v, g, beta))
+    prenorm = PRENORM and FWD_MODE == "split"  # the fused kernel normalises itself
+    # only the WY kernel reads q, k, v when PRENORM is on: then they stay where they are (layout.py)
+    (q, sq), (k, sk), (v, sv) = ((token_rows(x) if prenorm else (x.contiguous(), x.shape[2] * x.shape[3]))
+                                 for x in (q, k, v))
+    g, beta = g.contiguous(), beta.contiguous()
     dt = k.dtype
     is_varlen = cu_seqlens is not None
     if is_varlen:
@@ -289,10 +294,10 @@ def chunk_gated_delta_rule_fwd(
     o = torch.empty(B, T, HV, V, dtype=v.dtype, device=q.device)
     ht = torch.empty(N, HV, K, V, dtype=torch.float32, device=q.device) if output_final_state else None
     wy_bv = min(V, 64 if dt == torch.float32 else WY_CONFIG[0])
-    prenorm = PRENORM and FWD_MODE == "split"  # the fused kernel normalises itself
-    qn, kn = (torch.empty_like(q), torch.empty_like(k)) if prenorm else (q, k)
+    qn, kn = ((torch.empty(q.shape, dtype=q.dtype, device=q.device), torch.empty(k.shape, dtype=dt, device=k.device))
+              if prenorm else (q, k))  # contiguous: the h and o kernels read them at stride H * K
     wrap_triton(chunk_gdn_wy_kernel)[grid1](
-        k, v, g, beta, w, u, gc, q, qn, kn, cu_seqlens, chunk_indices, T,
+        k, v, g, beta, w, u, gc, q, qn, kn, cu_seqlens, chunk_indices, T, sq, sk, sv,
         H=H, HV=HV, K=K, V=V, BT=BT, BC=BC, BK=K, BV=wy_bv, IS_VARLEN=is_varlen, INV=_WY_INV_CODE[WY_INV],
         FORM=_WY_FORM_CODE["blocks" if dt == torch.float32 else WY_FORM], PRENORM=prenorm,
         MERGE=_WY_MERGE_CODE[WY_MERGE],

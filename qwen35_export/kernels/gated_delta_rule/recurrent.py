@@ -16,20 +16,22 @@ from torch import Tensor
 from torch.library import wrap_triton
 
 from ..gdn_gating.gating import _softplus
+from .layout import token_rows
 
 MAX_T = 8  # tokens per sequence the recurrent path is meant for (speculative verification)
 
 
 @triton.jit
 def fused_recurrent_gdn_kernel(
-    q, k, v, g, beta, A_log, dt_bias, o, h0, ht, h0_idx, ht_idx, hs, scale, T,
+    q, k, v, g, beta, A_log, dt_bias, o, h0, ht, h0_idx, ht_idx, hs, scale, T, SQ, SK, SV,
     H: tl.constexpr, HV: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
     BK: tl.constexpr, BV: tl.constexpr,
     USE_H0: tl.constexpr, USE_IDX: tl.constexpr, STORE_HT: tl.constexpr, STORE_STEPS: tl.constexpr,
     USE_GATE: tl.constexpr,
 ):
     """One (sequence, value head, V block): T steps of S <- e^g S + k (beta (v - S^T k))^T, o = S^T q.
-    USE_GATE: g and beta hold the raw projections a and b; the gating is computed here (one launch less)."""
+    USE_GATE: g and beta hold the raw projections a and b; the gating is computed here (one launch less).
+    SQ, SK, SV: token strides of q, k, v (layout.token_rows: column slices of the conv output, read in place)."""
     scale = (tl.zeros([], tl.float32) + scale).to(tl.float32)  # AOTI passes Python floats as fp64 scalars
     i_v, i_nh = tl.program_id(0), tl.program_id(1)
     i_n, i_h = i_nh // HV, i_nh % HV
@@ -52,11 +54,11 @@ def fused_recurrent_gdn_kernel(
         S = tl.zeros([BK, BV], dtype=tl.float32)
     for t in range(0, T):
         tok = i_n.to(tl.int64) * T + t
-        b_q = tl.load(q + (tok * H + i_hk) * K + o_k, mask=mk, other=0.).to(tl.float32)
-        b_k = tl.load(k + (tok * H + i_hk) * K + o_k, mask=mk, other=0.).to(tl.float32)
+        b_q = tl.load(q + tok * SQ + i_hk * K + o_k, mask=mk, other=0.).to(tl.float32)
+        b_k = tl.load(k + tok * SK + i_hk * K + o_k, mask=mk, other=0.).to(tl.float32)
         b_q = b_q * tl.rsqrt(tl.sum(b_q * b_q) + 1e-6) * scale
         b_k = b_k * tl.rsqrt(tl.sum(b_k * b_k) + 1e-6)
-        b_v = tl.load(v + (tok * HV + i_h) * V + cols, mask=mv, other=0.).to(tl.float32)
+        b_v = tl.load(v + tok * SV + i_h * V + cols, mask=mv, other=0.).to(tl.float32)
         b_g = tl.load(g + tok * HV + i_h).to(tl.float32)
         b_beta = tl.load(beta + tok * HV + i_h).to(tl.float32)
         if USE_GATE:
@@ -96,12 +98,13 @@ def fused_recurrent_gated_delta_rule_fwd(
     With A_log and dt_bias, g and beta are the raw a and b and the gating runs in the kernel."""
     B, T, H, K = q.shape
     HV, V = v.shape[2], v.shape[3]
-    q, k, v, g, beta = (x.contiguous() for x in (q, k, v, g, beta))
+    (q, sq), (k, sk), (v, sv) = (token_rows(x) for x in (q, k, v))
+    g, beta = g.contiguous(), beta.contiguous()
     o = torch.empty(B, T, HV, V, dtype=v.dtype, device=v.device)
     hs = torch.empty(B, T, HV, K, V, dtype=torch.float32, device=v.device) if keep_steps else None
     BV, nw = recurrent_blocks(B, HV, V)
     wrap_triton(fused_recurrent_gdn_kernel)[(triton.cdiv(V, BV), B * HV)](
-        q, k, v, g, beta, A_log, dt_bias, o, h0, ht, h0_idx, ht_idx, hs, scale, T,
+        q, k, v, g, beta, A_log, dt_bias, o, h0, ht, h0_idx, ht_idx, hs, scale, T, sq, sk, sv,
         H=H, HV=HV, K=K, V=V, BK=triton.next_power_of_2(K), BV=BV,
         USE_H0=h0 is not None, USE_IDX=h0_idx is not None, STORE_HT=ht is not None, STORE_STEPS=keep_steps,
         USE_GATE=A_log is not None,

@@ -156,17 +156,18 @@ def _dot_p(a, b, P: tl.constexpr):
 
 
 @triton.jit
-def _store_qn(q, qn, bos, Tn, i_t, i_h, i_hk, H: tl.constexpr, HV: tl.constexpr, K: tl.constexpr,
+def _store_qn(q, qn, SQ, bos, Tn, i_t, i_h, i_hk, H: tl.constexpr, HV: tl.constexpr, K: tl.constexpr,
               BT: tl.constexpr, BK: tl.constexpr):
-    """PRENORM: the chunk's normalised q rows, written by the first value head of each key head only."""
+    """PRENORM: the chunk's normalised q rows (q read at token stride SQ), written by the first value head
+    of each key head only."""
     if i_h % (HV // H) == 0:
         rows = i_t * BT + tl.arange(0, BT)
         _store_rows(qn + bos * H * K + i_hk * K, rows, Tn, H * K,
-                    _load_rows_l2norm(q + bos * H * K + i_hk * K, rows, Tn, H * K, K, BK), K, BK)
+                    _load_rows_l2norm(q + bos * SQ + i_hk * K, rows, Tn, SQ, K, BK), K, BK)
 
 
 @triton.jit
-def _wy_full(k_base, v_base, g, beta, w, u, gc, kn, bos, Tn, i_t, i_h, i_hk, gb_off,
+def _wy_full(k_base, v_base, SK, SV, g, beta, w, u, gc, kn, bos, Tn, i_t, i_h, i_hk, gb_off,
              H: tl.constexpr, HV: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr,
              BC: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, PRENORM: tl.constexpr, MERGE: tl.constexpr):
     """FORM 1 of chunk_gdn_wy_kernel: the chunk as one [BT, *] tile (BT = 4 BC)."""
@@ -174,7 +175,7 @@ def _wy_full(k_base, v_base, g, beta, w, u, gc, kn, bos, Tn, i_t, i_h, i_hk, gb_
     o_t = tl.arange(0, BT)
     rows = i_t * BT + o_t
     mr = rows < Tn
-    b_k = _load_rows_l2norm(k_base, rows, Tn, H * K, K, BK)  # [BT, BK] fp32
+    b_k = _load_rows_l2norm(k_base, rows, Tn, SK, K, BK)  # [BT, BK] fp32
     if PRENORM:
         if i_h % (HV // H) == 0:
             _store_rows(kn + bos * H * K + i_hk * K, rows, Tn, H * K, b_k, K, BK)
@@ -203,7 +204,7 @@ def _wy_full(k_base, v_base, g, beta, w, u, gc, kn, bos, Tn, i_t, i_h, i_hk, gb_
     for i_v in range(0, tl.cdiv(V, BV)):
         cols = i_v * BV + o_v
         mv = mr[:, None] & (cols[None, :] < V)
-        b_v = tl.load(v_base + rows[:, None].to(tl.int64) * HV * V + cols[None, :], mask=mv, other=0.)
+        b_v = tl.load(v_base + rows[:, None].to(tl.int64) * SV + cols[None, :], mask=mv, other=0.)
         b_u = tl.dot(Ti, (b_v.to(tl.float32) * b_b[:, None]).to(DT))
         tl.store(u + bos * HV * V + i_h * V + rows[:, None].to(tl.int64) * HV * V + cols[None, :],
                  b_u.to(DT), mask=mv)
@@ -211,7 +212,7 @@ def _wy_full(k_base, v_base, g, beta, w, u, gc, kn, bos, Tn, i_t, i_h, i_hk, gb_
 
 @triton.jit
 def chunk_gdn_wy_kernel(
-    k, v, g, beta, w, u, gc, q, qn, kn, cu_seqlens, chunk_indices, T,
+    k, v, g, beta, w, u, gc, q, qn, kn, cu_seqlens, chunk_indices, T, SQ, SK, SV,
     H: tl.constexpr, HV: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
     BT: tl.constexpr, BC: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, IS_VARLEN: tl.constexpr,
     INV: tl.constexpr = 0, FORM: tl.constexpr = 0, PRENORM: tl.constexpr = False,
@@ -221,7 +222,9 @@ def chunk_gdn_wy_kernel(
     INV picks how the four diagonal blocks are inverted (FORM 0): 0 substitution per block, 1 one
     substitution over the stack of four, 2 the power product (`_inv_unit_lower_pow`). FORM 1 is the
     one-tile form (module docstring), MERGE the precision of its fp32 [BT, BT] products (`_dot_p`).
-    PRENORM: also write normalised q, k into qn, kn (the programs of value head 0 of each key head)."""
+    PRENORM: also write normalised q, k into qn, kn (the programs of value head 0 of each key head).
+    SQ, SK, SV: token strides of q, k, v (heads contiguous within a token): they may be column slices of
+    the conv output, read in place (a copy would cost a pass over q, k, v per layer)."""
     i_t, i_bh = tl.program_id(0), tl.program_id(1)
     i_b, i_h = i_bh // HV, i_bh % HV
     i_hk = i_h // (HV // H)
@@ -232,25 +235,25 @@ def chunk_gdn_wy_kernel(
         i_n = i_b
     bos, Tn = _seq_bounds(cu_seqlens, i_n, T, IS_VARLEN)
     DT = k.dtype.element_ty
-    k_base = k + bos * H * K + i_hk * K
-    v_base = v + bos * HV * V + i_h * V
+    k_base = k + bos * SK + i_hk * K
+    v_base = v + bos * SV + i_h * V
     gb_off = bos * HV + i_h
     o_c = tl.arange(0, BC)
     o_v = tl.arange(0, BV)
     if FORM == 1:
-        _wy_full(k_base, v_base, g, beta, w, u, gc, kn, bos, Tn, i_t, i_h, i_hk, gb_off,
+        _wy_full(k_base, v_base, SK, SV, g, beta, w, u, gc, kn, bos, Tn, i_t, i_h, i_hk, gb_off,
                  H, HV, K, V, BT, BC, BK, BV, PRENORM, MERGE)
         if PRENORM:
-            _store_qn(q, qn, bos, Tn, i_t, i_h, i_hk, H, HV, K, BT, BK)
+            _store_qn(q, qn, SQ, bos, Tn, i_t, i_h, i_hk, H, HV, K, BT, BK)
         return
     r0 = i_t * BT + o_c
     r1, r2, r3 = r0 + BC, r0 + 2 * BC, r0 + 3 * BC
 
     # sub-blocks of 16 rows: normalised keys, beta, and the running decay cumsum across them
-    k0 = _load_rows_l2norm(k_base, r0, Tn, H * K, K, BK)
-    k1 = _load_rows_l2norm(k_base, r1, Tn, H * K, K, BK)
-    k2 = _load_rows_l2norm(k_base, r2, Tn, H * K, K, BK)
-    k3 = _load_rows_l2norm(k_base, r3, Tn, H * K, K, BK)
+    k0 = _load_rows_l2norm(k_base, r0, Tn, SK, K, BK)
+    k1 = _load_rows_l2norm(k_base, r1, Tn, SK, K, BK)
+    k2 = _load_rows_l2norm(k_base, r2, Tn, SK, K, BK)
+    k3 = _load_rows_l2norm(k_base, r3, Tn, SK, K, BK)
     b0 = tl.load(beta + gb_off + r0.to(tl.int64) * HV, mask=r0 < Tn, other=0.).to(tl.float32)
     b1 = tl.load(beta + gb_off + r1.to(tl.int64) * HV, mask=r1 < Tn, other=0.).to(tl.float32)
     b2 = tl.load(beta + gb_off + r2.to(tl.int64) * HV, mask=r2 < Tn, other=0.).to(tl.float32)
@@ -327,13 +330,13 @@ def chunk_gdn_wy_kernel(
     for i_v in range(0, tl.cdiv(V, BV)):
         cols = i_v * BV + o_v
         mv = cols[None, :] < V
-        v0 = tl.load(v_base + r0[:, None].to(tl.int64) * HV * V + cols[None, :],
+        v0 = tl.load(v_base + r0[:, None].to(tl.int64) * SV + cols[None, :],
                      mask=(r0 < Tn)[:, None] & mv, other=0.)
-        v1 = tl.load(v_base + r1[:, None].to(tl.int64) * HV * V + cols[None, :],
+        v1 = tl.load(v_base + r1[:, None].to(tl.int64) * SV + cols[None, :],
                      mask=(r1 < Tn)[:, None] & mv, other=0.)
-        v2 = tl.load(v_base + r2[:, None].to(tl.int64) * HV * V + cols[None, :],
+        v2 = tl.load(v_base + r2[:, None].to(tl.int64) * SV + cols[None, :],
                      mask=(r2 < Tn)[:, None] & mv, other=0.)
-        v3 = tl.load(v_base + r3[:, None].to(tl.int64) * HV * V + cols[None, :],
+        v3 = tl.load(v_base + r3[:, None].to(tl.int64) * SV + cols[None, :],
                      mask=(r3 < Tn)[:, None] & mv, other=0.)
         vb0 = (v0.to(tl.float32) * b0[:, None]).to(DT)
         vb1 = (v1.to(tl.float32) * b1[:, None]).to(DT)
@@ -350,4 +353,4 @@ def chunk_gdn_wy_kernel(
         tl.store(u_base + r2[:, None].to(tl.int64) * HV * V, u2.to(DT), mask=(r2 < Tn)[:, None] & mv)
         tl.store(u_base + r3[:, None].to(tl.int64) * HV * V, u3.to(DT), mask=(r3 < Tn)[:, None] & mv)
     if PRENORM:  # last: the q tile is not live across the rest
-        _store_qn(q, qn, bos, Tn, i_t, i_h, i_hk, H, HV, K, BT, BK)
+        _store_qn(q, qn, SQ, bos, Tn, i_t, i_h, i_hk, H, HV, K, BT, BK)

@@ -57,8 +57,9 @@ def gated_delta_rule_aot(q, k, v, g, beta, h0, T, o, ht,
     """inputs (q, k, v, g, beta, h0), extras (T,), outputs (o, ht aliasing h0)."""
     # unused pointer parameters (gate inputs, state indices, per-step states) get h0 / o: their flags are off
     fused_recurrent_gdn_kernel(q=q, k=k, v=v, g=g, beta=beta, A_log=h0, dt_bias=h0, o=o, h0=h0, ht=ht, h0_idx=h0,
-                               ht_idx=ht, hs=o, scale=SCALE, T=T, H=H, HV=HV, K=K, V=V, BK=BK, BV=BV, USE_H0=True,
-                               USE_IDX=False, STORE_HT=True, STORE_STEPS=False, USE_GATE=False)
+                               ht_idx=ht, hs=o, scale=SCALE, T=T, SQ=H * K, SK=H * K, SV=HV * V, H=H, HV=HV, K=K,
+                               V=V, BK=BK, BV=BV, USE_H0=True, USE_IDX=False, STORE_HT=True, STORE_STEPS=False,
+                               USE_GATE=False)  # the plug-in's q, k, v are contiguous
 
 
 @triton.jit
