@@ -6,7 +6,7 @@
 #  - ours timed with bench/e2e.py (decode B 1/8/64, prefill 512/8192, profiles) -> $OUT/{bf16,fp8};
 #  - decode through padded CUDA-graph buckets checked against eager (bench/check_graph_padding.py);
 #  - both engines validated against our fp32 reference (flash prefill path on the GPU) -> logs.tgz: val/.
-#   [DTYPES="bf16 fp8"] [CHECKS=1] [GDN=bench|variants|after|none] [TESTS="pytest args"] [TESTS_TIMEOUT=120] bash bench/device_measure.sh h200 $OUT [SECONDS]
+#   [DTYPES="bf16 fp8"] [CHECKS=1] [MOE_ALIGN=1] [GDN=bench|variants|after|none] [TESTS="pytest args"] [TESTS_TIMEOUT=120] bash bench/device_measure.sh h200 $OUT [SECONDS]
 set -u
 TARGET=${1:-h200}; OUT=${2:?out dir}; BUDGET=${3:-585}; W=/tmp/e35
 export PYTHONUNBUFFERED=1 PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
@@ -30,6 +30,9 @@ if [ -n "${TESTS:-}" ]; then
   QWEN35_TRITON_GPU=1 TRITON_INTERPRET=0 timeout ${TESTS_TIMEOUT:-120} python3 -m pytest -q -p no:cacheprovider $TESTS > $L/gpu_tests.log 2>&1
   echo "gpu tests ($(( $(date +%s) - start )) s): $(tail -1 $L/gpu_tests.log)"
 fi
+# MOE_ALIGN=1: the MoE align paths past SMALL_M slots (torch ops vs Triton kernels) -> $OUT/align
+[ -n "${MOE_ALIGN:-}" ] && timeout 90 python3 bench/align_paths.py --out $OUT/align > $L/align.log 2>&1 \
+  && tail -12 $L/align.log
 case "${GDN:-bench}" in
   bench) timeout 240 python3 bench/gdn.py --out $OUT/gdn --no-tune > $L/gdn.log 2>&1 ;;
   variants) timeout 220 python3 bench/gdn_variants.py --out $OUT/gdn_variants > $L/gdn_variants.log 2>&1

@@ -146,7 +146,9 @@ def test_manifest_records_build(cpu_engine_fp32: Path) -> None:
     assert all(len(f["sha256"]) == 64 for f in m["files"].values())
     assert "torch" in m["versions"] and m["model_config"]["num_hidden_layers"] == 8
     # --dump-graphs wrote each graph before and after each pass
-    assert (cpu_engine_fp32 / "graphs_dump" / "gdn_prefill.0.substitute_custom_ops.before.txt").is_file()
+    assert (cpu_engine_fp32 / "graphs_dump" / "gdn_prefill.0.inline_ops.after.txt").is_file()
+    assert (cpu_engine_fp32 / "graphs_dump" / "gdn_prefill.1.substitute_custom_ops.before.txt").is_file()
+    assert m["passes"][-2:] == ["inline_ops", "substitute_custom_ops"]
 
 
 def _copy(src: Path, dst: Path) -> Path:

@@ -242,7 +242,8 @@ def build_engine(checkpoint: str | Path, out: str | Path, settings: BuildSetting
             ep, names = capture[kind](cfg, examples[kind], phase, shapes, act, device, **kw)
             ep, recs = run_passes(ep, name, impls, dump)
             eps[name] = (ep, GraphEntry(f"graphs/{name}.pt2", kind, phase, names,
-                                        {k: v for r in recs for k, v in r.changes.items()}))
+                                        {k: v for r in recs if r.name == "substitute_custom_ops"
+                                         for k, v in r.changes.items()}))
         gdev = {k: v.to(device) for k, v in glob.items()}
         eps["embed"] = (C.capture_embed(cfg, gdev["embed_tokens.weight"], shapes, device),
                         GraphEntry("graphs/embed.pt2", C.EMBED, "any", ["embed_tokens.weight"]))
@@ -280,7 +281,7 @@ def build_engine(checkpoint: str | Path, out: str | Path, settings: BuildSetting
             layer_files=layer_files, globals_file="weights/globals.safetensors",
             passes=(["quantize_fp8 (weights, before capture)"] if dtype == "fp8" else [])
             + ([f"fuse_weights (weights, before capture): {', '.join(fused)}"] if fused else [])
-            + ["substitute_custom_ops"],
+            + ["inline_ops", "substitute_custom_ops"],
             files=files, build_seconds=times, tokenizer_files=tok,
             parallel=manifest_entry(plan, rank_files) if plan is not None else None)
         times["total"] = time.time() - t_all

@@ -23,12 +23,10 @@ def rms_norm(x: Tensor, w: Tensor, eps: float) -> Tensor:
 
 
 def gated_rms_norm(o: Tensor, z: Tensor, w: Tensor, eps: float) -> Tensor:
-    """GDN output norm: plain weight, normalise in fp32, times w in o's dtype, times silu(z) in fp32."""
-    dtype = o.dtype
-    of = o.float()
-    y = (of * torch.rsqrt(of.pow(2).mean(-1, keepdim=True) + eps)).to(dtype)
-    y = w * y
-    return (y.float() * F.silu(z.float())).to(dtype)
+    """GDN output norm: plain weight, normalise in fp32, times w in o's dtype, times silu(z) in fp32, as one
+    node (`qwen35::gated_rms_norm`, body in ops.gated_rms_norm_math): Inductor's own kernel for it took
+    ~160 us per 35B layer at 8K tokens on an H200, the Triton one reads each element once."""
+    return torch.ops.qwen35.gated_rms_norm(o, z, w, eps)
 
 
 def linear(x: Tensor, w: dict[str, Tensor], name: str) -> Tensor:

@@ -11,6 +11,9 @@ export and AOTInductor can trace shapes. Signatures (all shapes are contracts th
    h0 [B,HV,K,V] fp32) -> (o [B,T,HV,V] in v's dtype, ht [B,HV,K,V] fp32)`; q/k are L2-normalised inside
    (fp32, eps 1e-6) and q scaled by K^-0.5; key head j serves value heads j*G .. j*G+G-1 (G = HV/HK).
    A token with g = 0 and beta = 0 leaves the state untouched exactly: that is how padding is masked.
+- `qwen35::gated_rms_norm(o [..., V], z [..., V], weight [V], eps) -> [..., V]` in o's dtype: the GDN output
+   norm, norm(o) (fp32, rounded to o's dtype) times weight, times silu(z) in fp32 (Qwen3_5MoeRMSNormGated).
+   Plain torch math: a backend without a kernel for it inlines `gated_rms_norm_math` (INLINE_OPS).
 - `qwen35::moe_router(logits [N,E], top_k) -> (weights [N,k] fp32, ids [N,k] int64)`: softmax in fp32 over
    all E, top-k (ties as torch.topk), renormalised to sum 1.
 - `qwen35::moe_experts(x [N,H], weights [N,k], ids [N,k] int64, w_gate_up [E,2I,H], w_down [E,H,I]) -> [N,H]`
@@ -81,6 +84,33 @@ def gated_delta_rule(q: Tensor, k: Tensor, v: Tensor, g: Tensor, beta: Tensor,
 @gated_delta_rule.register_fake
 def _(q, k, v, g, beta, h0):
     return torch.empty_like(v), torch.empty_like(h0, dtype=torch.float32)
+
+
+# -- GDN output norm -------------------------------------------------------------------------------
+def gated_rms_norm_math(o: Tensor, z: Tensor, weight: Tensor, eps: float) -> Tensor:
+    """The body of `qwen35::gated_rms_norm`: normalise in fp32, round to o's dtype, times the plain weight
+    (in the promoted dtype, as torch multiplies), times silu(z) in fp32, back to o's dtype."""
+    dtype = o.dtype
+    of = o.float()
+    y = (of * torch.rsqrt(of.pow(2).mean(-1, keepdim=True) + eps)).to(dtype)
+    y = weight * y
+    return (y.float() * F.silu(z.float())).to(dtype)
+
+
+@torch.library.custom_op(f"{LIB}::gated_rms_norm", mutates_args=())
+def gated_rms_norm(o: Tensor, z: Tensor, weight: Tensor, eps: float) -> Tensor:
+    return gated_rms_norm_math(o, z, weight, eps)
+
+
+@gated_rms_norm.register_fake
+def _(o, z, weight, eps):
+    return torch.empty(o.shape, dtype=o.dtype, device=o.device)
+
+
+# Ops that are plain torch math, by name: where no kernel replaces one (the cpu target, --kernels reference,
+# ONNX, TensorRT) the graph inlines this body again (graph/inline_ops.py), so Inductor / the exporter see
+# the same standard ops as before the op existed.
+INLINE_OPS = {"gated_rms_norm": gated_rms_norm_math}
 
 
 # -- MoE --------------------------------------------------------------------------------------------

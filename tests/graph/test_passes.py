@@ -70,9 +70,9 @@ def test_substitute_without_impl_keeps_reference() -> None:
 def test_pipeline_dumps_before_and_after(tmp_path) -> None:
     ep = torch.export.export(Routed(), (torch.randn(4, 8),))
     ep, recs = run_passes(ep, "g", {"moe_router": torch.ops.qwen35_test.moe_router.default}, tmp_path)
-    assert [r.name for r in recs] == ["substitute_custom_ops"]
-    before = (tmp_path / "g.0.substitute_custom_ops.before.txt").read_text()
-    after = (tmp_path / "g.0.substitute_custom_ops.after.txt").read_text()
+    assert [r.name for r in recs] == ["inline_ops", "substitute_custom_ops"]
+    before = (tmp_path / "g.1.substitute_custom_ops.before.txt").read_text()
+    after = (tmp_path / "g.1.substitute_custom_ops.after.txt").read_text()
     assert "qwen35.moe_router" in before and "qwen35_test.moe_router" in after
 
 
@@ -103,3 +103,42 @@ def test_quantize_fp8_respects_keep_list() -> None:
     bound = ref.abs() * 2 ** -4 + ref.abs().max() / 448 * 2 ** -10
     assert ((d["linear_attn.in_proj_qkv.weight"] - ref).abs() <= bound).all()
     assert set(d) == set(w)
+
+
+class GatedNorm(nn.Module):
+    """The GDN output norm node between other ops, as the layer has it."""
+
+    def forward(self, o, z, w):
+        y = torch.ops.qwen35.gated_rms_norm(o * 2, z, w, 1e-6)
+        return torch.ops.qwen35.moe_router(y.flatten(1), 2)[0]
+
+
+def _gated_norm_inputs():
+    g = torch.Generator().manual_seed(0)
+    return (torch.randn(3, 4, 16, generator=g), torch.randn(3, 4, 16, generator=g), torch.randn(16, generator=g))
+
+
+def test_inline_ops_inlines_what_no_kernel_replaces() -> None:
+    """No kernel for gated_rms_norm: its node becomes its torch body (same numbers), other qwen35 ops stay."""
+    from qwen35_export.graph.inline_ops import inline_ops
+
+    args = _gated_norm_inputs()
+    ep = torch.export.export(GatedNorm(), args)
+    ref = ep.module()(*args)
+    ep, counts = inline_ops(ep)
+    assert counts == {"gated_rms_norm": 1}
+    assert _ops(ep, "qwen35") == ["moe_router"]
+    targets = {str(n.target) for n in ep.graph.nodes if n.op == "call_function"}
+    assert {"aten.rsqrt.default", "aten.silu.default"} <= targets
+    assert torch.equal(ep.module()(*args), ref)
+
+
+def test_inline_ops_keeps_what_a_kernel_replaces() -> None:
+    """With a kernel named for it the node stays (for substitute_custom_ops to retarget), graph untouched."""
+    from qwen35_export.graph.inline_ops import inline_ops
+
+    ep = torch.export.export(GatedNorm(), _gated_norm_inputs())
+    before = str(ep.graph)
+    ep, counts = inline_ops(ep, keep={"gated_rms_norm"})
+    assert counts == {} and str(ep.graph) == before
+    assert _ops(ep, "qwen35") == ["gated_rms_norm", "moe_router"]

@@ -340,7 +340,7 @@ def _as_conv_slices(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pad: int 
 def test_strided_qkv_read_in_place(B, T, varlen, poison_empty):
     """q, k, v as column slices of one wider tensor (the conv output) give exactly the outputs of contiguous
     copies: the kernels read them at their token stride, no copy (layout.token_rows)."""
-    from qwen35_export.kernels.gated_delta_rule.layout import token_rows
+    from qwen35_export.kernels.layout import token_rows
 
     q, k, v, g, beta, state = make_inputs(B, T, 2, 4, 32, 32, torch.bfloat16, seed=T + B, N=2 if varlen else B)
     qs, ks, vs = _as_conv_slices(q, k, v)
@@ -359,7 +359,7 @@ def test_strided_qkv_read_in_place(B, T, varlen, poison_empty):
 def test_token_rows_copies_what_it_cannot_read():
     """Layouts the kernels cannot address (heads not adjacent, a batch stride that is not T x the token
     stride) are copied to contiguous; the rest pass through with their token stride."""
-    from qwen35_export.kernels.gated_delta_rule.layout import token_rows
+    from qwen35_export.kernels.layout import token_rows
 
     x = torch.randn(2, 5, 3, 4)
     assert token_rows(x) == (x, 12)

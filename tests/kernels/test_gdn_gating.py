@@ -51,6 +51,38 @@ def test_gated_rms_norm_matches_reference(rows, V, w_dtype, poison_empty):
     assert_close("y", y, ry, 1e-3)
 
 
+@pytest.mark.parametrize("B,T,HV,V", [(1, 37, 3, 128), (2, 5, 4, 32), (3, 1, 2, 32)])
+def test_gated_rms_norm_reads_z_in_place(B, T, HV, V, poison_empty):
+    """z as the model has it: a column slice of the input projection's [B, T, width] output viewed as
+    [B, T, HV, V] (token stride = width). The kernel reads it in place (no copy) and gives exactly the
+    contiguous result; the columns around the slice hold NaN, so reading them would show."""
+    import qwen35_export.kernels.gdn_gating.op  # noqa: F401
+    from qwen35_export.kernels.layout import token_rows
+
+    gen = torch.Generator().manual_seed(B * 100 + T)
+    o = (torch.randn(B, T, HV, V, generator=gen) * 3).to(torch.bfloat16).to(DEVICE)
+    zc = torch.randn(B, T, HV, V, generator=gen).to(torch.bfloat16).to(DEVICE)
+    w = (1 + 0.1 * torch.randn(V, generator=gen)).to(torch.bfloat16).to(DEVICE)
+    wide = torch.full((B, T, 24 + HV * V + 8), float("nan"), dtype=torch.bfloat16, device=DEVICE)
+    wide[..., 24:24 + HV * V] = zc.reshape(B, T, HV * V)
+    z = wide[..., 24:24 + HV * V].reshape(B, T, HV, V)
+    assert not z.is_contiguous() and token_rows(z)[0].data_ptr() == z.data_ptr()
+    y = torch.ops.qwen35_triton.gated_rms_norm(o, z, w, 1e-6)
+    assert torch.equal(y, torch.ops.qwen35_triton.gated_rms_norm(o, zc, w, 1e-6))
+    assert_close("y", y, naive_gated_rms_norm(o, zc, w), 1e-3)
+
+
+def test_reference_op_is_the_reference():
+    """`qwen35::gated_rms_norm` (what the layers call) computes naive_gated_rms_norm exactly."""
+    import qwen35_export.model.ops  # noqa: F401
+
+    gen = torch.Generator().manual_seed(3)
+    o = torch.randn(2, 5, 4, 32, generator=gen).to(torch.bfloat16)
+    z = torch.randn(2, 5, 4, 32, generator=gen).to(torch.bfloat16)
+    w = (1 + 0.1 * torch.randn(32, generator=gen)).to(torch.bfloat16)
+    assert torch.equal(torch.ops.qwen35.gated_rms_norm(o, z, w, 1e-6), naive_gated_rms_norm(o, z, w))
+
+
 def test_reference_matches_transformers():
     """naive_gated_rms_norm is the formula of transformers' Qwen3_5MoeRMSNormGated, bit for bit."""
     mod = pytest.importorskip("transformers.models.qwen3_5_moe.modeling_qwen3_5_moe")

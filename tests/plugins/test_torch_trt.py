@@ -129,11 +129,14 @@ def test_chain_wiring_matches_onnx_prep(op: str, node: str) -> None:
     assert outs == [made[o] for o in prepared.graph.node[-1].output]
 
 
-def test_decompositions_match_reference(programs: dict) -> None:
-    """prepare() leaves no moe_router / decode_attention node (standard ops instead) and changes no result."""
-    ep = programs["attn_decode"]
+@pytest.mark.parametrize("name,ops", [("attn_decode", {"moe_router", "decode_attention"}),
+                                      ("gdn_decode", {"moe_router", "gated_rms_norm"})])
+def test_decompositions_match_reference(programs: dict, name: str, ops: set[str]) -> None:
+    """prepare() leaves no moe_router / decode_attention / gated_rms_norm node (standard ops instead) and
+    changes no result."""
+    ep = programs[name]
     prepared = T.prepare(ep)
-    assert set(T.DECOMPOSITIONS) <= set(T.qwen35_ops(ep))  # the decode graph calls both
+    assert ops <= set(T.qwen35_ops(ep)) and ops <= set(T.DECOMPOSITIONS)
     assert T.qwen35_ops(prepared) == [op for op in T.qwen35_ops(ep) if op not in T.DECOMPOSITIONS]
     assert any(n.target == torch.ops.aten.topk.default for n in prepared.graph.nodes)
     g = torch.Generator().manual_seed(3)

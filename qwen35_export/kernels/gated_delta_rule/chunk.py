@@ -28,7 +28,7 @@ import triton.language as tl
 from torch import Tensor
 from torch.library import wrap_triton
 
-from .layout import token_rows
+from ..layout import token_rows
 from .wy import BC, BT, _load_rows, _load_rows_l2norm, _seq_bounds, chunk_gdn_wy_kernel
 
 @triton.jit

@@ -16,7 +16,7 @@ from torch import Tensor
 from torch.library import wrap_triton
 
 from ..gdn_gating.gating import _softplus
-from .layout import token_rows
+from ..layout import token_rows
 
 MAX_T = 8  # tokens per sequence the recurrent path is meant for (speculative verification)
 

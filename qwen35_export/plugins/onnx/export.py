@@ -16,6 +16,7 @@ from torch import Tensor, nn
 
 from ...config import Qwen35Config
 from ...exporter import capture as C
+from ...graph.inline_ops import inline_ops
 from ...model import layers
 from .functions import function_protos
 from .naming import STATE_SUFFIX
@@ -51,6 +52,7 @@ class AttentionLayerFn(nn.Module):
 
 
 def _to_onnx(ep: torch.export.ExportedProgram, input_names: list[str], output_names: list[str]) -> onnx.ModelProto:
+    ep, _ = inline_ops(ep)  # plain-math qwen35 ops become standard ops (no ONNX node of their own)
     prog = torch.onnx.export(ep, (), input_names=input_names, output_names=output_names, dynamo=True,
                              opset_version=OPSET, custom_translation_table=translation_table(), optimize=True,
                              verbose=False)

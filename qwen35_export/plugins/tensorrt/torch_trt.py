@@ -37,7 +37,7 @@ from ...errors import BuildError
 from ...exporter import capture as C
 from ...exporter.build import BuildSettings, check_target
 from ...exporter.manifest import GraphEntry
-from ...model.ops import LIB, decode_attention_math, moe_router_math
+from ...model.ops import INLINE_OPS, LIB, decode_attention_math, moe_router_math
 from . import build as B
 from .specs import NAMESPACE, PLUGINS
 
@@ -52,7 +52,8 @@ def _overload(op: str) -> Any:
 
 
 # qwen35 ops replaced by standard ops before compiling (TensorRT has layers for them), as their ONNX forms are
-DECOMPOSITIONS: dict[str, Callable] = {"moe_router": moe_router_math, "decode_attention": decode_attention_math}
+DECOMPOSITIONS: dict[str, Callable] = {"moe_router": moe_router_math, "decode_attention": decode_attention_math,
+                                       **INLINE_OPS}
 
 # The state inputs of a layer kind, by name: its functional program (plugins/onnx/export.py) returns their
 # new values after the main output, in this order.

@@ -1,8 +1,9 @@
-"""Which q/k/v layouts the GDN kernels read in place.
+"""Which [B, T, heads, D] layouts the kernels read in place.
 
-In the model q, k and v are column slices of the causal conv's [B, T, C] output, so their token stride is C,
-not heads x head_dim. The kernels take that token stride as an argument; a `.contiguous()` copy would cost
-a pass over q, k and v per layer (at 8K tokens, ~80 us of the 35B GDN layer on an H200).
+In the model q, k and v are column slices of the causal conv's [B, T, C] output (and z one of the GDN input
+projection's), so their token stride is the row width, not heads x D. The kernels take that token stride as
+an argument; a `.contiguous()` copy would cost a pass over the tensor per layer (q, k, v at 8K tokens: ~80 us
+of the 35B GDN layer on an H200).
 """
 
 from __future__ import annotations
