@@ -75,18 +75,20 @@ def test_lowering_adds_no_size_guard(kind, phase, dtype, monkeypatch):
     assert relational_guards(ep, monkeypatch) == []
 
 
-def test_large_m_align_kernels_add_no_size_guard(monkeypatch):
-    """The three-kernel align path (kernels/moe/align.py, LARGE_TRITON) in a prefill graph: no guard either."""
+@pytest.mark.parametrize("large", [True, False], ids=["triton-kernels", "torch-ops"])
+def test_large_m_align_paths_add_no_size_guard(large, monkeypatch):
+    """Both align paths past SMALL_M slots (kernels/moe/align.py, LARGE_TRITON forced either way) in a
+    prefill graph: no guard either."""
     from qwen35_export.kernels.moe import align
 
     impls = triton_implementations()
     if not impls:
         pytest.skip("triton is not importable: no Triton ops to substitute")
     calls = []
-    large = align._align_large
-    monkeypatch.setattr(align, "LARGE_TRITON", True)
-    monkeypatch.setattr(align, "_align_large", lambda *a: calls.append(1) or large(*a))
+    fn = align._align_large
+    monkeypatch.setattr(align, "LARGE_TRITON", large)
+    monkeypatch.setattr(align, "_align_large", lambda *a: calls.append(1) or fn(*a))
     ep, _ = C.capture_gdn(CFG, _layer(0, "bf16"), "prefill", SHAPES, torch.bfloat16, torch.device("cpu"))
     ep, _ = substitute_custom_ops(ep, impls)
     assert relational_guards(ep, monkeypatch) == []
-    assert calls, "the prefill graph did not take the large-M path"
+    assert bool(calls) == large, "the prefill graph did not take the forced align path"

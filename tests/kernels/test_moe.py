@@ -109,6 +109,19 @@ def test_router_ties(nan_empty):
 
 
 # -- tile map --------------------------------------------------------------------------------------
+@pytest.mark.parametrize("E,large", [(8, True), (257, True), (320, True), (321, False), (513, False)])
+def test_align_large_path_by_expert_count(E, large, monkeypatch):
+    """Past SMALL_M slots the default (LARGE_TRITON None) takes the Triton kernels up to LARGE_TRITON_MAX_E
+    experts and the torch ops above (align_h200: the kernels lose at 513 experts from 8K tokens)."""
+    calls = []
+    monkeypatch.setattr(align, "SMALL_M", 0)
+    monkeypatch.setattr(align, "_align_large", lambda *a: calls.append(1) or (None, None, None))
+    _, ids = make_routing(5, E, 2, seed=E)
+    align_block_size(ids.to(DEVICE), E, 16)
+    assert bool(calls) == large
+
+
+
 @pytest.mark.parametrize("N,E,k,bm", [(1, 512, 10, 16), (65, 8, 2, 16), (40, 4, 3, 64), (7, 16, 1, 32),
                                     (6, 257, 11, 16)])  # M = 66: just past the small branch
 def test_align_tile_map(N, E, k, bm, monkeypatch):
@@ -118,6 +131,7 @@ def test_align_tile_map(N, E, k, bm, monkeypatch):
     # the same kernel sized for a graph's largest M (its small-M branch when M <= ALIGN_SMALL_BLOCK)
     sized = align_block_size(ids, E, bm, m_max=1000)
     monkeypatch.setattr(align, "SMALL_M", 0)
+    monkeypatch.setattr(align, "LARGE_TRITON", False)
     want_all = align_block_size(ids, E, bm)  # the torch-ops path
     monkeypatch.setattr(align, "LARGE_TRITON", True)
     monkeypatch.setattr(align, "LARGE_BLOCK", 32)  # several blocks, the last one partial

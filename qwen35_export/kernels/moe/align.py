@@ -121,11 +121,14 @@ def _align_scatter_kernel(ids_ptr, hist_ptr, pad_start_ptr, slots_ptr, M, E,
     tl.store(slots_ptr + pos, b * BLOCK + key % BLOCK, mask=se < E)
 
 
-# Past SMALL_M slots (every prefill graph): the torch-op path by default, or with LARGE_TRITON the three
-# kernels above (histogram per block, one scan, scatter; same map bit for bit). The torch path took ~108 us
-# per 35B-A3B layer at 512 tokens on an H200 (bench/results/moe_35b_h200/); the kernels are tested on the
-# CPU and not yet timed on a GPU, hence off.
-LARGE_TRITON = False
+# Past SMALL_M slots (every prefill graph): the torch ops (scatter_add, sort, searchsorted) or the three
+# kernels above (histogram per block, one scan, scatter; the same map bit for bit). H200, CUDA graphs
+# (bench/results/align_h200/): with 257 experts (35B-A3B) the kernels are 4.0x / 3.3x / 1.7x / 1.1x faster at
+# 512 / 2K / 8K / 16K tokens (27 vs 110 us at 512); with 513 (397B) 2.0x / 1.5x up to 2K tokens but 0.82x /
+# 0.53x at 8K / 16K, where the one-program scan over blocks x expert bins dominates. LARGE_TRITON: None picks
+# the kernels for E <= LARGE_TRITON_MAX_E (E is static in a graph: no guard), True / False force one path.
+LARGE_TRITON: bool | None = None
+LARGE_TRITON_MAX_E = 320
 LARGE_BLOCK = 1024  # slots per program of the large-M kernels
 
 
@@ -179,7 +182,7 @@ def align_block_size(ids: Tensor, E: int, block_m: int, m_max: int | None = None
                                          BLOCK_T=max(1, 8192 // block_e),
                                          BLOCK_SMALL=min(block, ALIGN_SMALL_BLOCK), num_warps=8)
         return slots, tile_expert, num_padded
-    if LARGE_TRITON:
+    if LARGE_TRITON or (LARGE_TRITON is None and E <= LARGE_TRITON_MAX_E):
         return _align_large(flat, E, block_m, P)
     counts = torch.zeros(E, dtype=torch.int64, device=dev).scatter_add_(0, flat, torch.ones_like(flat))
     padded = (counts + block_m - 1) // block_m * block_m
