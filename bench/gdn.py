@@ -4,7 +4,8 @@
     python bench/gdn.py --out DIR            # check, tune, bench; writes gdn.json, gdn.md, gdn.png into DIR
     python bench/gdn.py --check-only
 fla runs in its own subprocesses (`--peer prefill|decode`): it once crashed the process on a first call.
-Decode is timed as CUDA-graph replays (what the runtime does), prefill as eager calls; medians of
+Decode is timed as CUDA-graph replays (what the runtime does), prefill both as eager calls and as CUDA-graph
+replays (the eager call includes our wrapper's host time when it exceeds the GPU time); medians of
 triton.testing.do_bench. HBM roofline: 3.35 TB/s (H100 SXM datasheet).
 """
 

@@ -223,11 +223,13 @@ def main() -> None:
     ap.add_argument("--geometry", choices=sorted(GEOMETRIES), default="397b-a17b",
                     help="the MoE layer's shapes (35b-a3b: H 2048, I 512, E 256, top-8 + shared)")
     ap.add_argument("--align-large", action="store_true",
-                    help="past SMALL_M slots, the three-kernel align path (align.LARGE_TRITON) instead of torch ops")
+                    help="past SMALL_M slots, force the three-kernel align path (align.LARGE_TRITON = True)")
+    ap.add_argument("--align-torch", action="store_true",
+                    help="past SMALL_M slots, force the torch-op align path (align.LARGE_TRITON = False)")
     args = ap.parse_args()
-    if args.align_large:
+    if args.align_large or args.align_torch:
         from qwen35_export.kernels.moe import align
-        align.LARGE_TRITON = True
+        align.LARGE_TRITON = bool(args.align_large)
     global H, I, E, K
     H, I, E, K = GEOMETRIES[args.geometry]
     tokens = [int(t) for arg in args.tokens for t in arg.split(",") if t]

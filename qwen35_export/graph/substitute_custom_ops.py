@@ -1,7 +1,8 @@
 """Swap the reference `qwen35::*` custom ops for a backend's implementation of the same signature.
 
 GPU targets take the Triton ops `qwen35_triton::*` (registered with `triton_op`, so AOTInductor embeds the
-kernels in the package); the cpu target keeps the references (called through AOTI's proxy executor).
+kernels in the package); the cpu target keeps the references (called through AOTI's proxy executor),
+except the plain-math ops that graph/inline_ops.py turned back into torch ops first.
 """
 
 from __future__ import annotations

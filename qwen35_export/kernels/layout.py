@@ -23,6 +23,8 @@ def token_rows(x: Tensor) -> tuple[Tensor, int]:
     s_b, s_t, s_h, s_d = x.stride()
     if statically_known_true(T == 1):  # a size-1 dim's stride is arbitrary: token n sits at n x the batch stride
         s_t = s_b
+    if statically_known_true(Hx == 1):  # one head (e.g. a key head per tensor-parallel rank): its stride is moot
+        s_h = D
     in_place = (statically_known_true(s_d == 1) and statically_known_true(s_h == D)
                 and (statically_known_true(B == 1) or statically_known_true(s_b == T * s_t)))
     if in_place:

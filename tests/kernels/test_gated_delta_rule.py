@@ -335,14 +335,17 @@ def _as_conv_slices(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pad: int 
             .view(v.shape))
 
 
-@pytest.mark.parametrize("B,T,varlen", [(3, 65, False), (1, 130, True), (2, 1, False), (2, 5, False)],
-                         ids=["B3-T65", "varlen-130", "B2-T1-recurrent", "B2-T5-recurrent"])
-def test_strided_qkv_read_in_place(B, T, varlen, poison_empty):
+@pytest.mark.parametrize("B,T,varlen,dtype", [(3, 65, False, torch.bfloat16), (1, 130, True, torch.bfloat16),
+                                              (2, 70, False, torch.float32), (2, 1, False, torch.bfloat16),
+                                              (2, 5, False, torch.bfloat16)],
+                         ids=["B3-T65", "varlen-130", "B2-T70-fp32-blocks-form", "B2-T1-recurrent", "B2-T5-recurrent"])
+def test_strided_qkv_read_in_place(B, T, varlen, dtype, poison_empty):
     """q, k, v as column slices of one wider tensor (the conv output) give exactly the outputs of contiguous
-    copies: the kernels read them at their token stride, no copy (layout.token_rows)."""
+    copies: the kernels read them at their token stride, no copy (layout.token_rows). fp32 inputs take the
+    WY kernel's blocks form, bf16 its full form."""
     from qwen35_export.kernels.layout import token_rows
 
-    q, k, v, g, beta, state = make_inputs(B, T, 2, 4, 32, 32, torch.bfloat16, seed=T + B, N=2 if varlen else B)
+    q, k, v, g, beta, state = make_inputs(B, T, 2, 4, 32, 32, dtype, seed=T + B, N=2 if varlen else B)
     qs, ks, vs = _as_conv_slices(q, k, v)
     assert [token_rows(x)[0].data_ptr() for x in (qs, ks, vs)] == [x.data_ptr() for x in (qs, ks, vs)]
     if T <= 8:
@@ -375,3 +378,7 @@ def test_token_rows_copies_what_it_cannot_read():
     assert token_rows(one_seq) == (one_seq, 12)
     decode = torch.randn(3, 1, 20)[..., 4:16].view(3, 1, 3, 4)  # T = 1: tokens one batch stride apart
     assert token_rows(decode) == (decode, 20)
+    odd_t = torch.randn(3, 20)[:, 4:16].view(3, 3, 4).unsqueeze(1)  # T = 1 whose stride is not the batch's
+    assert odd_t.stride()[:2] == (20, 12) and token_rows(odd_t) == (odd_t, 20)
+    one_head = torch.randn(2, 5, 1, 8)[..., :4]  # a single head: its stride (8) is irrelevant
+    assert token_rows(one_head) == (one_head, 8)

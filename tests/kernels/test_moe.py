@@ -121,7 +121,6 @@ def test_align_large_path_by_expert_count(E, large, monkeypatch):
     assert bool(calls) == large
 
 
-
 @pytest.mark.parametrize("N,E,k,bm", [(1, 512, 10, 16), (65, 8, 2, 16), (40, 4, 3, 64), (7, 16, 1, 32),
                                     (6, 257, 11, 16)])  # M = 66: just past the small branch
 def test_align_tile_map(N, E, k, bm, monkeypatch):

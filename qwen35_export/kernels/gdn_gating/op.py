@@ -28,4 +28,4 @@ def gated_rms_norm(o: Tensor, z: Tensor, weight: Tensor, eps: float) -> Tensor:
 
 @gated_rms_norm.register_fake
 def _(o, z, weight, eps):
-    return torch.empty_like(o)
+    return torch.empty(o.shape, dtype=o.dtype, device=o.device)  # contiguous, as the kernel writes it

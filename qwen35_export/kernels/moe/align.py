@@ -4,7 +4,7 @@ Static shapes only (no `.item()`, no data-dependent sizes), so it traces under t
 in CUDA graphs: the tile map is sized for the worst case and tiles past `num_padded` are skipped by the
 GEMM kernels. A slot is `token * k + j`, the j-th expert of a token; padding slots hold `M = N * k`.
 Up to `SMALL_M` slots (decode) one Triton program does it all in one launch (launches dominate there);
-beyond, a dozen torch ops (bandwidth-bound, negligible beside prefill GEMMs). Both give identical maps.
+beyond, three Triton kernels or a dozen torch ops (LARGE_TRITON below). All give identical maps.
 """
 
 from __future__ import annotations
@@ -125,8 +125,12 @@ def _align_scatter_kernel(ids_ptr, hist_ptr, pad_start_ptr, slots_ptr, M, E,
 # kernels above (histogram per block, one scan, scatter; the same map bit for bit). H200, CUDA graphs
 # (bench/results/align_h200/): with 257 experts (35B-A3B) the kernels are 4.0x / 3.3x / 1.7x / 1.1x faster at
 # 512 / 2K / 8K / 16K tokens (27 vs 110 us at 512); with 513 (397B) 2.0x / 1.5x up to 2K tokens but 0.82x /
-# 0.53x at 8K / 16K, where the one-program scan over blocks x expert bins dominates. LARGE_TRITON: None picks
-# the kernels for E <= LARGE_TRITON_MAX_E (E is static in a graph: no guard), True / False force one path.
+# 0.53x at 8K / 16K, where the one-program scan over blocks x expert bins dominates. At 257 experts the
+# kernels' time grows ~6.5 us per 1K tokens against ~2.4 for the torch ops, so they would lose from ~20K
+# tokens in one call (~1% of such a layer's prefill) against ~80 us per layer won at 512 tokens; the
+# token count is symbolic in a prefill graph, so the choice cannot follow it without a guard.
+# LARGE_TRITON: None picks the kernels for E <= LARGE_TRITON_MAX_E (E is static in a graph: no guard),
+# True / False force one path.
 LARGE_TRITON: bool | None = None
 LARGE_TRITON_MAX_E = 320
 LARGE_BLOCK = 1024  # slots per program of the large-M kernels
