@@ -1,7 +1,8 @@
 """MoE align past SMALL_M slots (every prefill graph), on the device: the torch-op path against the three Triton
 kernels (kernels/moe/align.py LARGE_TRITON). Checks the two maps are equal, times both from CUDA graphs.
 
-    python3 bench/align_paths.py --out DIR     -> DIR/align_paths.json, DIR/align_paths.md
+    python3 bench/align_paths.py --out DIR     -> DIR/align_paths.{json,md,png}
+    python3 bench/align_paths.py --out DIR --replot   (redraw the plot from the JSON, no GPU needed)
 """
 
 from __future__ import annotations
@@ -47,10 +48,35 @@ def run_one(E: int, k: int, block_m: int, T: int) -> dict:
     return out
 
 
+def plot(res: dict, path: Path) -> None:
+    """us per call against tokens, both paths, one panel per geometry."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    geos = sorted({r["geometry"] for r in res["rows"] if "error" not in r})
+    fig, axes = plt.subplots(1, len(geos), figsize=(5 * len(geos), 3.6), squeeze=False)
+    for ax, geo in zip(axes[0], geos):
+        rows = [r for r in res["rows"] if r["geometry"] == geo and "error" not in r]
+        t = [r["tokens"] for r in rows]
+        ax.plot(t, [r["torch_us"] for r in rows], "o-", label="torch ops")
+        ax.plot(t, [r["triton_us"] for r in rows], "s-", label="Triton kernels")
+        ax.set_xscale("log", base=2)
+        ax.set_xlabel("tokens in the call")
+        ax.set_ylabel("us per align (CUDA graph)")
+        ax.set_title(f"{geo} ({res['gpu']})")
+        ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", type=Path, required=True)
+    ap.add_argument("--replot", action="store_true", help="only redraw OUT/align_paths.png from its JSON")
     a = ap.parse_args()
+    if a.replot:
+        plot(json.loads((a.out / "align_paths.json").read_text()), a.out / "align_paths.png")
+        return
     a.out.mkdir(parents=True, exist_ok=True)
     res = {"gpu": torch.cuda.get_device_name(), "torch": torch.__version__, "rows": []}
     for geo, (E, k, bm) in GEOMETRIES.items():
@@ -71,6 +97,7 @@ def main() -> None:
     lines += [f"\n{r['geometry']} T={r['tokens']}: {r['error']}" for r in res["rows"] if "error" in r]
     (a.out / "align_paths.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
+    plot(res, a.out / "align_paths.png")
 
 
 if __name__ == "__main__":
