@@ -88,13 +88,11 @@ def _(q, k, v, g, beta, h0):
 
 # -- GDN output norm -------------------------------------------------------------------------------
 def gated_rms_norm_math(o: Tensor, z: Tensor, weight: Tensor, eps: float) -> Tensor:
-    """The body of `qwen35::gated_rms_norm`: normalise in fp32, round to o's dtype, times the plain weight
-    (in the promoted dtype, as torch multiplies), times silu(z) in fp32, back to o's dtype."""
-    dtype = o.dtype
-    of = o.float()
-    y = (of * torch.rsqrt(of.pow(2).mean(-1, keepdim=True) + eps)).to(dtype)
-    y = weight * y
-    return (y.float() * F.silu(z.float())).to(dtype)
+    """The body of `qwen35::gated_rms_norm` in standard torch ops (also what backends inline): the kernel's
+    oracle, transformers' Qwen3_5MoeRMSNormGated formula."""
+    from ..kernels.gdn_gating.reference import naive_gated_rms_norm
+
+    return naive_gated_rms_norm(o, z, weight, eps)
 
 
 @torch.library.custom_op(f"{LIB}::gated_rms_norm", mutates_args=())

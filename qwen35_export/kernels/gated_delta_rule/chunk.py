@@ -75,8 +75,6 @@ def chunk_gdn_fwd_kernel(
         b_S = S.to(DT)
         v_new = b_u.to(tl.float32) - tl.dot(b_w, b_S)  # [BT, BV]
         b_vn = v_new.to(DT)
-        # k and g are loaded after the first product: loaded before it, k stays live across it and the
-        # kernel spills more (sm_90: 1400 B of stack instead of 928 in the NORM / k-decay form)
         A = tl.dot(b_q, tl.trans(b_k.to(DT)))  # [BT, BT]
         A = tl.where(causal, A * tl.exp(tl.where(causal, b_g[:, None] - b_g[None, :], 0.)), 0.)
         b_o = tl.dot((b_q.to(tl.float32) * tl.exp(b_g)[:, None]).to(DT), b_S) + tl.dot(A.to(DT), b_vn)
@@ -136,8 +134,6 @@ def chunk_gdn_h_kernel(
         tl.store(h + ((boh + i_t) * HV + i_h) * K * V + s_tile, b_S, mask=mkv)
         b_w = tl.load(w_base + r64 * HV * K + o_k[None, :], mask=mr[:, None] & (o_k[None, :] < K), other=0.)
         b_u = tl.load(u_base + r64 * HV * V + cols[None, :], mask=mrv, other=0.)
-        # k and g are loaded after the first product in both branches: loaded before it, k stays live
-        # across it and the default kernel spills more (sm_90: 1400 B of stack instead of 928)
         v_new = b_u.to(tl.float32) - tl.dot(b_w, b_S)  # [BT, BV]
         b_vn = v_new.to(DT)
         # k and g are loaded after the first product: loaded before it, k stays live across it and the

@@ -115,8 +115,8 @@ def _align_scatter_kernel(ids_ptr, hist_ptr, pad_start_ptr, slots_ptr, M, E,
     key = tl.sort(e * BLOCK + offs)
     se = key // BLOCK
     sec = tl.minimum(se, BLOCK_E - 1)
-    base = tl.gather(tl.load(pad_start_ptr + tl.arange(0, BLOCK_E)) + tl.load(hist_ptr + b * BLOCK_E + tl.arange(0, BLOCK_E)),
-                     sec, 0)
+    eo = tl.arange(0, BLOCK_E)
+    base = tl.gather(tl.load(pad_start_ptr + eo) + tl.load(hist_ptr + b * BLOCK_E + eo), sec, 0)
     pos = base + offs - tl.gather(first, sec, 0)
     tl.store(slots_ptr + pos, b * BLOCK + key % BLOCK, mask=se < E)
 
