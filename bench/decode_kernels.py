@@ -28,7 +28,7 @@ from qwen35_export.kernels.causal_conv1d import causal_conv1d, causal_conv1d_fwd
 from qwen35_export.kernels.causal_conv1d import conv as conv_mod  # noqa: E402
 from qwen35_export.kernels.fp8_linear import fp8_linear_reference  # noqa: E402
 from qwen35_export.kernels.fp8_linear.gemm import (fp8_linear_triton, fused_config,  # noqa: E402
-                                                   two_kernel_config)
+                                                   two_kernel_config, wo_config)
 from qwen35_export.runtime.bench import hbm_bandwidth  # noqa: E402
 
 GEOMS = {"35b-a3b": (16, 2), "397b-a17b": (32, 2)}  # (query heads, KV heads), head_dim 256
@@ -143,6 +143,73 @@ def bench_fp8_linear(bw: float, Ms: tuple[int, ...] = (1, 64), splits: tuple[int
         print(f"fp8 {name:18s} M={M:3d}: best {best_us:7.1f} us ({rows[-1]['best_roofline_pct']:5.1f}% HBM) "
               f"BN={best['BLOCK_N']} w={best['num_warps']} s={best['num_stages']} split={best['SPLIT_K']}; "
               f"default {d_us}", flush=True)
+        if save is not None:
+            save()
+    return rows
+
+
+WO_MS = (1, 8, 64)  # decode token counts of the weight-only sweep
+
+
+def wo_candidates(bm: int) -> list[dict]:
+    """Weight-only tiles: tensor cores on a BLOCK_M row tile (16: graphs of up to 16 rows, 64: an engine's
+    decode graph, whose batch may reach 64), the weight stream shaped by BLOCK_N, stages and K splits."""
+    return [dict(WO=True, DOT=True, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=128, SPLIT_K=sk, num_warps=w, num_stages=st)
+            for bn, sk, w, st in itertools.product((16, 32, 64), (1, 2, 4, 8), (2, 4), (3, 5))]
+
+
+def bench_fp8_wo(bw: float, Ms: tuple[int, ...] = WO_MS, rows: list | None = None, save=None) -> list[dict]:
+    """The whole op at decode token counts, per engine linear: the weight-only path over its tile sweep
+    (BLOCK_M 16 where M <= 16, and 64 as an engine's decode graph runs it) against the two-kernel default
+    it replaces and cuBLAS on the BF16 weight (twice the bytes: the BF16 engine's GEMM). Every config's
+    output is checked against the contract (unquantised x) before it is timed."""
+    rows = [] if rows is None else rows
+    for (name, (N, K)), M in itertools.product(ENGINE_LINEARS.items(), Ms):
+        ws, ss = rotating_weights(N, K)
+        nbuf = len(ws)
+        x = torch.randn(M, K, device="cuda", dtype=torch.bfloat16)
+        ref = fp8_linear_reference(x, ws[0], ss[0], dtype=torch.float32)
+        nbytes = N * K + ss[0].numel() * 4
+
+        def time_cfg(cfg: dict) -> tuple[float | None, float | None]:
+            try:
+                err = float((fp8_linear_triton(x, ws[0], ss[0], cfg).float() - ref).norm() / ref.norm())
+
+                def run():  # every weight set once: a graph replays them in turn, past the L2
+                    for i in range(nbuf):
+                        fp8_linear_triton(x, ws[i], ss[i], cfg)
+                return graph_us(run, 4) / nbuf, err
+            except Exception as e:  # a config the compiler rejects (shared memory): skipped
+                print("skip", name, cfg, str(e)[:80], flush=True)
+                return None, None
+
+        two_us, _ = time_cfg(dict(FUSED=False, **two_kernel_config(M, N)))
+        wb = [w.to(torch.bfloat16) for w in ws[:max(1, nbuf // 2)]]  # twice the bytes: half the sets past L2
+
+        def bf16():
+            for w in wb:
+                torch.nn.functional.linear(x, w)
+        bf16_us = graph_us(bf16, 4) / len(wb)
+        del wb
+        row = dict(name=name, N=N, K=K, M=M, two_kernel_us=two_us, bf16_cublas_us=bf16_us, by_bm={})
+        for bm in ((16, 64) if M <= 16 else (64,)):
+            res = []
+            for cfg in wo_candidates(bm):
+                us, err = time_cfg(cfg)
+                if us is not None:
+                    res.append((us, err, cfg))
+            res.sort(key=lambda r: r[0])
+            dflt = wo_config(M if bm == 16 else 64, N, K)
+            d_us = time_cfg(dflt)[0]
+            best_us, best_err, best = res[0]
+            row["by_bm"][bm] = dict(best=best, best_us=best_us, best_err=best_err, default=dflt, default_us=d_us,
+                                   best_roofline_pct=nbytes / bw / (best_us * 1e-6) * 100,
+                                   all=[(u, e, c) for u, e, c in res])
+            print(f"fp8 wo {name:18s} M={M:3d} BM={bm:2d}: best {best_us:6.1f} us "
+                  f"({row['by_bm'][bm]['best_roofline_pct']:5.1f}% HBM, err {best_err:.1e}) BN={best['BLOCK_N']} "
+                  f"split={best['SPLIT_K']} w={best['num_warps']} s={best['num_stages']}; default {d_us}; "
+                  f"two-kernel {two_us}; bf16 cuBLAS {bf16_us:.1f}", flush=True)
+        rows.append(row)
         if save is not None:
             save()
     return rows
@@ -354,6 +421,8 @@ def main() -> None:
     ap.add_argument("--fp8-fused-ms", default=",".join(map(str, FUSED_MS)),
                     help="token counts of those rows, e.g. 1 (one device call) then 8,16 (the next)")
     ap.add_argument("--conv1d-only", action="store_true", help="only the conv1d op rows (a short device call)")
+    ap.add_argument("--fp8-wo-only", action="store_true",
+                    help="only the weight-only FP8 linear sweep (engine linears, M = 1, 8, 64)")
     ap.add_argument("--fp8-split-only", action="store_true",
                     help="only the two-kernel FP8 linear sweep with split-K (1, 2, 4, 8) at M = 1, 8, 64")
     a = ap.parse_args()
@@ -368,6 +437,11 @@ def main() -> None:
         res["fp8_linear_fused"] = []
         bench_fp8_fused(bw, fused_ms, res["fp8_linear_fused"],
                         lambda: (a.out / "decode_kernels.json").write_text(json.dumps(res, indent=1)))
+        return
+    if a.fp8_wo_only:
+        res["fp8_linear_wo"] = []
+        bench_fp8_wo(bw, WO_MS, res["fp8_linear_wo"],
+                     lambda: (a.out / "decode_kernels.json").write_text(json.dumps(res, indent=1)))
         return
     if a.fp8_split_only:
         res["fp8_linear"] = []

@@ -167,8 +167,11 @@ def candidates(T: int, dtype: str) -> list[dict]:
     decode = T <= DECODE_MAX_TOKENS
     base = default_config(T, E + 1, K + 1, dtype, decode)
     if decode:  # thin weight slices: enough programs to fill 132 SMs even at T = 1 (11 experts)
-        out = [_cfg(16, (g, 128, 1, w, s), (d, 128, 1, w, s)) for g, d, w, s in
-               [(32, 32, 4, 6), (32, 64, 4, 6), (64, 32, 8, 4), (32, 32, 8, 4), (16, 32, 4, 6), (64, 64, 4, 4)]]
+        tiles = [(32, 32, 4, 6), (32, 64, 4, 6), (64, 32, 8, 4), (32, 32, 8, 4), (16, 32, 4, 6), (64, 64, 4, 4)]
+        if dtype == "fp8":  # an e4m3 tile is half the bytes of a bf16 one: wider tiles, deeper pipelines
+            tiles += [(64, 64, 4, 5), (64, 64, 4, 6), (64, 32, 4, 6), (128, 64, 8, 4), (128, 128, 8, 3),
+                      (64, 64, 8, 6)]
+        out = [_cfg(16, (g, 128, 1, w, s), (d, 128, 1, w, s)) for g, d, w, s in tiles]
     else:
         bm = base["BLOCK_M"]
         if dtype == "fp8":  # gate_up BLOCK_N is 128: one activation scale group per program
@@ -222,6 +225,7 @@ def main() -> None:
     ap.add_argument("--tune-budget-s", type=float, default=1e9, help="stop tuning (use stored tables) after this")
     ap.add_argument("--geometry", choices=sorted(GEOMETRIES), default="397b-a17b",
                     help="the MoE layer's shapes (35b-a3b: H 2048, I 512, E 256, top-8 + shared)")
+    ap.add_argument("--methods", default=",".join(METHODS), help="comma list of METHODS to run")
     ap.add_argument("--align-large", action="store_true",
                     help="past SMALL_M slots, force the three-kernel align path (align.LARGE_TRITON = True)")
     ap.add_argument("--align-torch", action="store_true",
@@ -248,6 +252,8 @@ def main() -> None:
         ref = moe_experts_reference(x, w, ids, L["w13"], L["w2"], dtype=torch.float32)
         router_ms = bench_ms(lambda: moe_router_triton(x @ L["gate"].T, K))
         for name, (fn, dtype) in METHODS.items():
+            if name not in args.methods.split(","):
+                continue
             if name == "loop_bf16" and (args.no_loop or T > args.loop_max):
                 continue
             if name.endswith("_pairs") and not pairs_fits(T):

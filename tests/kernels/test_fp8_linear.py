@@ -1,6 +1,7 @@
-"""Dense w8a8 block-scaled FP8 linear against the dequantised reference and `qwen35::fp8_linear`: the
-two-kernel path (activation quantisation, then the GEMM) and the fused small-R path (quantisation in the
-GEMM's registers), against the reference, against each other, and which one an exported graph launches.
+"""Dense block-scaled FP8 linear against the dequantised reference and `qwen35::fp8_linear`: the weight-only
+decode path (x unquantised, the weight converted in registers), the two-kernel path (activation quantisation,
+then the GEMM) and the fused small-R path (quantisation in the GEMM's registers), against the reference,
+against each other, and which one an exported graph launches.
 
 CPU through Triton's interpreter (conftest.py); the real-size case needs CUDA. Comparisons use the kernel
 tests' one helper (gdn_compare.assert_close); the unit roundoffs behind the bounds are test_moe.py's.
@@ -18,8 +19,8 @@ from qwen35_export.checkpoint.fp8 import quantize_fp8_block
 from qwen35_export.kernels.fp8_linear import (fp8_linear, fp8_linear_reference, quantize_act,
                                               quantize_act_reference)
 from qwen35_export.kernels.fp8_linear import gemm, quant
-from qwen35_export.kernels.fp8_linear.gemm import (default_config, fp8_linear_triton, fused_config,
-                                                    two_kernel_config)
+from qwen35_export.kernels.fp8_linear.gemm import (WO_MAX_R, default_config, fp8_linear_triton, fused_config,
+                                                    two_kernel_config, wo_config)
 
 from gdn_compare import DEVICE, assert_close  # the kernel tests' one comparison helper
 from test_moe import BF16_U, FP8_U, FP32_BOUND, nan_empty  # noqa: F401  (fixture re-exported)
@@ -78,10 +79,14 @@ def test_fp8_linear(shape, N, K, nan_empty):
     x = torch.randn(*shape, K, generator=torch.Generator().manual_seed(K)).bfloat16()
     y = fp8_linear(x, w, s)
     assert y.shape == (*shape, N) and y.dtype == x.dtype
+    ref = torch.ops.qwen35.fp8_linear(x.float(), w, s)
+    if default_config(math.prod(shape), N, K).get("WO"):
+        # Weight-only (up to WO_MAX_R rows): x unquantised as in the op contract, only the output's rounding.
+        assert_close("fp8_linear (weight-only) vs qwen35::fp8_linear", y, ref, BF16_U)
+        return
     # Same activation quantisation simulated: only the output's bf16 rounding remains.
     assert_close("fp8_linear vs simulated", y, fp8_linear_reference(x, w, s, quant_act=True), BF16_U)
     # The op contract (unquantised x): plus one e4m3 rounding of x (at most FP8_U relative).
-    ref = torch.ops.qwen35.fp8_linear(x.float(), w, s)
     assert_close("fp8_linear vs qwen35::fp8_linear", y, ref, math.sqrt(FP8_U ** 2 + BF16_U ** 2))
 
 
@@ -92,6 +97,7 @@ def fused_default(monkeypatch):
     from qwen35_export.kernels.fp8_linear import gemm
 
     monkeypatch.setattr(gemm, "FUSED_MAX_R", 16)
+    monkeypatch.setattr(gemm, "WO_MAX_R", 0)
 
 
 # Accumulation-only bound per output dtype: bf16 rounds the result once; fp32 sums in another order.
@@ -179,6 +185,61 @@ def test_row_strided_x(fused_path, nan_empty, fused_default):
     assert_close("row-strided x vs simulated", y, fp8_linear_reference(x, w, s, quant_act=True), BF16_U)
 
 
+def wo(dot: bool, block_m: int, block_n: int, block_k: int = 128, split_k: int = 1) -> dict:
+    return dict(WO=True, DOT=dot, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, SPLIT_K=split_k,
+                num_warps=4, num_stages=2)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=["bf16", "fp32"])
+@pytest.mark.parametrize("K,N", [(128, 16), (200, 130), (640, 256)], ids=["K128-N16", "K200-N130", "K640-N256"])
+@pytest.mark.parametrize("R", [1, 5, 17, 64])
+@pytest.mark.parametrize("cfg", [
+    pytest.param(None, id="default"),  # wo_config: tensor cores, 16 or 64 rows, K split by the column tiles
+    pytest.param(wo(False, 4, 32), id="rows-BM4-BN32"),  # per-row fp32: several row tiles, a partial one
+    pytest.param(wo(True, 16, 64, block_k=64, split_k=3), id="dot-BK64-split3"),  # two K steps per scale group
+    pytest.param(wo(True, 32, 16, split_k=8), id="dot-BM32-split8"),  # more splits than K steps at K <= 640
+])
+def test_weight_only_vs_reference(cfg, R, K, N, dtype, nan_empty):
+    """The weight-only path multiplies x as given (the op contract: no activation quantisation) by the
+    dequantised weight: e4m3 -> x's dtype is exact, so against the fp64 contract only the fp32 sums'
+    order and the output's rounding remain (bf16: one rounding, BF16_U; fp32: FP32_BOUND). K tails of 200
+    and 640 (not multiples of 128 or of BLOCK_K 64), N = 130 (tail of every BLOCK_N), R past one row tile."""
+    assert R <= WO_MAX_R and default_config(R, N, K)["WO"]
+    w, s = make_linear(N, K, seed=N + K + 1, dev=DEVICE)
+    x = make_rows(R, K, dtype, seed=R + K)
+    y = fp8_linear_triton(x, w, s, cfg)
+    assert y.shape == (R, N) and y.dtype == dtype
+    assert_close(f"weight-only {cfg} vs reference", y, fp8_linear_reference(x, w, s), OUT_BOUND[dtype])
+    if R > 1:  # an all-zero row gives exactly 0
+        assert torch.equal(y[-1], torch.zeros_like(y[-1]))
+
+
+def test_weight_only_row_strided_x(nan_empty):
+    R, K, N = 5, 200, 130
+    w, s = make_linear(N, K, seed=1, dev=DEVICE)
+    x = make_rows(R, K + 56, torch.bfloat16, seed=2)[:, 40:K + 40]
+    assert x.stride(0) != K
+    y = fp8_linear_triton(x, w, s)
+    assert torch.equal(y, fp8_linear_triton(x.contiguous(), w, s))
+    assert_close("row-strided x vs reference", y, fp8_linear_reference(x, w, s), BF16_U)
+
+
+def test_weight_only_config_splits_few_columns():
+    """A GEMV of few columns over a long K (out_proj) splits K so every SM streams; a wide one does not."""
+    assert wo_config(1, 2048, 4096)["SPLIT_K"] > 1
+    assert wo_config(1, 12288, 2048)["SPLIT_K"] == 1
+    assert wo_config(1, 2048, 4096)["BLOCK_M"] == 16 and wo_config(64, 2048, 4096)["BLOCK_M"] == 64
+    # the default takes it for narrow GEMVs only (gemm.WO_MAX_N: the measured crossover), never past WO_MAX_R
+    assert default_config(1, 2048, 4096).get("WO") and not default_config(1, 12288, 2048).get("WO")
+    assert not default_config(WO_MAX_R + 1, 2048, 4096).get("WO")
+
+
+def test_weight_only_rejects_dot_below_16_rows():
+    w, s = make_linear(16, 128, seed=0)
+    with pytest.raises(ValueError, match="BLOCK_M >= 16"):
+        fp8_linear_triton(torch.randn(1, 128), w, s, wo(True, 8, 16))
+
+
 def test_fused_rejects_dot_below_16_rows():
     w, s = make_linear(16, 128, seed=0)
     with pytest.raises(ValueError, match="BLOCK_M >= 16"):
@@ -233,12 +294,13 @@ def test_export_bounded_batch_launches_fused_without_guard(monkeypatch, fused_de
     assert launches["_fused_w8a8_gemm_kernel"]["BLOCK_M"] == 8
 
 
-def test_shipped_default_one_row_launches_two_kernels(monkeypatch):
-    """As measured on the H200 (gemm.FUSED_MAX_R): even one static row takes quantise + GEMM."""
+def test_shipped_default_one_row_launches_weight_only(monkeypatch):
+    """Decode rows take the weight-only kernel (no quantisation launch); the fused path stays off."""
     w, s = make_linear(256, 128, seed=0)
     ep = torch.export.export(_Lin(), (torch.randn(1, 1, 128).bfloat16(), w, s))
     launches = launched_kernels(monkeypatch, ep)
-    assert list(launches) == ["_act_quant_kernel", "_w8a8_gemm_kernel"], launches
+    assert list(launches) == ["_wo_gemm_kernel"], launches
+    assert launches["_wo_gemm_kernel"]["BLOCK_M"] == 16
 
 
 def test_export_unbounded_rows_dequantise(monkeypatch):
@@ -252,10 +314,15 @@ def test_export_unbounded_rows_dequantise(monkeypatch):
     ep = torch.export.export(_Lin(), (torch.randn(40, 128).bfloat16(), w, s), dynamic_shapes=({0: T}, None, None))
     targets = [str(n.target) for n in ep.run_decompositions(decompose_custom_triton_ops=True).graph.nodes]
     assert any("mm" in t for t in targets), targets
-    for max_batch in (64, 512):  # decode graphs, also past 64 rows (the decode tiles' bound)
+    # decode graphs: up to WO_MAX_R rows the weight-only kernel sized for the graph's max (not the example's
+    # 40 rows: no guard), past it quantise + GEMM
+    for max_batch, want in ((64, ["_wo_gemm_kernel"]), (512, ["_act_quant_kernel", "_w8a8_gemm_kernel"])):
         B = torch.export.Dim("B", min=1, max=max_batch)
         ep = torch.export.export(_Lin(), (torch.randn(40, 128).bfloat16(), w, s), dynamic_shapes=({0: B}, None, None))
-        assert list(launched_kernels(monkeypatch, ep)) == ["_act_quant_kernel", "_w8a8_gemm_kernel"], max_batch
+        launches = launched_kernels(monkeypatch, ep)
+        assert list(launches) == want, (max_batch, launches)
+        if max_batch == 64:
+            assert launches["_wo_gemm_kernel"]["BLOCK_M"] == 64
 
 
 @pytest.mark.parametrize("R,N,K", [(256, 200, 384), (300, 384, 300), (513, 128, 256)])
@@ -297,8 +364,13 @@ def test_fp8_linear_real_size_cuda(R):
         assert_close("fp8_linear dequant vs op", y, torch.ops.qwen35.fp8_linear(x.float(), w, s), 2 * BF16_U)
         y = fp8_linear_triton(x, w, s, dict(FUSED=False, **two_kernel_config(R, w.shape[0])))
     assert_close("fp8_linear vs simulated", y, sim, BF16_U)
-    if R <= 16:  # the fused variants (off by default) and the two-kernel tiles
+    if R <= 16:  # the weight-only tiles (default for narrow GEMVs only) against the contract (x unquantised)
         N = w.shape[0]
+        op = torch.ops.qwen35.fp8_linear(x.float(), w, s)
+        for cfg in (wo_config(R, N, 4096), wo_config(64, N, 4096), dict(wo_config(R, N, 4096), SPLIT_K=4),
+                    dict(wo_config(R, N, 4096), DOT=False, BLOCK_M=R)):
+            assert_close(f"{cfg} vs op", fp8_linear_triton(x, w, s, cfg), op, BF16_U)
+    if R <= 16:  # the fused variants (off by default) and the two-kernel tiles
         for cfg in (dict(FUSED=False, **two_kernel_config(R, N)), dict(fused_config(R, N), SPLIT_K=4),
                     dict(fused_config(R, N), HW_CVT=True), fused(True, 16, 64)):
             assert_close(f"{cfg} vs simulated", fp8_linear_triton(x, w, s, cfg), sim, BF16_U)

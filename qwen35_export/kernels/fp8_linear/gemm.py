@@ -2,12 +2,15 @@
 
 `w` [N, K] e4m3 with 128x128 block scales [ceil(N/128), ceil(K/128)] (the checkpoint's `weight_scale_inv`,
 used exactly); `x` is quantised to e4m3 with scales [R, ceil(K/128)] (quant.py). Each 128-column K step
-multiplies the e4m3 operands into an fp32 partial sum and applies both scales to it. Two paths:
+multiplies the e4m3 operands into an fp32 partial sum and applies both scales to it. Three paths:
 - two kernels (any R): `quantize_act` writes q and its scales, `_w8a8_gemm_kernel` runs `tl.dot` on fp8
   operands (fp8 tensor cores on sm_90), optionally split over K (then a third, fixed-order sum kernel);
 - fused (decode, R <= FUSED_MAX_R): `_fused_w8a8_gemm_kernel` quantises its rows of x in registers at each
   K step (same rounding and scale formula as quant.py) and multiplies at once: one launch, no q round trip.
   There, each program streams BLOCK_N weight rows over K; split-K works as on the two-kernel path.
+- weight-only (decode, R <= WO_MAX_R and N <= WO_MAX_N, the default there): `_wo_gemm_kernel` multiplies x
+  unquantised (the op contract) by the e4m3 weight tile converted in registers and scaled per block, as the
+  MoE decode path does: one launch (two with split-K), no activation quantisation, closer to the reference.
 """
 
 from __future__ import annotations
@@ -69,19 +72,25 @@ def _w8a8_gemm_kernel(a_ptr, as_ptr, b_ptr, bs_ptr, c_ptr, M, N, K, steps_per_sp
 
 
 @triton.jit
+def _row_col_split(M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """Decode-path program ids: axis 0 -> (row tile, column tile) with columns fastest (the row tiles of a
+    column tile run together and share its weight reads from L2), axis 1 -> K split.
+    Returns (tile row indices, row tile, its rows, its columns, K split)."""
+    num_n = tl.cdiv(N, BLOCK_N)
+    pid_m = tl.program_id(0) // num_n
+    rows = tl.arange(0, BLOCK_M)
+    offs_n = (tl.program_id(0) % num_n) * BLOCK_N + tl.arange(0, BLOCK_N)
+    return rows, pid_m, pid_m * BLOCK_M + rows, offs_n, tl.program_id(1)
+
+
+@triton.jit
 def _fused_w8a8_gemm_kernel(x_ptr, b_ptr, bs_ptr, c_ptr, M, N, K, steps_per_split,
                             stride_xm, stride_bn, stride_bsn, stride_cm, stride_cs,
                             UPCAST: tl.constexpr, DOT: tl.constexpr, HW_CVT: tl.constexpr,
                             BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     """Program (row tile, column tile, K split) -> its fp32 sum over the split's 128-column groups, at
     `c_ptr + split * stride_cs` in c's dtype (the output itself when there is one split)."""
-    num_n = tl.cdiv(N, BLOCK_N)
-    pid_m = tl.program_id(0) // num_n
-    pid_n = tl.program_id(0) % num_n
-    pid_k = tl.program_id(1)
-    rows = tl.arange(0, BLOCK_M)
-    offs_m = pid_m * BLOCK_M + rows
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    rows, pid_m, offs_m, offs_n, pid_k = _row_col_split(M, N, BLOCK_M, BLOCK_N)
     offs_k = tl.arange(0, 128)
     m_ok = offs_m < M
     n_ok = offs_n < N
@@ -117,6 +126,63 @@ def _fused_w8a8_gemm_kernel(x_ptr, b_ptr, bs_ptr, c_ptr, M, N, K, steps_per_spli
                     q, sa = quant_group_values(xv.to(tl.float32), HW_CVT)
                     part = tl.sum(b * q, axis=1)  # [BN]
                     acc += tl.where(rows[:, None] == r, part[None, :] * (sa[:, None] * sb[None, :]), 0.0)
+    c_ptrs = c_ptr + pid_k.to(tl.int64) * stride_cs + offs_m[:, None].to(tl.int64) * stride_cm + offs_n[None, :]
+    tl.store(c_ptrs, cast_out(acc, c_ptr.dtype.element_ty), mask=m_ok[:, None] & n_ok[None, :])
+
+
+@triton.jit
+def _wo_dot(x, b, UPCAST: tl.constexpr, IEEE: tl.constexpr):
+    """x [BM, BK] @ b [BK, BN] (e4m3) in fp32 accumulation, b converted to x's dtype (exact: every e4m3 value
+    is a bf16 / fp16 / fp32 value). `IEEE`: fp32 x multiplies in full fp32 (tl.dot's default there is tf32)."""
+    if UPCAST:
+        return tl.dot(x.to(tl.float32), b.to(tl.float32))
+    elif IEEE:
+        return tl.dot(x, b.to(tl.float32), input_precision="ieee")
+    else:
+        return tl.dot(x, b.to(x.dtype))
+
+
+@triton.jit
+def _wo_gemm_kernel(x_ptr, b_ptr, bs_ptr, c_ptr, M, N, K, steps_per_split,
+                    stride_xm, stride_bn, stride_bsn, stride_cm, stride_cs,
+                    DOT: tl.constexpr, UPCAST: tl.constexpr, IEEE: tl.constexpr,
+                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """Weight-only path: program (row tile, column tile, K split) -> x (unquantised, the op contract) times
+    the e4m3 weight tile converted in registers, each BLOCK_K step's partial scaled by its weight block's
+    scale; the sum over the split's steps in fp32, stored at `c_ptr + split * stride_cs` in c's dtype (the
+    output itself when there is one split). `DOT`: tensor cores on [BLOCK_M, BLOCK_K] x tiles; else fp32
+    multiply-adds per row, rows past M skipped at run time."""
+    rows, pid_m, offs_m, offs_n, pid_k = _row_col_split(M, N, BLOCK_M, BLOCK_N)
+    offs_k = tl.arange(0, BLOCK_K)
+    m_ok = offs_m < M
+    n_ok = offs_n < N
+    b_rows = b_ptr + offs_n.to(tl.int64) * stride_bn
+    bs_ptrs = bs_ptr + (offs_n // 128) * stride_bsn
+    kb0 = pid_k * steps_per_split
+    kb1 = tl.minimum(kb0 + steps_per_split, tl.cdiv(K, BLOCK_K))
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for kb in range(kb0, kb1):
+        k = kb * BLOCK_K
+        k_ok = offs_k < K - k
+        sb = tl.load(bs_ptrs + k // 128, mask=n_ok, other=0.0)  # [BN]: BLOCK_K divides the 128 group
+        if DOT:
+            xv = tl.load(x_ptr + offs_m[:, None].to(tl.int64) * stride_xm + k + offs_k[None, :],
+                         mask=m_ok[:, None] & k_ok[None, :], other=0.0)  # [BM, BK]
+            b = tl.load(b_rows[None, :] + (k + offs_k)[:, None], mask=k_ok[:, None] & n_ok[None, :],
+                        other=0.0)  # [BK, BN]
+            acc += _wo_dot(xv, b, UPCAST, IEEE) * sb[None, :]
+        else:
+            b = tl.load(b_rows[:, None] + (k + offs_k)[None, :], mask=n_ok[:, None] & k_ok[None, :],
+                        other=0.0).to(tl.float32)  # [BN, BK], K contiguous
+            for r in tl.static_range(BLOCK_M):
+                row = pid_m * BLOCK_M + r
+                # loaded outside the `if` so the pipeliner can prefetch it (a masked row moves no bytes)
+                k_end = tl.where(row < M, K - k, 0)
+                xv = tl.load(x_ptr + row.to(tl.int64) * stride_xm + k + offs_k[None, :],
+                             mask=offs_k[None, :] < k_end, other=0.0).to(tl.float32)  # [1, BK]
+                if row < M:
+                    part = tl.sum(b * xv, axis=1) * sb  # [BN]
+                    acc += tl.where(rows[:, None] == r, part[None, :], 0.0)
     c_ptrs = c_ptr + pid_k.to(tl.int64) * stride_cs + offs_m[:, None].to(tl.int64) * stride_cm + offs_n[None, :]
     tl.store(c_ptrs, cast_out(acc, c_ptr.dtype.element_ty), mask=m_ok[:, None] & n_ok[None, :])
 
@@ -190,10 +256,38 @@ def fused_config(R: int | torch.SymInt, N: int) -> dict:
                 num_stages=4)
 
 
-def default_config(R: int | torch.SymInt, N: int) -> dict:
-    """The config `fp8_linear_triton` uses for R rows and N output columns when given none."""
+# Up to this many rows (for every R a graph admits: a decode graph's max batch), and for at most WO_MAX_N output
+# columns, the weight-only kernel is the default: x stays unquantised and the e4m3 weight tile is converted in
+# registers. It wins where a GEMV has too few column tiles to fill the GPU, by splitting K; on wide ones the
+# conversion costs more than the quantisation launch it saves. H200, CUDA-graph replays, whole op
+# (bench/results/decode_fp8_wo_h200/), 35B out_proj (N 2048, K 4096): 7.8 / 10.1 us at M = 1 with a 16 / 64-row
+# tile against 12.1 us for quantise + GEMM (11.2 against 16.5 at M = 64); 35B in_proj_qkvz (N 12288, K 2048):
+# 13.2 / 20.5 us against 12.0.
+WO_MAX_R = 64
+WO_MAX_N = 4096
+# K is split until the column tiles times the splits reach this many programs (two per SM of an H100 / H200),
+# each split keeping at least WO_MIN_STEPS 128-column steps.
+WO_TARGET_PROGRAMS = 256
+WO_MIN_STEPS = 4
+
+
+def wo_config(R: int | torch.SymInt, N: int, K: int) -> dict:
+    """Tiles of `_wo_gemm_kernel` for up to WO_MAX_R rows: tensor cores on a row tile covering every R the
+    graph admits (16 or 64 rows; masked rows move no bytes) and K split over programs. The sweep's best for
+    the 35B out_proj: 32 columns, 5 stages with the 16-row tile; 64 columns, 3 stages with the 64-row one."""
+    bm, bn, stages = (16, 32, 5) if at_most(R, 16) else (64, 64, 3)
+    steps = triton.cdiv(K, 128)
+    split = max(1, min(8, WO_TARGET_PROGRAMS // triton.cdiv(N, bn), steps // WO_MIN_STEPS))
+    return dict(WO=True, DOT=True, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=128, SPLIT_K=split, num_warps=4,
+                num_stages=stages)
+
+
+def default_config(R: int | torch.SymInt, N: int, K: int = 4096) -> dict:
+    """The config `fp8_linear_triton` uses for R rows, N output columns and K input columns when given none."""
     if (R >= DEQUANT_MIN_R) if isinstance(R, int) else not at_most(R, DEQUANT_SYMBOLIC_MIN_BOUND):
         return dict(DEQUANT=True)
+    if at_most(R, WO_MAX_R) and N <= WO_MAX_N:
+        return wo_config(R, N, K)
     if at_most(R, FUSED_MAX_R):
         return fused_config(R, N)
     return dict(FUSED=False, **two_kernel_config(R, N))
@@ -249,12 +343,28 @@ def _launch_fused(x2: Tensor, w: Tensor, w_scale: Tensor, out: Tensor, cfg: dict
         _split_k_sum(part, out, split)
 
 
+def _launch_wo(x2: Tensor, w: Tensor, w_scale: Tensor, out: Tensor, cfg: dict) -> None:
+    if 128 % cfg["BLOCK_K"] or (cfg["DOT"] and cfg["BLOCK_M"] < 16):
+        raise ValueError(f"fp8_linear: the weight-only path takes a BLOCK_K dividing 128 and, with DOT, "
+                         f"BLOCK_M >= 16 (tl.dot's smallest tile), got {cfg}")
+    R, K = x2.shape
+    N = w.shape[0]
+    per_split, split, part = _k_splits(triton.cdiv(K, cfg["BLOCK_K"]), cfg.pop("SPLIT_K", 1), out)
+    grid = (triton.cdiv(R, cfg["BLOCK_M"]) * triton.cdiv(N, cfg["BLOCK_N"]), split)
+    wrap_triton(_wo_gemm_kernel)[grid](
+        x2, w, w_scale, part, R, N, K, per_split,
+        x2.stride(0), w.stride(0), w_scale.stride(0), part.stride(-2), R * N if split > 1 else 0,
+        UPCAST=INTERPRET, IEEE=x2.dtype == torch.float32, **cfg)
+    if split > 1:
+        _split_k_sum(part, out, split)
+
+
 def fp8_linear_triton(x: Tensor, w: Tensor, w_scale: Tensor, config: dict | None = None) -> Tensor:
     """`x` [..., K] (bf16/fp16/fp32) times block-scaled e4m3 `w` [N, K]^T -> [..., N] in x's dtype.
 
-    `config` (default `default_config`): `DEQUANT` (weight dequantised, then a dense GEMM in x's dtype) or
-    `FUSED` picks the path; the rest are its kernel's tiles (`fused_config` / `two_kernel_config` keys;
-    `SPLIT_K` > 1 splits K on either path)."""
+    `config` (default `default_config`): `DEQUANT` (weight dequantised, then a dense GEMM in x's dtype),
+    `WO` (weight-only kernel) or `FUSED` picks the path, else the two-kernel one; the rest are its kernel's
+    tiles (`wo_config` / `fused_config` / `two_kernel_config` keys; `SPLIT_K` > 1 splits K on any path)."""
     *lead, K = x.shape
     N = w.shape[0]
     x2 = x.reshape(-1, K)  # [R, K]
@@ -263,13 +373,15 @@ def fp8_linear_triton(x: Tensor, w: Tensor, w_scale: Tensor, config: dict | None
     R = x2.shape[0]
     if R == 0:
         return x.new_empty(*lead, N)
-    cfg = dict(config or default_config(R, N))
+    cfg = dict(config or default_config(R, N, K))
     if cfg.pop("DEQUANT", False):
         wd = dequantize_fp8_block(w, w_scale, x.dtype)  # [N, K]; Inductor fuses this into one pass over w
         return torch.mm(x2, wd.t()).reshape(*lead, N)
     out = torch.empty(R, N, dtype=x.dtype, device=x.device)
     w, w_scale = w.contiguous(), w_scale.contiguous()
-    if cfg.pop("FUSED", False):
+    if cfg.pop("WO", False):
+        _launch_wo(x2, w, w_scale, out, cfg)
+    elif cfg.pop("FUSED", False):
         _launch_fused(x2, w, w_scale, out, cfg)
     else:
         _launch_two_kernel(x2, w, w_scale, out, cfg)
