@@ -105,3 +105,36 @@ def test_decode_step_bytes_of_an_expert_parallel_shard() -> None:
     assert abs(got - per_expert * touched / ep) < 1e-6
     assert abs(decode_step_bytes(eng(E), 1, 8)["expert_weights"] - per_expert * touched) < 1e-6
     assert abs(decode_step_bytes(eng(E + 1), 1, 8)["expert_weights"] - per_expert * (touched + 1)) < 1e-6
+
+
+def _e2e():
+    """bench/e2e.py as a module (bench/ is scripts, not a package)."""
+    import importlib.util
+
+    path = Path(__file__).resolve().parents[1] / "bench" / "e2e.py"
+    spec = importlib.util.spec_from_file_location("bench_e2e", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_e2e_parse_progress_keeps_what_a_timed_out_child_printed() -> None:
+    """A child killed mid-run leaves only its stdout: its timings come back as the full result's keys, its
+    warm-up (compile) walls apart from them, and every other line (logs, warnings) is ignored."""
+    text = "\n".join([
+        "hf-compile load: 41.0 s",
+        "hf-compile warm-up decode B=1: 93.5 s",
+        "hf-compile warm-up decode B=8: 20.0 s",
+        "W1201 torch/_dynamo: recompiling forward: decode B=8: 2 ms",  # not a measurement line
+        "hf-compile go: True after 12.0 s",
+        "hf-compile decode B=1: 20.000 ms/step",
+        "  hf-compile prefill T=512: 31.25 ms  ",
+        "hf-compile decode B=8: 25.5",  # cut off mid-line by the kill
+        "ours-fp8 decode B=64: 3.712 ms/step",
+    ])
+    r = _e2e().parse_progress(text)
+    assert r["decode"] == {1: {"ms_per_step": 20.0, "tokens_per_s": 50.0},
+                           64: {"ms_per_step": 3.712, "tokens_per_s": 64e3 / 3.712}}
+    assert r["prefill"] == {512: {"ms": 31.25, "tokens_per_s": 512e3 / 31.25}}
+    assert r["warmup_s"] == {"decode": {1: 93.5, 8: 20.0}, "prefill": {}}
+    assert _e2e().parse_progress("") == {"decode": {}, "prefill": {}}
