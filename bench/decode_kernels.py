@@ -215,6 +215,34 @@ def bench_fp8_wo(bw: float, Ms: tuple[int, ...] = WO_MS, rows: list | None = Non
     return rows
 
 
+def bench_router_gemv(bw: float) -> list[dict]:
+    """The router + shared-gate GEMM at decode (35B: [B, 2048] x [264, 2048]^T, 257 live rows padded to 264)
+    took 5.3 us per layer at batch 1 in the engine profile, 0.2 TB/s: cuBLAS for other row paddings and
+    for the transposed weight layout, to see whether a padding or layout choice at build is a cheap win."""
+    rows = []
+    for H, live in ((2048, 257), (4096, 513)):
+        for B in (1, 8, 64):
+            x = torch.randn(B, H, device="cuda", dtype=torch.bfloat16)
+            for n in sorted({live, -(-live // 8) * 8, -(-live // 64) * 64, -(-live // 128) * 128}):
+                nbuf = max(1, int(4 * 60e6 // (n * H * 2)) + 1)
+                ws = [torch.randn(n, H, device="cuda", dtype=torch.bfloat16) for _ in range(nbuf)]
+                wt = [w.t().contiguous() for w in ws]  # [H, n]: x @ wt
+
+                def lin():
+                    for w in ws:
+                        torch.nn.functional.linear(x, w)
+
+                def mm_t():
+                    for w in wt:
+                        torch.mm(x, w)
+                us, us_t = graph_us(lin, 4) / nbuf, graph_us(mm_t, 4) / nbuf
+                rows.append(dict(H=H, rows=n, live=live, B=B, linear_us=us, mm_transposed_us=us_t,
+                                 hbm_pct=n * H * 2 / bw / (min(us, us_t) * 1e-6) * 100))
+                print(f"router gemv H={H} rows={n} B={B}: linear {us:5.2f} us, x @ W^T stored transposed "
+                      f"{us_t:5.2f} us", flush=True)
+    return rows
+
+
 FUSED_MS = (1, 8, 16)  # decode token counts of the fused-vs-two-kernel rows
 FUSED_SPLITS = (2, 4, 8)
 
@@ -421,6 +449,7 @@ def main() -> None:
     ap.add_argument("--fp8-fused-ms", default=",".join(map(str, FUSED_MS)),
                     help="token counts of those rows, e.g. 1 (one device call) then 8,16 (the next)")
     ap.add_argument("--conv1d-only", action="store_true", help="only the conv1d op rows (a short device call)")
+    ap.add_argument("--router-only", action="store_true", help="only the router GEMM paddings / layouts")
     ap.add_argument("--fp8-wo-only", action="store_true",
                     help="only the weight-only FP8 linear sweep (engine linears, M = 1, 8, 64)")
     ap.add_argument("--fp8-split-only", action="store_true",
@@ -437,6 +466,10 @@ def main() -> None:
         res["fp8_linear_fused"] = []
         bench_fp8_fused(bw, fused_ms, res["fp8_linear_fused"],
                         lambda: (a.out / "decode_kernels.json").write_text(json.dumps(res, indent=1)))
+        return
+    if a.router_only:
+        res["router_gemv"] = bench_router_gemv(bw)
+        (a.out / "decode_kernels.json").write_text(json.dumps(res, indent=1))
         return
     if a.fp8_wo_only:
         res["fp8_linear_wo"] = []

@@ -226,11 +226,16 @@ def main() -> None:
     ap.add_argument("--geometry", choices=sorted(GEOMETRIES), default="397b-a17b",
                     help="the MoE layer's shapes (35b-a3b: H 2048, I 512, E 256, top-8 + shared)")
     ap.add_argument("--methods", default=",".join(METHODS), help="comma list of METHODS to run")
+    ap.add_argument("--masked-k", action="store_true",
+                    help="our kernels mask their K loads even without a K tail (experts.EVEN_K_LOADS = False)")
     ap.add_argument("--align-large", action="store_true",
                     help="past SMALL_M slots, force the three-kernel align path (align.LARGE_TRITON = True)")
     ap.add_argument("--align-torch", action="store_true",
                     help="past SMALL_M slots, force the torch-op align path (align.LARGE_TRITON = False)")
     args = ap.parse_args()
+    if args.masked_k:
+        from qwen35_export.kernels.moe import experts
+        experts.EVEN_K_LOADS = False
     if args.align_large or args.align_torch:
         from qwen35_export.kernels.moe import align
         align.LARGE_TRITON = bool(args.align_large)

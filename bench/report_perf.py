@@ -52,9 +52,10 @@ def main() -> None:
             continue
         d, p = r["decode"], r["prefill"]
         hbm = d["1"].get("hbm_pct")
-        lines.append(f"| {s} | {d['1']['ms_per_step']:.2f} | {d['8']['ms_per_step']:.2f} | "
-                     f"{d['64']['ms_per_step']:.2f} | {d['1']['tokens_per_s']:.0f} | {p['512']['ms']:.1f} | "
-                     f"{p['8192']['ms']:.1f} | {'' if hbm is None else f'{hbm:.0f}%'} |")
+        dec = [f"{d[B]['ms_per_step']:.2f}" if B in d else "-" for B in ("1", "8", "64")]  # hf-compile: B=1 only
+        pre = [f"{p[T]['ms']:.1f}" if T in p else "-" for T in ("512", "8192")]
+        lines.append(f"| {s} | {' | '.join(dec)} | {d['1']['tokens_per_s']:.0f} | {' | '.join(pre)} | "
+                     f"{'' if hbm is None else f'{hbm:.0f}%'} |")
     hf = e["hf-eager"]
     lines += ["", "Ratios (transformers eager / ours, same run conditions):", ""]
     for s in ("ours-bf16", "ours-fp8"):
@@ -63,6 +64,15 @@ def main() -> None:
         pre = hf["prefill"]["8192"]["ms"] / r["prefill"]["8192"]["ms"]
         lines.append(f"- {s}: decode {dec['1']:.0f}x / {dec['8']:.0f}x / {dec['64']:.0f}x at batch 1 / 8 / 64; "
                      f"prefill 8192 {pre:.2f}x.")
+    hc = e.get("hf-compile", {})
+    if "1" in hc.get("decode", {}):
+        ms = hc["decode"]["1"]["ms_per_step"]
+        lines += ["", f"torch.compile of the transformers model ({hc.get('mode', 'default')} mode, fla kernels, "
+                  f"{hc.get('graphs_compiled', '?')} graphs, {hc.get('graphs_while_timing', '?')} compiled while "
+                  f"timing, warm-up {hc.get('warmup_total_s', 0):.0f} s) at batch 1 decode: {ms:.2f} ms per step, "
+                  f"{hf['decode']['1']['ms_per_step'] / ms:.1f}x faster than eager; ours "
+                  + " / ".join(f"{ms / e[s]['decode']['1']['ms_per_step']:.1f}x" for s in ("ours-bf16", "ours-fp8"))
+                  + " faster than it (BF16 / FP8)."]
     # 40-layer projection from our per-layer times (30 GDN + 10 attention)
     n_gdn, n_attn = L_full * 3 // 4, L_full // 4
     lines += ["", f"### Whole model ({L_full} layers) from the per-layer times of the same engines", "",
@@ -139,7 +149,8 @@ def main() -> None:
     for s in systems:
         if "error" in e[s]:
             continue
-        ax[0].plot(Bs, [e[s]["decode"][str(B)]["ms_per_step"] for B in Bs], "o-", label=s)
+        got = [B for B in Bs if str(B) in e[s]["decode"]]
+        ax[0].plot(got, [e[s]["decode"][str(B)]["ms_per_step"] for B in got], "o-", label=s)
     ax[0].set(xscale="log", yscale="log", xlabel="batch", ylabel="ms per decode step",
               title=f"35B-A3B, {L} layers: decode step")
     for s, m in (("ours-bf16", "o-"), ("ours-fp8", "s-")):

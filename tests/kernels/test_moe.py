@@ -179,6 +179,24 @@ def test_experts_bf16(N, E, k, H, I, pin, nan_empty):
     assert_close("bf16 experts", out, moe_experts_reference(x, w, ids, w13, w2), bf16_bound(3))
 
 
+@pytest.mark.parametrize("N", [3, 70], ids=["decode", "prefill"])
+def test_experts_unmasked_k_loads_bit_identical(N, monkeypatch, nan_empty):
+    """Without a K tail the BF16 kernels drop the K mask from their loads (experts.EVEN_K_LOADS): same loads,
+    same products, so the output equals the always-masked kernels' bit for bit. FP8 weights stay masked."""
+    from qwen35_export.kernels.moe import experts
+
+    E, H, I, k = 8, 256, 128, 2
+    w13, w2, *_ = make_experts(E, H, I, seed=5)
+    w, ids = make_routing(N, E, k, seed=6)
+    x = torch.randn(N, H, generator=torch.Generator().manual_seed(8)).bfloat16()
+    run = lambda: moe_experts(x, w, ids, w13, w2)  # noqa: E731
+    assert experts.even_k(H, 128) and experts.even_k(I, 64) and not experts.even_k(H, 128, fp8_weights=True)
+    assert not experts.even_k(192, 128)  # a K tail keeps the mask
+    unmasked = run()
+    monkeypatch.setattr(experts, "EVEN_K_LOADS", False)
+    assert torch.equal(unmasked, run())
+
+
 def test_experts_match_reference_op(nan_empty):
     """Same semantics as the op the graph pass swaps out (fp32 inputs: only summation order differs)."""
     E, H, I, N, k = 8, 128, 128, 70, 2

@@ -88,11 +88,24 @@ def _mma(acc, a, b, sa, sb, A_FP8: tl.constexpr, B_FP8: tl.constexpr, UPCAST: tl
 
 
 @triton.jit
+def _load_step(a_ptrs, b_ptrs, row_ok, col_ok, k_ok, EVEN_K: tl.constexpr):
+    """One K step's activation tile [BM, BK] and weight tile [BK, BN], zero past the rows / columns and, unless
+    EVEN_K (no K tail), past K."""
+    if EVEN_K:
+        a = tl.load(a_ptrs, mask=row_ok[:, None], other=0.0)
+        b = tl.load(b_ptrs, mask=col_ok[None, :], other=0.0)
+    else:
+        a = tl.load(a_ptrs, mask=row_ok[:, None] & k_ok[None, :], other=0.0)
+        b = tl.load(b_ptrs, mask=k_ok[:, None] & col_ok[None, :], other=0.0)
+    return a, b
+
+
+@triton.jit
 def _gate_up_kernel(x_ptr, xs_ptr, w_ptr, ws_ptr, h_ptr, hs_ptr, slots_ptr, tile_expert_ptr, num_padded_ptr,
                     M, H, I, top_k, num_tiles_m,
                     stride_xm, stride_xsm, stride_we, stride_wn, stride_wse, stride_wsn, stride_hm, stride_hsm,
                     A_FP8: tl.constexpr, B_FP8: tl.constexpr, OUT_FP8: tl.constexpr, UPCAST: tl.constexpr,
-                    FUSED: tl.constexpr, PAIRS: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_M: tl.constexpr,
+                    EVEN_K: tl.constexpr, FUSED: tl.constexpr, PAIRS: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_M: tl.constexpr,
                     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr):
     dead, e, offs_p, slot, row_ok, offs_n, n_ok, pid_n = _tile(
         slots_ptr, tile_expert_ptr, num_padded_ptr, M, num_tiles_m, I, PAIRS, BLOCK_P, BLOCK_M, BLOCK_N, GROUP_M)
@@ -115,9 +128,7 @@ def _gate_up_kernel(x_ptr, xs_ptr, w_ptr, ws_ptr, h_ptr, hs_ptr, slots_ptr, tile
         acc = tl.zeros((BLOCK_M, 2 * BLOCK_N), dtype=tl.float32)
         sb = tl.zeros((2 * BLOCK_N,), dtype=tl.float32)
         for kb in range(0, tl.cdiv(H, BLOCK_K)):
-            k_ok = offs_k < H - kb * BLOCK_K
-            a = tl.load(a_ptrs, mask=row_ok[:, None] & k_ok[None, :], other=0.0)
-            b = tl.load(b_ptrs, mask=k_ok[:, None] & c_ok[None, :], other=0.0)
+            a, b = _load_step(a_ptrs, b_ptrs, row_ok, c_ok, offs_k < H - kb * BLOCK_K, EVEN_K)
             if B_FP8:
                 sb = tl.load(bs_ptrs + (kb * BLOCK_K) // 128, mask=c_ok, other=0.0)
             if A_FP8:
@@ -136,10 +147,15 @@ def _gate_up_kernel(x_ptr, xs_ptr, w_ptr, ws_ptr, h_ptr, hs_ptr, slots_ptr, tile
         sg = tl.zeros((BLOCK_N,), dtype=tl.float32)
         su = tl.zeros((BLOCK_N,), dtype=tl.float32)
         for kb in range(0, tl.cdiv(H, BLOCK_K)):
-            k_ok = offs_k < H - kb * BLOCK_K
-            a = tl.load(a_ptrs, mask=row_ok[:, None] & k_ok[None, :], other=0.0)
-            bg = tl.load(g_ptrs, mask=k_ok[:, None] & n_ok[None, :], other=0.0)
-            bu = tl.load(u_ptrs, mask=k_ok[:, None] & n_ok[None, :], other=0.0)
+            if EVEN_K:
+                a = tl.load(a_ptrs, mask=row_ok[:, None], other=0.0)
+                bg = tl.load(g_ptrs, mask=n_ok[None, :], other=0.0)
+                bu = tl.load(u_ptrs, mask=n_ok[None, :], other=0.0)
+            else:
+                k_ok = offs_k < H - kb * BLOCK_K
+                a = tl.load(a_ptrs, mask=row_ok[:, None] & k_ok[None, :], other=0.0)
+                bg = tl.load(g_ptrs, mask=k_ok[:, None] & n_ok[None, :], other=0.0)
+                bu = tl.load(u_ptrs, mask=k_ok[:, None] & n_ok[None, :], other=0.0)
             if B_FP8:
                 sg = tl.load(gs_ptrs + (kb * BLOCK_K) // 128, mask=n_ok, other=0.0)
                 su = tl.load(us_ptrs + (kb * BLOCK_K) // 128, mask=n_ok, other=0.0)
@@ -165,7 +181,8 @@ def _gate_up_kernel(x_ptr, xs_ptr, w_ptr, ws_ptr, h_ptr, hs_ptr, slots_ptr, tile
 def _down_kernel(h_ptr, hs_ptr, w_ptr, ws_ptr, y_ptr, tw_ptr, slots_ptr, tile_expert_ptr, num_padded_ptr,
                  M, H, I, num_tiles_m,
                  stride_hm, stride_hsm, stride_we, stride_wn, stride_wse, stride_wsn, stride_ym,
-                 A_FP8: tl.constexpr, B_FP8: tl.constexpr, UPCAST: tl.constexpr, PAIRS: tl.constexpr,
+                 A_FP8: tl.constexpr, B_FP8: tl.constexpr, UPCAST: tl.constexpr, EVEN_K: tl.constexpr,
+                 PAIRS: tl.constexpr,
                  BLOCK_P: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                  GROUP_M: tl.constexpr):
     dead, e, offs_p, slot, row_ok, offs_n, n_ok, _ = _tile(
@@ -181,9 +198,7 @@ def _down_kernel(h_ptr, hs_ptr, w_ptr, ws_ptr, y_ptr, tw_ptr, slots_ptr, tile_ex
     sa = tl.zeros((BLOCK_M,), dtype=tl.float32)
     sb = tl.zeros((BLOCK_N,), dtype=tl.float32)
     for kb in range(0, tl.cdiv(I, BLOCK_K)):
-        k_ok = offs_k < I - kb * BLOCK_K
-        a = tl.load(a_ptrs, mask=row_ok[:, None] & k_ok[None, :], other=0.0)
-        b = tl.load(b_ptrs, mask=k_ok[:, None] & n_ok[None, :], other=0.0)
+        a, b = _load_step(a_ptrs, b_ptrs, row_ok, n_ok, offs_k < I - kb * BLOCK_K, EVEN_K)
         if B_FP8:
             sb = tl.load(bs_ptrs + (kb * BLOCK_K) // 128, mask=n_ok, other=0.0)
         if A_FP8:
@@ -206,6 +221,20 @@ def _combine_kernel(y_ptr, out_ptr, H, TOP_K: tl.constexpr, BLOCK_H: tl.constexp
     for j in tl.static_range(TOP_K):
         acc += tl.load(y_ptr + (t * TOP_K + j) * H + offs, mask=ok, other=0.0).to(tl.float32)
     tl.store(out_ptr + t * H + offs, cast_out(acc, out_ptr.dtype.element_ty), mask=ok)
+
+
+# BF16 weights load without a K mask when K is a multiple of BLOCK_K (every Qwen3.5 geometry: H and I are
+# multiples of 128). H200, CUDA-graph medians while an engine compiled beside them (bench/moe.py --masked-k
+# for the masked side; bench/results/moe_even_k_h200/): BF16 prefill 2-3% faster unmasked (35B 4096 / 16384
+# tokens 851 -> 832 / 2503 -> 2424 us, 397B 4338 -> 4238 / 11807 -> 11530 us), FP8 prefill 3-5% slower
+# (762 -> 801, 2507 -> 2619, 3709 -> 3820, 10155 -> 10670 us): FP8 weights keep the masked loads. False:
+# always masked.
+EVEN_K_LOADS = True
+
+
+def even_k(K: int, block_k: int, fp8_weights: bool = False) -> bool:
+    """Whether the kernels drop the K mask from their loads (see EVEN_K_LOADS)."""
+    return EVEN_K_LOADS and not fp8_weights and K % block_k == 0
 
 
 def _launch_opts(c: dict) -> dict:
@@ -262,8 +291,8 @@ def gate_up(x: Tensor, tiles: Tiles | Tensor, k: int, w_gate_up: Tensor,
     wrap_triton(_gate_up_kernel)[grid](
         xa, xs, w_gate_up, ws, h, hs, slots, tile_expert, num_padded, N * k, H, I, k, num_tiles_m,
         xa.stride(0), xs.stride(0), w_gate_up.stride(0), w_gate_up.stride(1), ws.stride(0), ws.stride(1),
-        h.stride(0), hs.stride(0), A_FP8=quant, B_FP8=fp8, OUT_FP8=quant, UPCAST=INTERPRET, BLOCK_M=bm,
-        **mode, **_gate_up_opts(c))
+        h.stride(0), hs.stride(0), A_FP8=quant, B_FP8=fp8, OUT_FP8=quant, UPCAST=INTERPRET,
+        EVEN_K=even_k(H, c["BLOCK_K"], fp8), BLOCK_M=bm, **mode, **_gate_up_opts(c))
     return h, hs
 
 
@@ -282,7 +311,8 @@ def down(h: Tensor, hs: Tensor, weights: Tensor, tiles: Tiles | Tensor, w_down: 
     wrap_triton(_down_kernel)[grid](
         h, hs, w_down, ws, y, weights, slots, tile_expert, num_padded, M, H, I, num_tiles_m,
         h.stride(0), hs.stride(0), w_down.stride(0), w_down.stride(1), ws.stride(0), ws.stride(1), y.stride(0),
-        A_FP8=quant, B_FP8=w_down_scale is not None, UPCAST=INTERPRET, BLOCK_M=bm, **mode, **_launch_opts(c))
+        A_FP8=quant, B_FP8=w_down_scale is not None, UPCAST=INTERPRET, EVEN_K=even_k(I, c["BLOCK_K"], w_down_scale is not None),
+        BLOCK_M=bm, **mode, **_launch_opts(c))
     return y
 
 
