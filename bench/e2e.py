@@ -254,13 +254,16 @@ def run_hf(ckpt: Path, compile_: bool, batches=DECODE_BATCHES, prefill_lens=PREF
     t0 = time.time()
     model = Qwen3_5MoeForCausalLM.from_pretrained(ckpt, dtype=torch.bfloat16).to(device).eval()
     tag = "hf-compile" if compile_ else "hf"
-    res: dict = {"fla": have_fla, "decode": {}, "prefill": {}, "load_s": time.time() - t0}
+    res: dict = {"fla": have_fla, "decode": {}, "prefill": {}, "load_s": time.time() - t0,
+                 "asked": {"batches": list(batches), "prefill": list(prefill_lens), "mode": mode or "default"}}
+    print(f"{tag} asked: decode batches {list(batches)}, prefill {list(prefill_lens)}, mode {mode or 'default'}",
+          flush=True)
     print(f"{tag} load: {res['load_s']:.1f} s", flush=True)
     if compile_:
         import torch._dynamo as dynamo
 
         # every decode shape and cache flag is one more entry per frame; past the limit (8 by default) a frame
-        # silently falls back to eager and "hf-compile" would time eager code
+        # falls back to eager (with only a warning) and "hf-compile" would time eager code
         dynamo.config.recompile_limit = 64
         res["mode"] = mode or "default"
         fwd = torch.compile(model, mode=mode)
@@ -342,12 +345,13 @@ def main() -> None:
     hf_args = ["--hf-batches", a.hf_batches, "--hf-prefill", a.hf_prefill,
                "--hf-wait-timeout", str(a.hf_wait_timeout)]
     hf_args += ["--hf-compile-mode", a.hf_compile_mode] if a.hf_compile_mode else []
-    hf_args += ["--hf-wait", str(a.hf_wait)] if a.hf_wait else []
     for sysname in filter(None, a.systems.split(",")):  # --systems "": write the checkpoint only
         t = time.time()
         try:
             p = subprocess.run([sys.executable, __file__, "--out", str(a.out), "--work", str(a.work), "--preset",
                                 a.preset, "--layers", str(a.layers), "--target", a.target, "--one", sysname]
+                               # the wait hand-off belongs to hf-compile (an eager run beside it would take it)
+                               + (["--hf-wait", str(a.hf_wait)] if a.hf_wait and sysname == "hf-compile" else [])
                                + (["--checks", str(a.checks)] if a.checks else [])
                                + (hf_args if sysname.startswith("hf") else []),
                                capture_output=True, text=True, timeout=a.timeout)

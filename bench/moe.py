@@ -316,8 +316,11 @@ def main() -> None:
 
 
 def make_meta(dev: str) -> dict:
+    from qwen35_export.kernels.moe import align, experts
+
     return dict(device=dev, torch=torch.__version__, triton=triton.__version__, H=H, I=I, E=E, k=K,
                 shared_expert=True, hbm_tbs=HBM_TBS, peak_tflops=PEAK,
+                even_k_loads=experts.EVEN_K_LOADS, align_large_triton=align.LARGE_TRITON,
                 note=f"weights random; shared expert = expert {E} ({K + 1} slots/token); CUDA-graph medians "
                      "except loop_bf16 (eager); hbm_pct counts touched experts' weight bytes only")
 

@@ -51,13 +51,16 @@ def main() -> None:
             lines.append(f"| {s} | {r['error']} | | | | | | |")
             continue
         d, p = r["decode"], r["prefill"]
-        hbm = d["1"].get("hbm_pct")
+        hbm = d.get("1", {}).get("hbm_pct")
         dec = [f"{d[B]['ms_per_step']:.2f}" if B in d else "-" for B in ("1", "8", "64")]  # hf-compile: B=1 only
         pre = [f"{p[T]['ms']:.1f}" if T in p else "-" for T in ("512", "8192")]
-        lines.append(f"| {s} | {' | '.join(dec)} | {d['1']['tokens_per_s']:.0f} | {' | '.join(pre)} | "
+        tok1 = f"{d['1']['tokens_per_s']:.0f}" if "1" in d else "-"
+        lines.append(f"| {s} | {' | '.join(dec)} | {tok1} | {' | '.join(pre)} | "
                      f"{'' if hbm is None else f'{hbm:.0f}%'} |")
     hf = e["hf-eager"]
-    lines += ["", "Ratios (transformers eager / ours, same run conditions):", ""]
+    src = e.get("sources")
+    lines += ["", "Ratios (transformers eager / ours" + (", systems from the runs listed under `sources` in the JSON, "
+              "same checkpoint writer and seed" if src else ", same run conditions") + "):", ""]
     for s in ("ours-bf16", "ours-fp8"):
         r = e[s]
         dec = {B: hf["decode"][B]["ms_per_step"] / r["decode"][B]["ms_per_step"] for B in ("1", "8", "64")}
@@ -67,7 +70,9 @@ def main() -> None:
     hc = e.get("hf-compile", {})
     if "1" in hc.get("decode", {}):
         ms = hc["decode"]["1"]["ms_per_step"]
-        lines += ["", f"torch.compile of the transformers model ({hc.get('mode', 'default')} mode, fla kernels, "
+        fla = "fla kernels" if hc.get("fla") else "no fla"
+        cut = f" (run ended early: {hc['error']})" if "error" in hc else ""
+        lines += ["", f"torch.compile of the transformers model{cut} ({hc.get('mode', 'default')} mode, {fla}, "
                   f"{hc.get('graphs_compiled', '?')} graphs, {hc.get('graphs_while_timing', '?')} compiled while "
                   f"timing, warm-up {hc.get('warmup_total_s', 0):.0f} s) at batch 1 decode: {ms:.2f} ms per step, "
                   f"{hf['decode']['1']['ms_per_step'] / ms:.1f}x faster than eager; ours "

@@ -92,8 +92,9 @@ def test_fp8_linear(shape, N, K, nan_empty):
 
 @pytest.fixture
 def fused_default(monkeypatch):
-    """The fused small-R path as the default up to 16 rows. It is off in the shipped default (slower than the
-    two-kernel path on the H200, gemm.FUSED_MAX_R); these tests keep it correct as the option it still is."""
+    """The fused small-R path as the default up to 16 rows (and the weight-only path, which precedes it, off).
+    It is off in the shipped default (slower than the two-kernel path on the H200, gemm.FUSED_MAX_R); these
+    tests keep it correct as the option it still is."""
     from qwen35_export.kernels.fp8_linear import gemm
 
     monkeypatch.setattr(gemm, "FUSED_MAX_R", 16)
@@ -110,7 +111,7 @@ OUT_BOUND = {torch.bfloat16: BF16_U, torch.float32: FP32_BOUND}
 def test_fused_default_vs_reference(R, K, N, dtype, nan_empty, fused_default):
     """The default path up to 16 rows is the fused one (per-row fp32 up to 8 rows, tensor cores beyond):
     with the activation quantisation simulated, only the output's rounding / fp32 order remains."""
-    assert default_config(R, N)["FUSED"]
+    assert default_config(R, N, K)["FUSED"]
     w, s = make_linear(N, K, seed=N + K, dev=DEVICE)
     x = make_rows(R, K, dtype, seed=R + K)
     y = fp8_linear(x, w, s)
@@ -180,7 +181,7 @@ def test_row_strided_x(fused_path, nan_empty, fused_default):
     R, K, N = 5, 200, 130
     w, s = make_linear(N, K, seed=1, dev=DEVICE)
     x = make_rows(R, K + 56, torch.bfloat16, seed=2)[:, 40:K + 40]
-    cfg = default_config(R, N) if fused_path else dict(FUSED=False, **two_kernel_config(R, N))
+    cfg = default_config(R, N, K) if fused_path else dict(FUSED=False, **two_kernel_config(R, N))
     y = fp8_linear_triton(x, w, s, cfg)
     assert_close("row-strided x vs simulated", y, fp8_linear_reference(x, w, s, quant_act=True), BF16_U)
 
@@ -190,26 +191,39 @@ def wo(dot: bool, block_m: int, block_n: int, block_k: int = 128, split_k: int =
                 num_warps=4, num_stages=2)
 
 
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=["bf16", "fp32"])
-@pytest.mark.parametrize("K,N", [(128, 16), (200, 130), (640, 256)], ids=["K128-N16", "K200-N130", "K640-N256"])
-@pytest.mark.parametrize("R", [1, 5, 17, 64])
-@pytest.mark.parametrize("cfg", [
-    pytest.param(None, id="default"),  # wo_config: tensor cores, 16 or 64 rows, K split by the column tiles
-    pytest.param(wo(False, 4, 32), id="rows-BM4-BN32"),  # per-row fp32: several row tiles, a partial one
-    pytest.param(wo(True, 16, 64, block_k=64, split_k=3), id="dot-BK64-split3"),  # two K steps per scale group
-    pytest.param(wo(True, 32, 16, split_k=8), id="dot-BM32-split8"),  # more splits than K steps at K <= 640
-])
+# (id, config, row counts, dtypes): the default (wo_config: tensor cores on 16 or 64 rows, K split when the
+# column tiles are few), per-row fp32 (several row tiles, a partial one; its unrolled rows are slow under the
+# interpreter, so not at 64 rows), BLOCK_K 64 (two K steps per scale group, a split through a group), and more
+# splits than K steps.
+_BF16_FP32 = (torch.bfloat16, torch.float32)
+WO_CASES = [pytest.param(cfg, R, dtype, id=f"{name}-R{R}-{str(dtype)[6:]}")
+            for name, cfg, Rs, dtypes in [
+                ("default", None, (1, 5, 17, 64), _BF16_FP32 + (torch.float16,)),
+                ("rows-BM4-BN32", wo(False, 4, 32), (1, 5, 17), _BF16_FP32),
+                ("dot-BK64-split3", wo(True, 16, 64, block_k=64, split_k=3), (1, 5, 17, 64), (torch.bfloat16,)),
+                ("dot-BM32-split8", wo(True, 32, 16, split_k=8), (1, 5, 17, 64), (torch.bfloat16,))]
+            for R in Rs for dtype in dtypes]
+
+
+@pytest.mark.parametrize("K,N", [(128, 16), (200, 130), (640, 256), (1024, 16)],
+                         ids=["K128-N16", "K200-N130", "K640-N256", "K1024-N16"])
+@pytest.mark.parametrize("cfg,R,dtype", WO_CASES)
 def test_weight_only_vs_reference(cfg, R, K, N, dtype, nan_empty):
     """The weight-only path multiplies x as given (the op contract: no activation quantisation) by the
     dequantised weight: e4m3 -> x's dtype is exact, so against the fp64 contract only the fp32 sums'
-    order and the output's rounding remain (bf16: one rounding, BF16_U; fp32: FP32_BOUND). K tails of 200
-    and 640 (not multiples of 128 or of BLOCK_K 64), N = 130 (tail of every BLOCK_N), R past one row tile."""
+    order and the output's rounding remain (bf16: one rounding, BF16_U; fp16: 2^-11; fp32: FP32_BOUND; on the
+    GPU each has its own dot: bf16 / fp16 operands, fp32 in IEEE precision). K = 200 has a tail
+    (not a multiple of 128 or of BLOCK_K 64); K = 1024 over one column tile is where the default splits K;
+    N = 130 leaves a tail in every BLOCK_N; R = 17 and 64 span several row tiles or the engine's 64-row one."""
     assert R <= WO_MAX_R and default_config(R, N, K)["WO"]
+    if cfg is None and (K, N) == (1024, 16):
+        assert default_config(R, N, K)["SPLIT_K"] > 1  # the shipped split itself, not only explicit ones
     w, s = make_linear(N, K, seed=N + K + 1, dev=DEVICE)
     x = make_rows(R, K, dtype, seed=R + K)
     y = fp8_linear_triton(x, w, s, cfg)
     assert y.shape == (R, N) and y.dtype == dtype
-    assert_close(f"weight-only {cfg} vs reference", y, fp8_linear_reference(x, w, s), OUT_BOUND[dtype])
+    assert_close(f"weight-only {cfg} vs reference", y, fp8_linear_reference(x, w, s),
+                 {**OUT_BOUND, torch.float16: 2.0 ** -11}[dtype])
     if R > 1:  # an all-zero row gives exactly 0
         assert torch.equal(y[-1], torch.zeros_like(y[-1]))
 
@@ -229,7 +243,8 @@ def test_weight_only_config_splits_few_columns():
     assert wo_config(1, 2048, 4096)["SPLIT_K"] > 1
     assert wo_config(1, 12288, 2048)["SPLIT_K"] == 1
     assert wo_config(1, 2048, 4096)["BLOCK_M"] == 16 and wo_config(64, 2048, 4096)["BLOCK_M"] == 64
-    # the default takes it for narrow GEMVs only (gemm.WO_MAX_N: the measured crossover), never past WO_MAX_R
+    # the default takes it for narrow GEMVs only (gemm.WO_MAX_N, between the two widths measured), never past
+    # WO_MAX_R
     assert default_config(1, 2048, 4096).get("WO") and not default_config(1, 12288, 2048).get("WO")
     assert not default_config(WO_MAX_R + 1, 2048, 4096).get("WO")
 
@@ -332,8 +347,8 @@ def test_dequant_path_many_rows(R, N, K):
     output) plus the output's own rounding (BF16_U)."""
     from qwen35_export.kernels.fp8_linear.gemm import DEQUANT_MIN_R, default_config
 
-    assert default_config(R, N) == {"DEQUANT": True} and R >= DEQUANT_MIN_R
-    assert "DEQUANT" not in default_config(DEQUANT_MIN_R - 1, N)
+    assert default_config(R, N, K) == {"DEQUANT": True} and R >= DEQUANT_MIN_R
+    assert "DEQUANT" not in default_config(DEQUANT_MIN_R - 1, N, K)
     w, s = make_linear(N, K, seed=R)
     x = torch.randn(R, K, generator=torch.Generator().manual_seed(R)).bfloat16()
     y = fp8_linear(x, w, s)

@@ -67,7 +67,8 @@ def test_prefill_and_decode_match_reference(models, monkeypatch):
     monkeypatch.setattr(gemm, "DEQUANT_MIN_R", 64)
     ids = torch.randint(0, ref.cfg.vocab_size, (B, T), generator=g)
     lens = torch.tensor([T, T - 13])
-    assert gemm.default_config(B * T, 256) == {"DEQUANT": True} and "DEQUANT" not in gemm.default_config(B, 256)
+    assert (gemm.default_config(B * T, 256, 128) == {"DEQUANT": True}
+            and "DEQUANT" not in gemm.default_config(B, 256, 128))
     steps = torch.randint(0, ref.cfg.vocab_size, (2, B, 1), generator=g)  # the same decode inputs for both
 
     def run(model):

@@ -1,6 +1,7 @@
 """MoE kernels against the fp64 loop reference: router (ties included), tile map, BF16 and FP8 experts.
 
-Runs on CPU through Triton's interpreter (conftest.py); the real-size cases need CUDA. Comparisons go
+Runs on CPU through Triton's interpreter (conftest.py), or compiled on the GPU with QWEN35_TRITON_GPU=1 (inputs
+made on the kernels' device, DEVICE); the real-size cases need CUDA. Comparisons go
 through the kernel tests' one helper (gdn_compare.assert_close: relative RMS bound, NaN fails, max abs
 reported); the bounds are derived from the roundings each path makes (see `bf16_bound`, `FP8_U`).
 """
@@ -43,7 +44,7 @@ def nan_empty(monkeypatch):
     monkeypatch.setattr(torch, "empty_like", lambda *a, **kw: poison(empty_like(*a, **kw)))
 
 
-def make_experts(E: int, H: int, I: int, seed: int, dev: str = "cpu"):
+def make_experts(E: int, H: int, I: int, seed: int, dev: str = DEVICE):
     """BF16 expert weights scaled so activations stay O(1), and their block-quantised e4m3 form."""
     g = torch.Generator(device=dev).manual_seed(seed)
     w13 = (torch.randn(E, 2 * I, H, generator=g, device=dev) * H ** -0.5).bfloat16()  # [E, 2I, H]
@@ -54,7 +55,12 @@ def make_experts(E: int, H: int, I: int, seed: int, dev: str = "cpu"):
     return w13, w2, q13, s13, q2, s2
 
 
-def make_routing(N: int, E: int, k: int, seed: int, pin: int | None = None, dev: str = "cpu"):
+def make_x(N: int, H: int, seed: int, dtype: torch.dtype = torch.bfloat16) -> torch.Tensor:
+    """Activations [N, H] drawn on the CPU (same values wherever the test runs), on the kernels' device."""
+    return torch.randn(N, H, generator=torch.Generator().manual_seed(seed)).to(dtype).to(DEVICE)
+
+
+def make_routing(N: int, E: int, k: int, seed: int, pin: int | None = None, dev: str = DEVICE):
     """x [N, H-free], routing (weights, ids) from random logits; `pin` sends every token's slot 0 to it."""
     g = torch.Generator(device=dev).manual_seed(seed)
     logits = torch.randn(N, E, generator=g, device=dev)
@@ -76,7 +82,7 @@ def lowest_index_topk(probs: torch.Tensor, k: int) -> torch.Tensor:
     pytest.param(5, 200, 8, torch.float32, id="T5-E200-k8"),
 ])
 def test_router_matches_topk(N, E, k, dtype, nan_empty):
-    logits = torch.randn(N, E, generator=torch.Generator().manual_seed(N * E + k)).to(dtype)
+    logits = torch.randn(N, E, generator=torch.Generator().manual_seed(N * E + k)).to(dtype).to(DEVICE)
     w, ids = moe_router(logits, k)
     w_ref, ids_ref = moe_router_reference(logits, k)
     assert ids.dtype == torch.int64 and w.dtype == torch.float32
@@ -97,7 +103,7 @@ def test_router_ties(nan_empty):
     logits[1, 20:35] = 9.0  # 15 tied maxima across the top-k boundary: picks 20..29
     logits[2, [50, 7, 33]] = 9.0  # ties inside the top-k: all three, lowest index first
     logits[3, [60, 61]] = 9.0  # one tie pair, then distinct values
-    w, ids = moe_router(logits, k)
+    w, ids = moe_router(logits.to(DEVICE), k)
     assert ids[0].tolist() == list(range(10))
     assert ids[1].tolist() == list(range(20, 30))
     assert ids[2, :3].tolist() == [7, 33, 50] and ids[3, :2].tolist() == [60, 61]
@@ -105,7 +111,7 @@ def test_router_ties(nan_empty):
     assert_close("tied router weights", w, w_ref, FP32_BOUND)
     for r in (2, 3):  # no tie straddles the boundary here: the same set as torch.topk
         assert set(ids[r].tolist()) == set(ids_ref[r].tolist())
-    assert torch.equal(ids, lowest_index_topk(torch.softmax(logits, -1), k))
+    assert torch.equal(ids.cpu(), lowest_index_topk(torch.softmax(logits, -1), k))
 
 
 # -- tile map --------------------------------------------------------------------------------------
@@ -172,7 +178,7 @@ EXPERT_CASES = [
 def test_experts_bf16(N, E, k, H, I, pin, nan_empty):
     w13, w2, *_ = make_experts(E, H, I, seed=E + H)
     w, ids = make_routing(N, E, k, seed=N, pin=pin)
-    x = torch.randn(N, H, generator=torch.Generator().manual_seed(7)).bfloat16()
+    x = make_x(N, H, seed=7)
     out = moe_experts(x, w, ids, w13, w2)
     assert out.dtype == x.dtype
     # Three bf16 roundings: h, each weighted slot row, the output.
@@ -188,13 +194,32 @@ def test_experts_unmasked_k_loads_bit_identical(N, monkeypatch, nan_empty):
     E, H, I, k = 8, 256, 128, 2
     w13, w2, *_ = make_experts(E, H, I, seed=5)
     w, ids = make_routing(N, E, k, seed=6)
-    x = torch.randn(N, H, generator=torch.Generator().manual_seed(8)).bfloat16()
-    run = lambda: moe_experts(x, w, ids, w13, w2)  # noqa: E731
-    assert experts.even_k(H, 128) and experts.even_k(I, 64) and not experts.even_k(H, 128, fp8_weights=True)
-    assert not experts.even_k(192, 128)  # a K tail keeps the mask
+    x = make_x(N, H, seed=8)
+    launched = []  # the EVEN_K each launch got (None: a kernel without it, the combine)
+    real_wrap = experts.wrap_triton
+
+    def spy(kernel):
+        launch = real_wrap(kernel)
+
+        class Grid:
+            def __getitem__(self, grid):
+                def call(*args, **kw):
+                    launched.append(kw.get("EVEN_K"))
+                    return launch[grid](*args, **kw)
+                return call
+        return Grid()
+
+    def run():
+        launched.clear()
+        return moe_experts(x, w, ids, w13, w2)
+
+    monkeypatch.setattr(experts, "wrap_triton", spy)
     unmasked = run()
+    assert [e for e in launched if e is not None] == [True, True], launched  # gate_up and down, as launched
     monkeypatch.setattr(experts, "EVEN_K_LOADS", False)
     assert torch.equal(unmasked, run())
+    assert [e for e in launched if e is not None] == [False, False], launched
+    assert not experts.even_k(H, 128, fp8_weights=True) and not experts.even_k(192, 128)  # FP8, a K tail
 
 
 def test_experts_match_reference_op(nan_empty):
@@ -202,7 +227,7 @@ def test_experts_match_reference_op(nan_empty):
     E, H, I, N, k = 8, 128, 128, 70, 2
     w13, w2, q13, s13, q2, s2 = make_experts(E, H, I, seed=1)
     w, ids = make_routing(N, E, k, seed=2)
-    x = torch.randn(N, H, generator=torch.Generator().manual_seed(3))
+    x = make_x(N, H, seed=3, dtype=torch.float32)
     ref = torch.ops.qwen35.moe_experts(x, w, ids, w13.float(), w2.float())
     out = moe_experts(x, w, ids, w13.float(), w2.float())
     assert_close("vs qwen35::moe_experts", out, ref, FP32_BOUND)
@@ -212,7 +237,7 @@ def test_experts_match_reference_op(nan_empty):
 def test_experts_fp8(N, E, k, H, I, pin, nan_empty):
     _, _, q13, s13, q2, s2 = make_experts(E, H, I, seed=E + H)
     w, ids = make_routing(N, E, k, seed=N, pin=pin)
-    x = torch.randn(N, H, generator=torch.Generator().manual_seed(7)).bfloat16()
+    x = make_x(N, H, seed=7)
     out = moe_experts_fp8(x, w, ids, q13, s13, q2, s2)
     ref = moe_experts_fp8_reference(x, w, ids, q13, s13, q2, s2)
     if N <= DECODE_MAX_TOKENS:
@@ -233,7 +258,7 @@ def test_experts_fp8_regimes_agree_with_op(decode, nan_empty):
     E, H, I, N, k = 16, 256, 128, 20, 4
     _, _, q13, s13, q2, s2 = make_experts(E, H, I, seed=4)
     w, ids = make_routing(N, E, k, seed=5)
-    x = torch.randn(N, H, generator=torch.Generator().manual_seed(6)).bfloat16()
+    x = make_x(N, H, seed=6)
     ref = torch.ops.qwen35.moe_experts_fp8(x.float(), w, ids, q13, s13, q2, s2)
     out = moe_experts_triton(x, w, ids, q13, q2, s13, s2, decode=decode)
     bound = bf16_bound(3) if decode else math.sqrt(2 * FP8_U ** 2 + 2 * BF16_U ** 2)
@@ -278,7 +303,7 @@ def test_real_size_cuda(N, real_experts):
     logits = torch.randn(N, E, device=dev, generator=torch.Generator(device=dev).manual_seed(N))
     w, ids = moe_router(logits, k)
     w_ref, _ = moe_router_reference(logits, k)
-    assert torch.equal(ids, lowest_index_topk(torch.softmax(logits, -1), k))
+    assert torch.equal(ids.cpu(), lowest_index_topk(torch.softmax(logits, -1), k))
     assert_close("router weights", w, w_ref, FP32_BOUND)
     x = torch.randn(N, H, device=dev).bfloat16()
     ref = moe_experts_reference(x, w, ids, w13, w2, dtype=torch.float32)
@@ -314,7 +339,7 @@ def test_fused_gate_up_variant(fp8, decode, nan_empty):
     E, H, I, N, k = 8, 256, 256, 37, 3
     w13, w2, q13, s13, q2, s2 = make_experts(E, H, I, seed=8)
     w, ids = make_routing(N, E, k, seed=9)
-    x = torch.randn(N, H, generator=torch.Generator().manual_seed(10)).bfloat16()
+    x = make_x(N, H, seed=10)
     tile = dict(BLOCK_N=128 if fp8 and not decode else 64, BLOCK_K=64, GROUP_M=2, num_warps=4, num_stages=2)
     cfg = {"BLOCK_M": 16, "gate_up": dict(tile, FUSED=1), "down": dict(tile)}
     if fp8:
@@ -403,7 +428,7 @@ def test_pairs_mode(N, E, k, pin, dtype, nan_empty):
     """PAIRS mode gives the align path's output bit for bit (each tile holds the same slots in the same
     order, only the tile index differs) and the reference's within the decode bounds."""
     w, ids = make_routing(N, E, k, seed=100 + N * k, pin=pin)
-    x = torch.randn(N, PAIRS_H, generator=torch.Generator().manual_seed(N)).bfloat16()
+    x = make_x(N, PAIRS_H, seed=N)
     out = _run_pairs(x, w, ids, E, dtype, pairs=True)
     assert torch.equal(out, _run_pairs(x, w, ids, E, dtype, pairs=False)), "PAIRS and align paths differ"
     # Decode keeps activations in bf16 for both dtypes: three bf16 roundings (h, slot rows, output).
@@ -416,7 +441,7 @@ def test_pairs_mode_more_slots_than_block_m(nan_empty):
     N, E, k = 20, 4, 2
     w, ids = make_routing(N, E, k, seed=11, pin=2)
     assert int((ids == 2).sum()) > PAIRS_CFG["BLOCK_M"]
-    x = torch.randn(N, PAIRS_H, generator=torch.Generator().manual_seed(12)).bfloat16()
+    x = make_x(N, PAIRS_H, seed=12)
     out = _run_pairs(x, w, ids, E, "bf16", pairs=True)
     assert torch.equal(out, _run_pairs(x, w, ids, E, "bf16", pairs=False))
     assert_close("bf16 pairs, an expert over BLOCK_M slots", out, _reference(x, w, ids, E, "bf16"), bf16_bound(3))
@@ -427,7 +452,7 @@ def test_pairs_mode_fp32_and_fp8_prefill(nan_empty):
     regime's e4m3 activations and h (h scales indexed by slot)."""
     N, E, k = 3, 16, 3
     w, ids = make_routing(N, E, k, seed=13, pin=4)
-    x = torch.randn(N, PAIRS_H, generator=torch.Generator().manual_seed(14))
+    x = make_x(N, PAIRS_H, seed=14, dtype=torch.float32)
     w13, w2, *_ = pairs_experts(E)
     out = moe_experts_triton(x, w, ids, w13.float(), w2.float(), config=PAIRS_CFG, pairs=True)
     ref = moe_experts_triton(x, w, ids, w13.float(), w2.float(), config=PAIRS_CFG, pairs=False)

@@ -1,4 +1,5 @@
-"""Dense w8a8 block-scaled FP8 GEMM: `y = x @ dequant(w, w_scale).T` with `x` quantised per token per 128.
+"""Dense block-scaled FP8 GEMM: `y = x @ dequant(w, w_scale).T`, `x` quantised per token per 128 on the w8a8
+paths and used as given on the weight-only one.
 
 `w` [N, K] e4m3 with 128x128 block scales [ceil(N/128), ceil(K/128)] (the checkpoint's `weight_scale_inv`,
 used exactly); `x` is quantised to e4m3 with scales [R, ceil(K/128)] (quant.py). Each 128-column K step
@@ -72,7 +73,7 @@ def _w8a8_gemm_kernel(a_ptr, as_ptr, b_ptr, bs_ptr, c_ptr, M, N, K, steps_per_sp
 
 
 @triton.jit
-def _row_col_split(M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+def _row_col_split(N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     """Decode-path program ids: axis 0 -> (row tile, column tile) with columns fastest (the row tiles of a
     column tile run together and share its weight reads from L2), axis 1 -> K split.
     Returns (tile row indices, row tile, its rows, its columns, K split)."""
@@ -90,7 +91,7 @@ def _fused_w8a8_gemm_kernel(x_ptr, b_ptr, bs_ptr, c_ptr, M, N, K, steps_per_spli
                             BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     """Program (row tile, column tile, K split) -> its fp32 sum over the split's 128-column groups, at
     `c_ptr + split * stride_cs` in c's dtype (the output itself when there is one split)."""
-    rows, pid_m, offs_m, offs_n, pid_k = _row_col_split(M, N, BLOCK_M, BLOCK_N)
+    rows, pid_m, offs_m, offs_n, pid_k = _row_col_split(N, BLOCK_M, BLOCK_N)
     offs_k = tl.arange(0, 128)
     m_ok = offs_m < M
     n_ok = offs_n < N
@@ -152,7 +153,7 @@ def _wo_gemm_kernel(x_ptr, b_ptr, bs_ptr, c_ptr, M, N, K, steps_per_split,
     scale; the sum over the split's steps in fp32, stored at `c_ptr + split * stride_cs` in c's dtype (the
     output itself when there is one split). `DOT`: tensor cores on [BLOCK_M, BLOCK_K] x tiles; else fp32
     multiply-adds per row, rows past M skipped at run time."""
-    rows, pid_m, offs_m, offs_n, pid_k = _row_col_split(M, N, BLOCK_M, BLOCK_N)
+    rows, pid_m, offs_m, offs_n, pid_k = _row_col_split(N, BLOCK_M, BLOCK_N)
     offs_k = tl.arange(0, BLOCK_K)
     m_ok = offs_m < M
     n_ok = offs_n < N
@@ -259,10 +260,14 @@ def fused_config(R: int | torch.SymInt, N: int) -> dict:
 # Up to this many rows (for every R a graph admits: a decode graph's max batch), and for at most WO_MAX_N output
 # columns, the weight-only kernel is the default: x stays unquantised and the e4m3 weight tile is converted in
 # registers. It wins where a GEMV has too few column tiles to fill the GPU, by splitting K; on wide ones the
-# conversion costs more than the quantisation launch it saves. H200, CUDA-graph replays, whole op
-# (bench/results/decode_fp8_wo_h200/), 35B out_proj (N 2048, K 4096): 7.8 / 10.1 us at M = 1 with a 16 / 64-row
-# tile against 12.1 us for quantise + GEMM (11.2 against 16.5 at M = 64); 35B in_proj_qkvz (N 12288, K 2048):
-# 13.2 / 20.5 us against 12.0.
+# conversion costs more than the quantisation launch it saves. H200, CUDA-graph replays, whole op, beside an
+# engine build, single samples (bench/results/decode_fp8_wo_h200/): 35B out_proj (N 2048, K 4096) with the tiles
+# below (the sweep's best) 7.8 / 10.1 us at M = 1 (16 / 64-row tile) and 11.2 at M = 64, the pre-sweep tile 7.7 /
+# 11.2 / 11.6, against 12.1 / 16.5 us for quantise + GEMM; 35B in_proj_qkvz (N 12288, K 2048): best tile 13.2 /
+# 20.5 us against 12.0. In the FP8 engine's decode step (8 layers, batch 1, profiler): out_proj + o_proj 101 ->
+# 65 us (weight-only 6.9 us + split-K sum 1.2 per call). N between 2048 and
+# 12288 (the 397B out_proj 4096 x 8192, attention qkv 9216) was not reached by the sweep: WO_MAX_N is a guess
+# between the two measured widths.
 WO_MAX_R = 64
 WO_MAX_N = 4096
 # K is split until the column tiles times the splits reach this many programs (two per SM of an H100 / H200),
@@ -282,7 +287,7 @@ def wo_config(R: int | torch.SymInt, N: int, K: int) -> dict:
                 num_stages=stages)
 
 
-def default_config(R: int | torch.SymInt, N: int, K: int = 4096) -> dict:
+def default_config(R: int | torch.SymInt, N: int, K: int) -> dict:
     """The config `fp8_linear_triton` uses for R rows, N output columns and K input columns when given none."""
     if (R >= DEQUANT_MIN_R) if isinstance(R, int) else not at_most(R, DEQUANT_SYMBOLIC_MIN_BOUND):
         return dict(DEQUANT=True)
@@ -344,9 +349,9 @@ def _launch_fused(x2: Tensor, w: Tensor, w_scale: Tensor, out: Tensor, cfg: dict
 
 
 def _launch_wo(x2: Tensor, w: Tensor, w_scale: Tensor, out: Tensor, cfg: dict) -> None:
-    if 128 % cfg["BLOCK_K"] or (cfg["DOT"] and cfg["BLOCK_M"] < 16):
+    if 128 % cfg["BLOCK_K"] or (cfg["DOT"] and min(cfg["BLOCK_M"], cfg["BLOCK_K"]) < 16):
         raise ValueError(f"fp8_linear: the weight-only path takes a BLOCK_K dividing 128 and, with DOT, "
-                         f"BLOCK_M >= 16 (tl.dot's smallest tile), got {cfg}")
+                         f"BLOCK_M >= 16 and BLOCK_K >= 16 (tl.dot's smallest tile), got {cfg}")
     R, K = x2.shape
     N = w.shape[0]
     per_split, split, part = _k_splits(triton.cdiv(K, cfg["BLOCK_K"]), cfg.pop("SPLIT_K", 1), out)

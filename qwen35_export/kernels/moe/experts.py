@@ -105,7 +105,8 @@ def _gate_up_kernel(x_ptr, xs_ptr, w_ptr, ws_ptr, h_ptr, hs_ptr, slots_ptr, tile
                     M, H, I, top_k, num_tiles_m,
                     stride_xm, stride_xsm, stride_we, stride_wn, stride_wse, stride_wsn, stride_hm, stride_hsm,
                     A_FP8: tl.constexpr, B_FP8: tl.constexpr, OUT_FP8: tl.constexpr, UPCAST: tl.constexpr,
-                    EVEN_K: tl.constexpr, FUSED: tl.constexpr, PAIRS: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_M: tl.constexpr,
+                    EVEN_K: tl.constexpr, FUSED: tl.constexpr, PAIRS: tl.constexpr, BLOCK_P: tl.constexpr,
+                    BLOCK_M: tl.constexpr,
                     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr):
     dead, e, offs_p, slot, row_ok, offs_n, n_ok, pid_n = _tile(
         slots_ptr, tile_expert_ptr, num_padded_ptr, M, num_tiles_m, I, PAIRS, BLOCK_P, BLOCK_M, BLOCK_N, GROUP_M)
@@ -227,8 +228,9 @@ def _combine_kernel(y_ptr, out_ptr, H, TOP_K: tl.constexpr, BLOCK_H: tl.constexp
 # multiples of 128). H200, CUDA-graph medians while an engine compiled beside them (bench/moe.py --masked-k
 # for the masked side; bench/results/moe_even_k_h200/): BF16 prefill 2-3% faster unmasked (35B 4096 / 16384
 # tokens 851 -> 832 / 2503 -> 2424 us, 397B 4338 -> 4238 / 11807 -> 11530 us), FP8 prefill 3-5% slower
-# (762 -> 801, 2507 -> 2619, 3709 -> 3820, 10155 -> 10670 us): FP8 weights keep the masked loads. False:
-# always masked.
+# (762 -> 801, 2507 -> 2619, 3709 -> 3820, 10155 -> 10670 us; measured with the unmasked loads on for FP8 too,
+# before this rule): FP8 weights keep the masked loads. A single run per side on a loaded machine: small
+# effects, either way. False: always masked.
 EVEN_K_LOADS = True
 
 
@@ -311,7 +313,8 @@ def down(h: Tensor, hs: Tensor, weights: Tensor, tiles: Tiles | Tensor, w_down: 
     wrap_triton(_down_kernel)[grid](
         h, hs, w_down, ws, y, weights, slots, tile_expert, num_padded, M, H, I, num_tiles_m,
         h.stride(0), hs.stride(0), w_down.stride(0), w_down.stride(1), ws.stride(0), ws.stride(1), y.stride(0),
-        A_FP8=quant, B_FP8=w_down_scale is not None, UPCAST=INTERPRET, EVEN_K=even_k(I, c["BLOCK_K"], w_down_scale is not None),
+        A_FP8=quant, B_FP8=w_down_scale is not None, UPCAST=INTERPRET,
+        EVEN_K=even_k(I, c["BLOCK_K"], w_down_scale is not None),
         BLOCK_M=bm, **mode, **_launch_opts(c))
     return y
 
