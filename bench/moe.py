@@ -233,6 +233,9 @@ def main() -> None:
     ap.add_argument("--align-torch", action="store_true",
                     help="past SMALL_M slots, force the torch-op align path (align.LARGE_TRITON = False)")
     args = ap.parse_args()
+    unknown = set(args.methods.split(",")) - set(METHODS)
+    if unknown:
+        ap.error(f"--methods: unknown {sorted(unknown)}; known: {', '.join(METHODS)}")
     if args.masked_k:
         from qwen35_export.kernels.moe import experts
         experts.EVEN_K_LOADS = False
