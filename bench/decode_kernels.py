@@ -148,6 +148,21 @@ def bench_fp8_linear(bw: float, Ms: tuple[int, ...] = (1, 64), splits: tuple[int
     return rows
 
 
+def time_linear(x: torch.Tensor, ws: list, ss: list, cfg: dict, ref: torch.Tensor,
+                label: str) -> tuple[float, float] | None:
+    """(us per call of the whole op with `cfg`, replayed over every weight set in turn: past the L2, its
+    relative error against `ref` on set 0), or None for a config the compiler rejects (shared memory)."""
+    def run():
+        for w, s in zip(ws, ss):
+            fp8_linear_triton(x, w, s, cfg)
+    try:
+        err = float((fp8_linear_triton(x, ws[0], ss[0], cfg).float() - ref).norm() / ref.norm())
+        return graph_us(run, 4) / len(ws), err
+    except Exception as e:
+        print("skip", label, cfg, str(e)[:80], flush=True)
+        return None
+
+
 WO_MS = (1, 8, 64)  # decode token counts of the weight-only sweep
 WO_MAX_ERR = 1e-2  # bf16 output rounding is ~2e-3 relative RMS; a wrong config is far off
 
@@ -174,16 +189,7 @@ def bench_fp8_wo(bw: float, Ms: tuple[int, ...] = WO_MS, rows: list | None = Non
         nbytes = N * K + ss[0].numel() * 4
 
         def time_cfg(cfg: dict) -> tuple[float | None, float | None]:
-            try:
-                err = float((fp8_linear_triton(x, ws[0], ss[0], cfg).float() - ref).norm() / ref.norm())
-
-                def run():  # every weight set once: a graph replays them in turn, past the L2
-                    for i in range(nbuf):
-                        fp8_linear_triton(x, ws[i], ss[i], cfg)
-                return graph_us(run, 4) / nbuf, err
-            except Exception as e:  # a config the compiler rejects (shared memory): skipped
-                print("skip", name, cfg, str(e)[:80], flush=True)
-                return None, None
+            return time_linear(x, ws, ss, cfg, ref, name) or (None, None)
 
         two_us, _ = time_cfg(dict(FUSED=False, **two_kernel_config(M, N)))
         wb = [w.to(torch.bfloat16) for w in ws[:max(1, nbuf // 2)]]  # twice the bytes: half the sets past L2
@@ -192,7 +198,6 @@ def bench_fp8_wo(bw: float, Ms: tuple[int, ...] = WO_MS, rows: list | None = Non
             for w in wb:
                 torch.nn.functional.linear(x, w)
         bf16_us = graph_us(bf16, 4) / len(wb)
-        del wb
         row = dict(name=name, N=N, K=K, M=M, two_kernel_us=two_us, bf16_cublas_us=bf16_us, by_bm={})
         for bm in ((16, 64) if M <= 16 else (64,)):
             res = []
@@ -285,7 +290,6 @@ def bench_fp8_fused(bw: float, Ms: tuple[int, ...] = FUSED_MS, rows: list | None
             save and save()
             continue
         ws, ss = rotating_weights(N, K)
-        nbuf = len(ws)
         x = torch.randn(M, K, device="cuda", dtype=torch.bfloat16)
         ref = fp8_linear_reference(x, ws[0], ss[0], quant_act=True, dtype=torch.float32)
         nbytes = N * K + ss[0].numel() * 4
@@ -294,15 +298,10 @@ def bench_fp8_fused(bw: float, Ms: tuple[int, ...] = FUSED_MS, rows: list | None
         def time_cfg(cfg: dict) -> float | None:
             key = json.dumps(cfg, sort_keys=True)
             if key not in timed:
-                def run():  # every weight set once: a graph replays them in turn, past the L2
-                    for i in range(nbuf):
-                        fp8_linear_triton(x, ws[i], ss[i], cfg)
-                try:
-                    err = float((fp8_linear_triton(x, ws[0], ss[0], cfg).float() - ref).norm() / ref.norm())
-                    timed[key] = (graph_us(run, 4) / nbuf, err)
-                except Exception as e:  # a config the compiler rejects (shared memory, layout): skip it
-                    print("skip", name, cfg, str(e)[:80])
+                r = time_linear(x, ws, ss, cfg, ref, name)
+                if r is None:
                     return None
+                timed[key] = r
             return timed[key][0]
 
         two_cfg = dict(FUSED=False, **two_kernel_config(M, N))

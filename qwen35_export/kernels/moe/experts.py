@@ -88,16 +88,21 @@ def _mma(acc, a, b, sa, sb, A_FP8: tl.constexpr, B_FP8: tl.constexpr, UPCAST: tl
 
 
 @triton.jit
-def _load_step(a_ptrs, b_ptrs, row_ok, col_ok, k_ok, EVEN_K: tl.constexpr):
-    """One K step's activation tile [BM, BK] and weight tile [BK, BN], zero past the rows / columns and, unless
-    EVEN_K (no K tail), past K."""
+def _load_a(a_ptrs, row_ok, k_ok, EVEN_K: tl.constexpr):
+    """One K step's activation tile [BM, BK], zero past the rows and, unless EVEN_K (no K tail), past K."""
     if EVEN_K:
-        a = tl.load(a_ptrs, mask=row_ok[:, None], other=0.0)
-        b = tl.load(b_ptrs, mask=col_ok[None, :], other=0.0)
+        return tl.load(a_ptrs, mask=row_ok[:, None], other=0.0)
     else:
-        a = tl.load(a_ptrs, mask=row_ok[:, None] & k_ok[None, :], other=0.0)
-        b = tl.load(b_ptrs, mask=k_ok[:, None] & col_ok[None, :], other=0.0)
-    return a, b
+        return tl.load(a_ptrs, mask=row_ok[:, None] & k_ok[None, :], other=0.0)
+
+
+@triton.jit
+def _load_b(b_ptrs, col_ok, k_ok, EVEN_K: tl.constexpr):
+    """One K step's weight tile [BK, BN], zero past the columns and, unless EVEN_K, past K."""
+    if EVEN_K:
+        return tl.load(b_ptrs, mask=col_ok[None, :], other=0.0)
+    else:
+        return tl.load(b_ptrs, mask=k_ok[:, None] & col_ok[None, :], other=0.0)
 
 
 @triton.jit
@@ -129,7 +134,8 @@ def _gate_up_kernel(x_ptr, xs_ptr, w_ptr, ws_ptr, h_ptr, hs_ptr, slots_ptr, tile
         acc = tl.zeros((BLOCK_M, 2 * BLOCK_N), dtype=tl.float32)
         sb = tl.zeros((2 * BLOCK_N,), dtype=tl.float32)
         for kb in range(0, tl.cdiv(H, BLOCK_K)):
-            a, b = _load_step(a_ptrs, b_ptrs, row_ok, c_ok, offs_k < H - kb * BLOCK_K, EVEN_K)
+            k_ok = offs_k < H - kb * BLOCK_K
+            a, b = _load_a(a_ptrs, row_ok, k_ok, EVEN_K), _load_b(b_ptrs, c_ok, k_ok, EVEN_K)
             if B_FP8:
                 sb = tl.load(bs_ptrs + (kb * BLOCK_K) // 128, mask=c_ok, other=0.0)
             if A_FP8:
@@ -148,15 +154,9 @@ def _gate_up_kernel(x_ptr, xs_ptr, w_ptr, ws_ptr, h_ptr, hs_ptr, slots_ptr, tile
         sg = tl.zeros((BLOCK_N,), dtype=tl.float32)
         su = tl.zeros((BLOCK_N,), dtype=tl.float32)
         for kb in range(0, tl.cdiv(H, BLOCK_K)):
-            if EVEN_K:
-                a = tl.load(a_ptrs, mask=row_ok[:, None], other=0.0)
-                bg = tl.load(g_ptrs, mask=n_ok[None, :], other=0.0)
-                bu = tl.load(u_ptrs, mask=n_ok[None, :], other=0.0)
-            else:
-                k_ok = offs_k < H - kb * BLOCK_K
-                a = tl.load(a_ptrs, mask=row_ok[:, None] & k_ok[None, :], other=0.0)
-                bg = tl.load(g_ptrs, mask=k_ok[:, None] & n_ok[None, :], other=0.0)
-                bu = tl.load(u_ptrs, mask=k_ok[:, None] & n_ok[None, :], other=0.0)
+            k_ok = offs_k < H - kb * BLOCK_K
+            a = _load_a(a_ptrs, row_ok, k_ok, EVEN_K)
+            bg, bu = _load_b(g_ptrs, n_ok, k_ok, EVEN_K), _load_b(u_ptrs, n_ok, k_ok, EVEN_K)
             if B_FP8:
                 sg = tl.load(gs_ptrs + (kb * BLOCK_K) // 128, mask=n_ok, other=0.0)
                 su = tl.load(us_ptrs + (kb * BLOCK_K) // 128, mask=n_ok, other=0.0)
@@ -199,7 +199,8 @@ def _down_kernel(h_ptr, hs_ptr, w_ptr, ws_ptr, y_ptr, tw_ptr, slots_ptr, tile_ex
     sa = tl.zeros((BLOCK_M,), dtype=tl.float32)
     sb = tl.zeros((BLOCK_N,), dtype=tl.float32)
     for kb in range(0, tl.cdiv(I, BLOCK_K)):
-        a, b = _load_step(a_ptrs, b_ptrs, row_ok, n_ok, offs_k < I - kb * BLOCK_K, EVEN_K)
+        k_ok = offs_k < I - kb * BLOCK_K
+        a, b = _load_a(a_ptrs, row_ok, k_ok, EVEN_K), _load_b(b_ptrs, n_ok, k_ok, EVEN_K)
         if B_FP8:
             sb = tl.load(bs_ptrs + (kb * BLOCK_K) // 128, mask=n_ok, other=0.0)
         if A_FP8:
