@@ -20,7 +20,7 @@ from qwen35_export.kernels.fp8_linear import (fp8_linear, fp8_linear_reference, 
                                               quantize_act_reference)
 from qwen35_export.kernels.fp8_linear import gemm, quant
 from qwen35_export.kernels.fp8_linear.gemm import (WO_MAX_R, default_config, fp8_linear_triton, fused_config,
-                                                    two_kernel_config, wo_config)
+                                                    swap_config, two_kernel_config, wo_config)
 
 from gdn_compare import DEVICE, assert_close  # the kernel tests' one comparison helper
 from test_moe import BF16_U, FP8_U, FP32_BOUND, nan_empty  # noqa: F401  (fixture re-exported)
@@ -80,10 +80,6 @@ def test_fp8_linear(shape, N, K, nan_empty):
     y = fp8_linear(x, w, s)
     assert y.shape == (*shape, N) and y.dtype == x.dtype
     ref = torch.ops.qwen35.fp8_linear(x.float(), w, s)
-    if default_config(math.prod(shape), N, K).get("WO"):
-        # Weight-only (up to WO_MAX_R rows): x unquantised as in the op contract, only the output's rounding.
-        assert_close("fp8_linear (weight-only) vs qwen35::fp8_linear", y, ref, BF16_U)
-        return
     # Same activation quantisation simulated: only the output's bf16 rounding remains.
     assert_close("fp8_linear vs simulated", y, fp8_linear_reference(x, w, s, quant_act=True), BF16_U)
     # The op contract (unquantised x): plus one e4m3 rounding of x (at most FP8_U relative).
@@ -98,7 +94,8 @@ def fused_default(monkeypatch):
     from qwen35_export.kernels.fp8_linear import gemm
 
     monkeypatch.setattr(gemm, "FUSED_MAX_R", 16)
-    monkeypatch.setattr(gemm, "WO_MAX_R", 0)
+    for name in ("WO_MAX_R", "SWAP_MAX_R", "SWAP_PREQUANT_MAX_R"):  # the paths that precede it
+        monkeypatch.setattr(gemm, name, 0)
 
 
 # Accumulation-only bound per output dtype: bf16 rounds the result once; fp32 sums in another order.
@@ -191,7 +188,7 @@ def wo(dot: bool, block_m: int, block_n: int, block_k: int = 128, split_k: int =
                 num_warps=4, num_stages=2)
 
 
-# (id, config, row counts, dtypes): the default (wo_config: tensor cores on 16 or 64 rows, K split when the
+# (id, config, row counts, dtypes): wo_config's (tensor cores on 16 or 64 rows, K split when the
 # column tiles are few), per-row fp32 (several row tiles, a partial one; its unrolled rows are slow under the
 # interpreter, so not at 64 rows), BLOCK_K 64 (two K steps per scale group, a split through a group), and more
 # splits than K steps.
@@ -215,9 +212,10 @@ def test_weight_only_vs_reference(cfg, R, K, N, dtype, nan_empty):
     GPU each has its own dot: bf16 / fp16 operands, fp32 in IEEE precision). K = 200 has a tail
     (not a multiple of 128 or of BLOCK_K 64); K = 1024 over one column tile is where the default splits K;
     N = 130 leaves a tail in every BLOCK_N; R = 17 and 64 span several row tiles or the engine's 64-row one."""
-    assert R <= WO_MAX_R and default_config(R, N, K)["WO"]
-    if cfg is None and (K, N) == (1024, 16):
-        assert default_config(R, N, K)["SPLIT_K"] > 1  # the shipped split itself, not only explicit ones
+    assert R <= WO_MAX_R
+    cfg = cfg or wo_config(R, N, K)
+    if (K, N) == (1024, 16) and cfg == wo_config(R, N, K):
+        assert cfg["SPLIT_K"] > 1  # wo_config's own split, not only explicit ones
     w, s = make_linear(N, K, seed=N + K + 1, dev=DEVICE)
     x = make_rows(R, K, dtype, seed=R + K)
     y = fp8_linear_triton(x, w, s, cfg)
@@ -228,13 +226,86 @@ def test_weight_only_vs_reference(cfg, R, K, N, dtype, nan_empty):
         assert torch.equal(y[-1], torch.zeros_like(y[-1]))
 
 
+def swap(block_n: int, block_t: int, split_k: int = 1, qx: bool = True, hw_cvt: bool = False) -> dict:
+    return dict(SWAP=True, QX=qx, HW_CVT=hw_cvt, BLOCK_N=block_n, BLOCK_T=block_t, SPLIT_K=split_k, num_warps=4,
+                num_stages=2)
+
+
+# Compiled, the swapped path's weight tiles (64+ rows) run on Hopper's fp8 wgmma, which adds its products into an
+# accumulator of ~14 significant bits rather than fp32 (DeepSeek-V3 report, sec. 3.3.2; it is why block-scaled
+# FP8 GEMMs promote to fp32 at every 128-column group, as these kernels do): each 128-column partial errs by
+# ~2^-13 relative per addition, a few additions deep. bf16 / fp16 outputs round far coarser and do not see it;
+# fp32 outputs get this bound. The interpreter multiplies in fp32 (FP32_BOUND).
+FP8_MMA_BOUND = FP32_BOUND if DEVICE == "cpu" else 2.0 ** -12
+SWAP_BOUND = {torch.bfloat16: BF16_U, torch.float16: 2.0 ** -11, torch.float32: FP8_MMA_BOUND}
+
+# Swapped-operand w8a8 cases: the shipped tile (swap_config), a 16-column weight tile (N = 130: a tail in
+# every tile width), x quantised by its own launch, K split unevenly / into more splits than 128-column
+# steps, and the hardware e4m3 cast (compiled only, see compiled_only).
+SWAP_CASES = [pytest.param(cfg, R, dtype, id=f"{name}-R{R}-{str(dtype)[6:]}")
+              for name, cfg, Rs, dtypes in [
+                  ("config", None, (1, 5, 17, 64), _BF16_FP32 + (torch.float16,)),
+                  ("BN16-BT16", swap(16, 16), (1, 17), (torch.bfloat16,)),
+                  ("BN64-BT32-prequant", swap(64, 32, qx=False), (1, 5, 64), _BF16_FP32),
+                  ("BN32-BT16-split3", swap(32, 16, split_k=3), (1, 17), (torch.bfloat16,)),
+                  ("BN64-BT64-split8", swap(64, 64, split_k=8), (5, 64), (torch.bfloat16,))]
+              for R in Rs for dtype in dtypes] + [
+    pytest.param(swap(64, 16, hw_cvt=True), R, torch.bfloat16, id=f"BN64-BT16-hwcvt-R{R}", marks=compiled_only)
+    for R in (1, 17)]
+
+
+@pytest.mark.parametrize("K,N", [(128, 16), (200, 130), (640, 256)], ids=["K128-N16", "K200-N130", "K640-N256"])
+@pytest.mark.parametrize("cfg,R,dtype", SWAP_CASES)
+def test_swap_vs_reference(cfg, R, K, N, dtype, nan_empty):
+    """The swapped-operand path (weight tile on the MMA's M side, tokens on N) quantises x as quantize_act
+    does, so against the simulated reference only the output's rounding / fp32 order remains, whichever
+    side of the MMA the tokens sit on. R = 17 / 64 span several token tiles or the engine's 64-row one,
+    K = 200 has a tail, N = 130 a column tail."""
+    cfg = cfg or gemm.swap_config(R, N, K)
+    w, s = make_linear(N, K, seed=N + K + 2, dev=DEVICE)
+    x = make_rows(R, K, dtype, seed=R + K + 1)
+    y = fp8_linear_triton(x, w, s, cfg)
+    assert y.shape == (R, N) and y.dtype == dtype
+    assert_close(f"swap {cfg} vs simulated", y, fp8_linear_reference(x, w, s, quant_act=True), SWAP_BOUND[dtype])
+    if R > 1:  # an all-zero row: scale 1, codes 0, output exactly 0
+        assert torch.equal(y[-1], torch.zeros_like(y[-1]))
+
+
+@pytest.mark.parametrize("R", [1, 17])
+def test_swap_equals_two_kernel(R, nan_empty):
+    """Same quantised operands as the two-kernel path, multiplied with the operands' roles swapped: in fp32
+    the two differ by summation order and, compiled, the wgmma accumulator's precision (FP8_MMA_BOUND; one
+    e4m3 code off would be ~1e-3 here)."""
+    K, N = 384, 130
+    w, s = make_linear(N, K, seed=5, dev=DEVICE)
+    x = make_rows(R, K, torch.float32, seed=R + 3)
+    y = fp8_linear_triton(x, w, s, swap(64, 16, split_k=2))
+    y2 = fp8_linear_triton(x, w, s, dict(FUSED=False, **two_kernel_config(R, N)))
+    assert_close("swap vs two-kernel", y, y2, FP8_MMA_BOUND)
+
+
+def test_swap_config_and_rejects_small_tiles():
+    """swap_config sizes the token tile for every R the graph admits and splits K for few columns; tiles
+    below tl.dot's 16 are refused with the config named; SWAP_MAX_R makes it the default."""
+    assert gemm.swap_config(1, 2048, 4096)["BLOCK_T"] == 16 and gemm.swap_config(64, 2048, 4096)["BLOCK_T"] == 64
+    assert gemm.swap_config(1, 2048, 4096)["SPLIT_K"] == 8 and gemm.swap_config(1, 20480, 4096)["SPLIT_K"] < 8
+    w, s = make_linear(16, 128, seed=0)
+    with pytest.raises(ValueError, match="BLOCK_T >= 16"):
+        fp8_linear_triton(torch.randn(1, 128), w, s, swap(16, 8))
+    # the default: any width up to 16 rows, narrow GEMVs (N <= WO_MAX_N) up to 64, never past
+    assert default_config(16, 12288, 2048).get("SWAP") and not default_config(17, 12288, 2048).get("SWAP")
+    assert default_config(64, 2048, 4096).get("SWAP") and not default_config(65, 2048, 4096).get("SWAP")
+    assert not default_config(64, 2048, 4096)["QX"] and default_config(16, 2048, 4096)["QX"]
+
+
 def test_weight_only_row_strided_x(nan_empty):
     R, K, N = 5, 200, 130
     w, s = make_linear(N, K, seed=1, dev=DEVICE)
     x = make_rows(R, K + 56, torch.bfloat16, seed=2)[:, 40:K + 40]
     assert x.stride(0) != K
-    y = fp8_linear_triton(x, w, s)
-    assert torch.equal(y, fp8_linear_triton(x.contiguous(), w, s))
+    cfg = wo_config(R, N, K)
+    y = fp8_linear_triton(x, w, s, cfg)
+    assert torch.equal(y, fp8_linear_triton(x.contiguous(), w, s, cfg))
     assert_close("row-strided x vs reference", y, fp8_linear_reference(x, w, s), BF16_U)
 
 
@@ -243,10 +314,6 @@ def test_weight_only_config_splits_few_columns():
     assert wo_config(1, 2048, 4096)["SPLIT_K"] > 1
     assert wo_config(1, 12288, 2048)["SPLIT_K"] == 1
     assert wo_config(1, 2048, 4096)["BLOCK_M"] == 16 and wo_config(64, 2048, 4096)["BLOCK_M"] == 64
-    # the default takes it for narrow GEMVs only (gemm.WO_MAX_N, between the two widths measured), never past
-    # WO_MAX_R
-    assert default_config(1, 2048, 4096).get("WO") and not default_config(1, 12288, 2048).get("WO")
-    assert not default_config(WO_MAX_R + 1, 2048, 4096).get("WO")
 
 
 def test_weight_only_rejects_dot_below_16_rows():
@@ -309,13 +376,14 @@ def test_export_bounded_batch_launches_fused_without_guard(monkeypatch, fused_de
     assert launches["_fused_w8a8_gemm_kernel"]["BLOCK_M"] == 8
 
 
-def test_shipped_default_one_row_launches_weight_only(monkeypatch):
-    """Decode rows take the weight-only kernel (no quantisation launch); the fused path stays off."""
+def test_shipped_default_one_row_launches_swap(monkeypatch):
+    """A one-row graph takes the swapped-operand kernel with a 16-token tile, x quantised inside it (no
+    quantisation launch); the fused path stays off."""
     w, s = make_linear(256, 128, seed=0)
     ep = torch.export.export(_Lin(), (torch.randn(1, 1, 128).bfloat16(), w, s))
     launches = launched_kernels(monkeypatch, ep)
-    assert list(launches) == ["_wo_gemm_kernel"], launches
-    assert launches["_wo_gemm_kernel"]["BLOCK_M"] == 16
+    assert list(launches) == ["_swap_w8a8_gemm_kernel"], launches
+    assert launches["_swap_w8a8_gemm_kernel"]["BLOCK_T"] == 16 and launches["_swap_w8a8_gemm_kernel"]["QX"]
 
 
 def test_export_unbounded_rows_dequantise(monkeypatch):
@@ -329,15 +397,17 @@ def test_export_unbounded_rows_dequantise(monkeypatch):
     ep = torch.export.export(_Lin(), (torch.randn(40, 128).bfloat16(), w, s), dynamic_shapes=({0: T}, None, None))
     targets = [str(n.target) for n in ep.run_decompositions(decompose_custom_triton_ops=True).graph.nodes]
     assert any("mm" in t for t in targets), targets
-    # decode graphs: up to WO_MAX_R rows the weight-only kernel sized for the graph's max (not the example's
-    # 40 rows: no guard), past it quantise + GEMM
-    for max_batch, want in ((64, ["_wo_gemm_kernel"]), (512, ["_act_quant_kernel", "_w8a8_gemm_kernel"])):
+    # decode graphs: up to SWAP_PREQUANT_MAX_R rows (a narrow GEMV) the swapped-operand kernel with its token
+    # tile sized for the graph's max (not the example's 40 rows: no guard) after a quantisation launch, past
+    # it quantise + GEMM
+    for max_batch, want in ((64, ["_act_quant_kernel", "_swap_w8a8_gemm_kernel"]),
+                            (512, ["_act_quant_kernel", "_w8a8_gemm_kernel"])):
         B = torch.export.Dim("B", min=1, max=max_batch)
         ep = torch.export.export(_Lin(), (torch.randn(40, 128).bfloat16(), w, s), dynamic_shapes=({0: B}, None, None))
         launches = launched_kernels(monkeypatch, ep)
         assert list(launches) == want, (max_batch, launches)
         if max_batch == 64:
-            assert launches["_wo_gemm_kernel"]["BLOCK_M"] == 64
+            assert launches["_swap_w8a8_gemm_kernel"]["BLOCK_T"] == 64
 
 
 @pytest.mark.parametrize("R,N,K", [(256, 200, 384), (300, 384, 300), (513, 128, 256)])
@@ -379,7 +449,11 @@ def test_fp8_linear_real_size_cuda(R):
         assert_close("fp8_linear dequant vs op", y, torch.ops.qwen35.fp8_linear(x.float(), w, s), 2 * BF16_U)
         y = fp8_linear_triton(x, w, s, dict(FUSED=False, **two_kernel_config(R, w.shape[0])))
     assert_close("fp8_linear vs simulated", y, sim, BF16_U)
-    if R <= 16:  # the weight-only tiles (default for narrow GEMVs only) against the contract (x unquantised)
+    if R <= 16:  # the swap tiles of an engine's 64-row decode graph, x quantised in or before the kernel
+        for cfg in (swap_config(64, w.shape[0], 4096), dict(swap_config(64, w.shape[0], 4096), QX=True),
+                    dict(swap_config(R, w.shape[0], 4096), HW_CVT=False)):
+            assert_close(f"{cfg} vs simulated", fp8_linear_triton(x, w, s, cfg), sim, BF16_U)
+    if R <= 16:  # the weight-only tiles (off by default) against the contract (x unquantised)
         N = w.shape[0]
         op = torch.ops.qwen35.fp8_linear(x.float(), w, s)
         for cfg in (wo_config(R, N, 4096), wo_config(64, N, 4096), dict(wo_config(R, N, 4096), SPLIT_K=4),

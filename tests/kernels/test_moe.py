@@ -21,6 +21,7 @@ from qwen35_export.kernels.moe import (DECODE_MAX_TOKENS, align_block_size, moe_
 import qwen35_export.model.ops  # noqa: F401  (registers the qwen35:: reference ops)
 from gdn_compare import DEVICE, assert_close  # the kernel tests' one comparison helper
 from qwen35_export.kernels.moe import align
+from qwen35_export.kernels.moe.configs import get_config
 
 BF16_U = 2.0 ** -8  # unit roundoff of bf16 (8 significant bits): one RNE rounding errs by at most this, relative
 FP8_U = 2.0 ** -4  # unit roundoff of e4m3 (4 significant bits)
@@ -252,6 +253,60 @@ def test_experts_fp8(N, E, k, H, I, pin, nan_empty):
         assert_close("fp8 prefill vs quantisation-simulated reference", out, sim, bf16_bound(2))
 
 
+def swap_cfg(gate_bn: int = 64, down_bn: int = 64, qx: int = 1, out_fp8: int = 0, hw_cvt: int = 0) -> dict:
+    """A decode config of the swapped-operand FP8 kernels (experts.py `_gate_up_swap_kernel`)."""
+    tile = dict(BLOCK_K=128, GROUP_M=1, num_warps=4, num_stages=2)
+    return {"BLOCK_M": 16, "SWAP": 1, "HW_CVT": hw_cvt,
+            "gate_up": dict(tile, BLOCK_N=gate_bn, QX=qx, OUT_FP8=out_fp8), "down": dict(tile, BLOCK_N=down_bn)}
+
+
+# Decode token counts with awkward routing (one expert taking every token over several 16-slot tiles, k = 1,
+# E = 512), H 200 for a K tail in gate_up; configs: x and h quantised in the kernels (h through fp32), h
+# quantised in gate_up's epilogue (OUT_FP8), x by its own launch, narrow / wide tiles, the hardware cast
+# (compiled only: the interpreter misrounds it).
+_compiled_only = pytest.mark.skipif(DEVICE == "cpu", reason="interpreter misrounds fp32 -> e4m3 casts")
+SWAP_CASES = [pytest.param(N, E, k, H, pin, cfg, id=f"T{N}-E{E}-k{k}-H{H}-{name}", marks=marks)
+              for N, E, k, H, pin in [(1, 16, 2, 256, None), (9, 8, 1, 200, None), (3, 512, 10, 128, None),
+                                      (40, 4, 3, 256, 2)]
+              for name, cfg, marks in [("qx", swap_cfg(), ()), ("outfp8", swap_cfg(128, 32, out_fp8=1), ()),
+                                       ("prequant", swap_cfg(16, 128, qx=0), ()),
+                                       ("hwcvt", swap_cfg(128, 64, out_fp8=1, hw_cvt=1), _compiled_only)]]
+
+
+@pytest.mark.parametrize("N,E,k,H,pin,cfg", SWAP_CASES)
+def test_experts_fp8_swap(N, E, k, H, pin, cfg, nan_empty):
+    """The swapped-operand decode kernels quantise x and h per token per 128 columns as the prefill kernels
+    do (h from fp32 either way): against the quantisation-simulated reference only the two bf16 roundings
+    (slot rows, output) remain; against the dequantised one the two e4m3 roundings add. PAIRS mode gives
+    the align path's output bit for bit (same slots per tile, same order)."""
+    I = 256
+    _, _, q13, s13, q2, s2 = make_experts(E, H, I, seed=E + H + 1)
+    w, ids = make_routing(N, E, k, seed=N + 1, pin=pin)
+    x = make_x(N, H, seed=11)
+    out = moe_experts_triton(x, w, ids, q13, q2, s13, s2, config=cfg, decode=True, pairs=False)
+    sim = moe_experts_fp8_reference(x, w, ids, q13, s13, q2, s2, quant_act=True)
+    assert_close("fp8 swap vs quantisation-simulated reference", out, sim, bf16_bound(2))
+    ref = moe_experts_fp8_reference(x, w, ids, q13, s13, q2, s2)
+    assert_close("fp8 swap vs dequantised reference", out, ref, math.sqrt(2 * FP8_U ** 2 + 2 * BF16_U ** 2))
+    if N * k <= 64:
+        pairs = moe_experts_triton(x, w, ids, q13, q2, s13, s2, config=cfg, decode=True, pairs=True)
+        assert torch.equal(pairs, out), "PAIRS and align paths differ"
+
+
+def test_experts_swap_rejects_bad_configs():
+    """SWAP is the FP8 decode path; OUT_FP8 needs one 128-column scale group per program."""
+    E, H, I, N, k = 4, 128, 128, 2, 2
+    w13, w2, q13, s13, q2, s2 = make_experts(E, H, I, seed=0)
+    w, ids = make_routing(N, E, k, seed=0)
+    x = make_x(N, H, seed=0)
+    with pytest.raises(ValueError, match="FP8 decode path"):
+        moe_experts_triton(x, w, ids, w13, w2, config=swap_cfg(), decode=True)
+    with pytest.raises(ValueError, match="FP8 decode path"):
+        moe_experts_triton(x, w, ids, q13, q2, s13, s2, config=swap_cfg(), decode=False)
+    with pytest.raises(ValueError, match="BLOCK_N must be 128"):
+        moe_experts_triton(x, w, ids, q13, q2, s13, s2, config=swap_cfg(64, 64, out_fp8=1), decode=True)
+
+
 @pytest.mark.parametrize("decode", [True, False], ids=["decode", "prefill"])
 def test_experts_fp8_regimes_agree_with_op(decode, nan_empty):
     """Either regime on the same 20 tokens against `qwen35::moe_experts_fp8` itself."""
@@ -310,11 +365,13 @@ def test_real_size_cuda(N, real_experts):
     assert_close("bf16 experts", moe_experts(x, w, ids, w13, w2), ref, bf16_bound(3))
     ref8 = moe_experts_fp8_reference(x, w, ids, q13, s13, q2, s2, dtype=torch.float32)
     out8 = moe_experts_fp8(x, w, ids, q13, s13, q2, s2)
-    bound = bf16_bound(3) if N <= DECODE_MAX_TOKENS else math.sqrt(2 * FP8_U ** 2 + 2 * BF16_U ** 2)
+    # Activations go through e4m3 at prefill and, with the stored swapped-operand decode tiles, at decode too.
+    quantised = N > DECODE_MAX_TOKENS or get_config(E, I, N, x.device, "fp8", k, True).get("SWAP")
+    bound = math.sqrt(2 * FP8_U ** 2 + 2 * BF16_U ** 2) if quantised else bf16_bound(3)
     assert_close("fp8 experts", out8, ref8, bound)
-    if N > DECODE_MAX_TOKENS:
+    if quantised:
         sim = moe_experts_fp8_reference(x, w, ids, q13, s13, q2, s2, dtype=torch.float32, quant_act=True)
-        assert_close("fp8 prefill vs quantisation-simulated reference", out8, sim, bf16_bound(2))
+        assert_close("fp8 experts vs quantisation-simulated reference", out8, sim, bf16_bound(2))
     if N <= DECODE_MAX_TOKENS:  # PAIRS mode compiled (the default up to PAIRS_MAX_TOKENS) = the align path
         for args in ((w13, w2), (q13, q2, s13, s2)):
             pairs = moe_experts_triton(x, w, ids, *args, pairs=True)

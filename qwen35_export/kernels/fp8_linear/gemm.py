@@ -3,15 +3,18 @@ paths and used as given on the weight-only one.
 
 `w` [N, K] e4m3 with 128x128 block scales [ceil(N/128), ceil(K/128)] (the checkpoint's `weight_scale_inv`,
 used exactly); `x` is quantised to e4m3 with scales [R, ceil(K/128)] (quant.py). Each 128-column K step
-multiplies the e4m3 operands into an fp32 partial sum and applies both scales to it. Three paths:
+multiplies the e4m3 operands into an fp32 partial sum and applies both scales to it. Four paths:
+- swapped operands (decode, the default up to SWAP_MAX_R rows and, for narrow GEMVs, SWAP_PREQUANT_MAX_R):
+  `_swap_w8a8_gemm_kernel` puts the e4m3 weight tile on the MMA's wide side and the tokens on its narrow one,
+  so the weights reach the fp8 tensor cores as loaded; x quantised in its registers or by `quantize_act`;
 - two kernels (any R): `quantize_act` writes q and its scales, `_w8a8_gemm_kernel` runs `tl.dot` on fp8
   operands (fp8 tensor cores on sm_90), optionally split over K (then a third, fixed-order sum kernel);
 - fused (decode, R <= FUSED_MAX_R): `_fused_w8a8_gemm_kernel` quantises its rows of x in registers at each
   K step (same rounding and scale formula as quant.py) and multiplies at once: one launch, no q round trip.
   There, each program streams BLOCK_N weight rows over K; split-K works as on the two-kernel path.
-- weight-only (decode, R <= WO_MAX_R and N <= WO_MAX_N, the default there): `_wo_gemm_kernel` multiplies x
-  unquantised (the op contract) by the e4m3 weight tile converted in registers and scaled per block, as the
-  MoE decode path does: one launch (two with split-K), no activation quantisation, closer to the reference.
+- weight-only (decode, selectable by config; the default before the swapped path): `_wo_gemm_kernel`
+  multiplies x unquantised (the op contract) by the e4m3 weight tile converted in registers and scaled per
+  block: one launch (two with split-K), no activation quantisation, closer to the reference.
 """
 
 from __future__ import annotations
@@ -189,6 +192,53 @@ def _wo_gemm_kernel(x_ptr, b_ptr, bs_ptr, c_ptr, M, N, K, steps_per_split,
 
 
 @triton.jit
+def _swap_w8a8_gemm_kernel(x_ptr, xs_ptr, b_ptr, bs_ptr, c_ptr, M, N, K, steps_per_split,
+                           stride_xm, stride_xsm, stride_bn, stride_bsn, stride_cm, stride_cs,
+                           QX: tl.constexpr, HW_CVT: tl.constexpr, UPCAST: tl.constexpr,
+                           BLOCK_N: tl.constexpr, BLOCK_T: tl.constexpr):
+    """Swapped-operand w8a8 path for few rows: program (column tile, row tile, K split) computes
+    c^T [BLOCK_N, BLOCK_T] = w [BLOCK_N, 128] @ q^T [128, BLOCK_T] per 128-column group on fp8 operands.
+
+    Why swapped: the tensor-core instruction's M side is at least 64, and at decode there are 1-64 rows of x
+    but thousands of weight rows, so the weight tile takes the M side and the tokens the narrow N side (16+).
+    The e4m3 weight tile then goes to the tensor cores as it was loaded (no conversion in registers, unlike the
+    weight-only path), and the cost barely depends on BLOCK_T. `QX`: x is the unquantised activation and each
+    program quantises its [BLOCK_T, 128] group in registers (quant.py's formula: the codes `quantize_act`
+    writes); else x is that e4m3 q with scales xs. Partial sums as on the other paths (`c_ptr + split *
+    stride_cs`, fp32 when K is split)."""
+    num_t = tl.cdiv(M, BLOCK_T)
+    pid_t = tl.program_id(0) % num_t  # token tiles fastest: those of one weight tile run together and share
+    pid_n = tl.program_id(0) // num_t  # its HBM reads through the L2
+    pid_k = tl.program_id(1)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_t = pid_t * BLOCK_T + tl.arange(0, BLOCK_T)
+    offs_k = tl.arange(0, 128)
+    n_ok = offs_n < N
+    t_ok = offs_t < M
+    b_ptrs = b_ptr + offs_n[:, None].to(tl.int64) * stride_bn + offs_k[None, :]  # [BN, 128], K contiguous
+    x_ptrs = x_ptr + offs_t[:, None].to(tl.int64) * stride_xm + offs_k[None, :]  # [BT, 128]
+    bs_ptrs = bs_ptr + (offs_n // 128) * stride_bsn
+    xs_ptrs = xs_ptr + offs_t.to(tl.int64) * stride_xsm
+    kb0 = pid_k * steps_per_split
+    kb1 = tl.minimum(kb0 + steps_per_split, tl.cdiv(K, 128))
+    acc = tl.zeros((BLOCK_N, BLOCK_T), dtype=tl.float32)
+    for kb in range(kb0, kb1):
+        k = kb * 128
+        k_ok = offs_k < K - k
+        b = tl.load(b_ptrs + k, mask=n_ok[:, None] & k_ok[None, :], other=0.0)
+        sb = tl.load(bs_ptrs + kb, mask=n_ok, other=0.0)
+        if QX:
+            xv = tl.load(x_ptrs + k, mask=t_ok[:, None] & k_ok[None, :], other=0.0)
+            q, sa = quant_group(xv.to(tl.float32), HW_CVT)  # absent rows: zeros, scale 1
+        else:
+            q = tl.load(x_ptrs + k, mask=t_ok[:, None] & k_ok[None, :], other=0.0)
+            sa = tl.load(xs_ptrs + kb, mask=t_ok, other=0.0)
+        acc += dot(b, tl.trans(q), UPCAST) * (sb[:, None] * sa[None, :])
+    c_ptrs = c_ptr + pid_k.to(tl.int64) * stride_cs + offs_t[None, :].to(tl.int64) * stride_cm + offs_n[:, None]
+    tl.store(c_ptrs, cast_out(acc, c_ptr.dtype.element_ty), mask=n_ok[:, None] & t_ok[None, :])
+
+
+@triton.jit
 def _split_k_sum_kernel(p_ptr, c_ptr, numel, SPLIT_K: tl.constexpr, BLOCK: tl.constexpr):
     """`c = sum_s p[s]` over the SPLIT_K partials [SPLIT_K, numel], in split order (deterministic)."""
     offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
@@ -258,7 +308,8 @@ def fused_config(R: int | torch.SymInt, N: int) -> dict:
 
 
 # Up to this many rows (for every R a graph admits: a decode graph's max batch), and for at most WO_MAX_N output
-# columns, the weight-only kernel is the default: x stays unquantised and the e4m3 weight tile is converted in
+# columns, the weight-only kernel was the default until the swapped-operand kernel (below, checked first in
+# `default_config`, so this rule no longer decides anything by default) beat it: x stays unquantised and the e4m3 weight tile is converted in
 # registers. It wins where a GEMV has too few column tiles to fill the GPU, by splitting K; on wide ones the
 # conversion costs more than the quantisation launch it saves. H200, CUDA-graph replays, whole op, beside an
 # engine build, single samples (bench/results/decode_fp8_wo_h200/): 35B out_proj (N 2048, K 4096) with the tiles
@@ -274,6 +325,7 @@ WO_MAX_N = 4096
 # each split keeping at least WO_MIN_STEPS 128-column steps.
 WO_TARGET_PROGRAMS = 256
 WO_MIN_STEPS = 4
+SWAP_TARGET_PROGRAMS = 512
 
 
 def wo_config(R: int | torch.SymInt, N: int, K: int) -> dict:
@@ -287,10 +339,39 @@ def wo_config(R: int | torch.SymInt, N: int, K: int) -> dict:
                 num_stages=stages)
 
 
+# The swapped-operand w8a8 kernel is the default for graphs of up to SWAP_MAX_R rows (for every R a graph admits)
+# and, up to SWAP_PREQUANT_MAX_R rows, for at most WO_MAX_N columns. H200, CUDA-graph replays over weight sets
+# past the L2, whole op (bench/results/fp8_swap_h200/): with a 16-token tile (graphs of <= 16 rows) and x
+# quantised in the kernel by the hardware cast, 35B in_proj_qkvz 11.2 us against 12.0 for quantise + GEMM, 397B
+# out_proj 13.9 against 19.1 for the weight-only kernel, 397B attention qkv 25.0 against 26.7 (M = 1). With the
+# 64-token tile of an engine's decode graph, quantising 64 rows in every program costs more than it saves
+# (35B in_proj 24.4 us against 13.2) but a separate quantisation launch pays on the narrow GEMVs: 35B out_proj
+# 9.3 against 10.2 (weight-only), 397B out_proj 16.1 against 24.9 at M = 1; on the wide ones quantise + GEMM
+# stays (35B in_proj 13.2 against 14.7 at M = 1).
+SWAP_MAX_R = 16
+SWAP_PREQUANT_MAX_R = 64
+
+
+def swap_config(R: int | torch.SymInt, N: int, K: int) -> dict:
+    """Tiles of `_swap_w8a8_gemm_kernel` for up to 64 rows: a token tile (the MMA's N side) covering every R the
+    graph admits; x quantised in the kernel (hardware cast) for tiles of 16 tokens, by `quantize_act` for wider
+    ones; 64 weight rows per program up to 2048 columns, 128 beyond; K split until ~4 programs per SM. The
+    sweep's best tiles on the engine linears (bench/results/fp8_swap_h200/)."""
+    bt = next((b for b in (16, 32, 64) if at_most(R, b)), 64)
+    bn = 64 if N <= 2048 else 128
+    steps = triton.cdiv(K, 128)
+    split = max(1, min(8, SWAP_TARGET_PROGRAMS // triton.cdiv(N, bn), steps // WO_MIN_STEPS))
+    # the interpreter misrounds the hardware cast (quant.quant_group): CPU runs take the software rounding
+    return dict(SWAP=True, QX=bt == 16, HW_CVT=bt == 16 and not INTERPRET, BLOCK_N=bn, BLOCK_T=bt, SPLIT_K=split, num_warps=4,
+                num_stages=3)
+
+
 def default_config(R: int | torch.SymInt, N: int, K: int) -> dict:
     """The config `fp8_linear_triton` uses for R rows, N output columns and K input columns when given none."""
     if (R >= DEQUANT_MIN_R) if isinstance(R, int) else not at_most(R, DEQUANT_SYMBOLIC_MIN_BOUND):
         return dict(DEQUANT=True)
+    if at_most(R, SWAP_MAX_R) or (at_most(R, SWAP_PREQUANT_MAX_R) and N <= WO_MAX_N):
+        return swap_config(R, N, K)
     if at_most(R, WO_MAX_R) and N <= WO_MAX_N:
         return wo_config(R, N, K)
     if at_most(R, FUSED_MAX_R):
@@ -364,12 +445,31 @@ def _launch_wo(x2: Tensor, w: Tensor, w_scale: Tensor, out: Tensor, cfg: dict) -
         _split_k_sum(part, out, split)
 
 
+def _launch_swap(x2: Tensor, w: Tensor, w_scale: Tensor, out: Tensor, cfg: dict) -> None:
+    if min(cfg["BLOCK_N"], cfg["BLOCK_T"]) < 16 or cfg.pop("BLOCK_K", GROUP) != GROUP:
+        raise ValueError(f"fp8_linear: the swapped path takes BLOCK_N and BLOCK_T >= 16 (tl.dot's smallest "
+                         f"tile) and BLOCK_K = {GROUP}, got {cfg}")
+    R, K = x2.shape
+    N = w.shape[0]
+    cfg.setdefault("HW_CVT", False)
+    xa, xs = (x2, x2) if cfg.setdefault("QX", True) else quantize_act(x2)  # xs unused with QX
+    per_split, split, part = _k_splits(triton.cdiv(K, GROUP), cfg.pop("SPLIT_K", 1), out)
+    grid = (triton.cdiv(N, cfg["BLOCK_N"]) * triton.cdiv(R, cfg["BLOCK_T"]), split)
+    wrap_triton(_swap_w8a8_gemm_kernel)[grid](
+        xa, xs, w, w_scale, part, R, N, K, per_split,
+        xa.stride(0), xs.stride(0), w.stride(0), w_scale.stride(0), part.stride(-2), R * N if split > 1 else 0,
+        UPCAST=INTERPRET, **cfg)
+    if split > 1:
+        _split_k_sum(part, out, split)
+
+
 def fp8_linear_triton(x: Tensor, w: Tensor, w_scale: Tensor, config: dict | None = None) -> Tensor:
     """`x` [..., K] (bf16/fp16/fp32) times block-scaled e4m3 `w` [N, K]^T -> [..., N] in x's dtype.
 
     `config` (default `default_config`): `DEQUANT` (weight dequantised, then a dense GEMM in x's dtype),
-    `WO` (weight-only kernel) or `FUSED` picks the path, else the two-kernel one; the rest are its kernel's
-    tiles (`wo_config` / `fused_config` / `two_kernel_config` keys; `SPLIT_K` > 1 splits K on any path)."""
+    `SWAP` (swapped-operand w8a8 kernel), `WO` (weight-only kernel) or `FUSED` picks the path, else the
+    two-kernel one; the rest are its kernel's tiles (`swap_config` / `wo_config` / `fused_config` /
+    `two_kernel_config` keys; `SPLIT_K` > 1 splits K on any path)."""
     *lead, K = x.shape
     N = w.shape[0]
     x2 = x.reshape(-1, K)  # [R, K]
@@ -384,7 +484,9 @@ def fp8_linear_triton(x: Tensor, w: Tensor, w_scale: Tensor, config: dict | None
         return torch.mm(x2, wd.t()).reshape(*lead, N)
     out = torch.empty(R, N, dtype=x.dtype, device=x.device)
     w, w_scale = w.contiguous(), w_scale.contiguous()
-    if cfg.pop("WO", False):
+    if cfg.pop("SWAP", False):
+        _launch_swap(x2, w, w_scale, out, cfg)
+    elif cfg.pop("WO", False):
         _launch_wo(x2, w, w_scale, out, cfg)
     elif cfg.pop("FUSED", False):
         _launch_fused(x2, w, w_scale, out, cfg)

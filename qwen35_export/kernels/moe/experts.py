@@ -215,6 +215,98 @@ def _down_kernel(h_ptr, hs_ptr, w_ptr, ws_ptr, y_ptr, tw_ptr, slots_ptr, tile_ex
 
 
 @triton.jit
+def _gate_up_swap_kernel(x_ptr, xs_ptr, w_ptr, ws_ptr, h_ptr, hs_ptr, slots_ptr, tile_expert_ptr, num_padded_ptr,
+                         M, H, I, top_k, num_tiles_m,
+                         stride_xm, stride_xsm, stride_we, stride_wn, stride_wse, stride_wsn, stride_hm,
+                         stride_hsm, QX: tl.constexpr, OUT_FP8: tl.constexpr, HW_CVT: tl.constexpr,
+                         UPCAST: tl.constexpr, PAIRS: tl.constexpr, BLOCK_P: tl.constexpr,
+                         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl.constexpr):
+    """FP8 decode gate_up with swapped operands (see fp8_linear's `_swap_w8a8_gemm_kernel`): the e4m3 gate
+    and up tiles [BLOCK_N, 128] take the MMA's M side, the tile's BLOCK_M tokens its N side, per 128-column
+    group on e4m3 operands. `QX`: x is unquantised and each program quantises its gathered rows per group
+    (else x is `quantize_act`'s q with scales xs). h = silu(gate) * up comes out e4m3 per row per 128
+    columns (`OUT_FP8`, BLOCK_N = 128: one group per program) or in fp32 for the down kernel to quantise:
+    either way the quantisation of the prefill path, from the fp32 h."""
+    dead, e, offs_p, slot, row_ok, offs_n, n_ok, pid_n = _tile(
+        slots_ptr, tile_expert_ptr, num_padded_ptr, M, num_tiles_m, I, PAIRS, BLOCK_P, BLOCK_M, BLOCK_N, GROUP_M)
+    if dead:
+        return
+    tok = (slot // top_k).to(tl.int64)
+    offs_k = tl.arange(0, 128)
+    x_ptrs = x_ptr + tok[:, None] * stride_xm + offs_k[None, :]  # [BM, 128]
+    xs_ptrs = xs_ptr + tok * stride_xsm
+    g_ptrs = w_ptr + e * stride_we + offs_n[:, None].to(tl.int64) * stride_wn + offs_k[None, :]  # [BN, 128]
+    u_ptrs = g_ptrs + I * stride_wn
+    gs_ptrs = ws_ptr + e * stride_wse + (offs_n // 128) * stride_wsn
+    us_ptrs = ws_ptr + e * stride_wse + ((offs_n + I) // 128) * stride_wsn
+    acc_g = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
+    acc_u = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
+    for kb in range(0, tl.cdiv(H, 128)):
+        k_ok = offs_k < H - kb * 128
+        if QX:
+            xv = tl.load(x_ptrs, mask=row_ok[:, None] & k_ok[None, :], other=0.0)
+            q, sa = quant_group(xv.to(tl.float32), HW_CVT)  # padding rows: zeros, scale 1
+        else:
+            q = tl.load(x_ptrs, mask=row_ok[:, None] & k_ok[None, :], other=0.0)
+            sa = tl.load(xs_ptrs + kb, mask=row_ok, other=0.0)
+        qt = tl.trans(q)  # [128, BM]
+        bg = tl.load(g_ptrs, mask=n_ok[:, None] & k_ok[None, :], other=0.0)
+        bu = tl.load(u_ptrs, mask=n_ok[:, None] & k_ok[None, :], other=0.0)
+        sg = tl.load(gs_ptrs + kb, mask=n_ok, other=0.0)
+        su = tl.load(us_ptrs + kb, mask=n_ok, other=0.0)
+        acc_g += dot(bg, qt, UPCAST) * (sg[:, None] * sa[None, :])
+        acc_u += dot(bu, qt, UPCAST) * (su[:, None] * sa[None, :])
+        x_ptrs += 128
+        g_ptrs += 128
+        u_ptrs += 128
+    h = tl.trans(acc_g * tl.sigmoid(acc_g) * acc_u)  # [BM, BN]: silu(gate) * up, fp32
+    h_ptrs = h_ptr + offs_p[:, None].to(tl.int64) * stride_hm + offs_n[None, :]
+    if OUT_FP8:
+        q, s = quant_group(h, HW_CVT)
+        tl.store(h_ptrs, q, mask=row_ok[:, None] & n_ok[None, :])
+        tl.store(hs_ptr + offs_p.to(tl.int64) * stride_hsm + pid_n, s, mask=row_ok)
+    else:
+        tl.store(h_ptrs, h, mask=row_ok[:, None] & n_ok[None, :])
+
+
+@triton.jit
+def _down_swap_kernel(h_ptr, hs_ptr, w_ptr, ws_ptr, y_ptr, tw_ptr, slots_ptr, tile_expert_ptr, num_padded_ptr,
+                      M, H, I, num_tiles_m,
+                      stride_hm, stride_hsm, stride_we, stride_wn, stride_wse, stride_wsn, stride_ym,
+                      QX: tl.constexpr, HW_CVT: tl.constexpr, UPCAST: tl.constexpr, PAIRS: tl.constexpr,
+                      BLOCK_P: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl.constexpr):
+    """FP8 decode down with swapped operands: e4m3 down tile [BLOCK_N, 128] times the tile's h rows (fp32,
+    quantised here per 128-column group when `QX`, else e4m3 with scales from gate_up), scaled by the
+    routing weight, written to each slot's row of y as `_down_kernel` does."""
+    dead, e, offs_p, slot, row_ok, offs_n, n_ok, _ = _tile(
+        slots_ptr, tile_expert_ptr, num_padded_ptr, M, num_tiles_m, H, PAIRS, BLOCK_P, BLOCK_M, BLOCK_N, GROUP_M)
+    if dead:
+        return
+    offs_k = tl.arange(0, 128)
+    a_ptrs = h_ptr + offs_p[:, None].to(tl.int64) * stride_hm + offs_k[None, :]  # [BM, 128]
+    as_ptrs = hs_ptr + offs_p.to(tl.int64) * stride_hsm
+    b_ptrs = w_ptr + e * stride_we + offs_n[:, None].to(tl.int64) * stride_wn + offs_k[None, :]  # [BN, 128]
+    bs_ptrs = ws_ptr + e * stride_wse + (offs_n // 128) * stride_wsn
+    acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
+    for kb in range(0, tl.cdiv(I, 128)):
+        if QX:
+            hv = tl.load(a_ptrs, mask=row_ok[:, None], other=0.0)  # I is a multiple of 128 (check_config)
+            q, sa = quant_group(hv, HW_CVT)
+        else:
+            q = tl.load(a_ptrs, mask=row_ok[:, None], other=0.0)
+            sa = tl.load(as_ptrs + kb, mask=row_ok, other=0.0)
+        b = tl.load(b_ptrs, mask=n_ok[:, None], other=0.0)
+        sb = tl.load(bs_ptrs + kb, mask=n_ok, other=0.0)
+        acc += dot(b, tl.trans(q), UPCAST) * (sb[:, None] * sa[None, :])
+        a_ptrs += 128
+        b_ptrs += 128
+    tw = tl.load(tw_ptr + slot, mask=row_ok, other=0.0).to(tl.float32)
+    y = tl.trans(acc) * tw[:, None]  # [BM, BN]
+    y_ptrs = y_ptr + slot[:, None].to(tl.int64) * stride_ym + offs_n[None, :]
+    tl.store(y_ptrs, cast_out(y, y_ptr.dtype.element_ty), mask=row_ok[:, None] & n_ok[None, :])
+
+
+@triton.jit
 def _combine_kernel(y_ptr, out_ptr, H, TOP_K: tl.constexpr, BLOCK_H: tl.constexpr):
     t = tl.program_id(0).to(tl.int64)
     offs = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)
@@ -320,6 +412,52 @@ def down(h: Tensor, hs: Tensor, weights: Tensor, tiles: Tiles | Tensor, w_down: 
     return y
 
 
+def _swap_opts(c: dict) -> dict:
+    return {k: c[k] for k in ("BLOCK_N", "GROUP_M", "num_warps", "num_stages")}
+
+
+def gate_up_swap(x: Tensor, tiles: Tiles | Tensor, k: int, w_gate_up: Tensor, w_gate_up_scale: Tensor,
+                 cfg: dict) -> tuple[Tensor, Tensor]:
+    """FP8 decode gate_up on swapped operands -> (h [P, I], scales [P, I/128]): h e4m3 with its scales when
+    cfg["gate_up"]["OUT_FP8"], else fp32 h (the scales tensor is then h itself, unused)."""
+    N, H = x.shape
+    I = w_gate_up.shape[1] // 2
+    bm, c = cfg["BLOCK_M"], cfg["gate_up"]
+    slots, tile_expert, num_padded, num_tiles_m, P, mode = _tile_args(tiles, N * k, bm)
+    qx, out_fp8 = bool(c.get("QX", 1)), bool(c.get("OUT_FP8", 0))
+    xa, xs = (x, x) if qx else quantize_act(x)  # xs unused with QX
+    if out_fp8:
+        h = torch.empty(P, I, dtype=torch.float8_e4m3fn, device=x.device)
+        hs = torch.empty(P, I // 128, dtype=torch.float32, device=x.device)
+    else:
+        h = torch.empty(P, I, dtype=torch.float32, device=x.device)
+        hs = h
+    grid = (num_tiles_m * triton.cdiv(I, c["BLOCK_N"]),)
+    wrap_triton(_gate_up_swap_kernel)[grid](
+        xa, xs, w_gate_up, w_gate_up_scale, h, hs, slots, tile_expert, num_padded, N * k, H, I, k, num_tiles_m,
+        xa.stride(0), xs.stride(0), w_gate_up.stride(0), w_gate_up.stride(1), w_gate_up_scale.stride(0),
+        w_gate_up_scale.stride(1), h.stride(0), hs.stride(0), QX=qx, OUT_FP8=out_fp8,
+        HW_CVT=bool(cfg.get("HW_CVT", 0)), UPCAST=INTERPRET, BLOCK_M=bm, **mode, **_swap_opts(c))
+    return h, hs
+
+
+def down_swap(h: Tensor, hs: Tensor, weights: Tensor, tiles: Tiles | Tensor, w_down: Tensor,
+              w_down_scale: Tensor, cfg: dict, dtype: torch.dtype) -> Tensor:
+    """FP8 decode down on swapped operands: y [N*k, H] in `dtype` (h as gate_up_swap returns it)."""
+    M = weights.numel()
+    H, I = w_down.shape[1], w_down.shape[2]
+    bm, c = cfg["BLOCK_M"], cfg["down"]
+    slots, tile_expert, num_padded, num_tiles_m, _, mode = _tile_args(tiles, M, bm)
+    y = torch.empty(M, H, dtype=dtype, device=h.device)
+    grid = (num_tiles_m * triton.cdiv(H, c["BLOCK_N"]),)
+    wrap_triton(_down_swap_kernel)[grid](
+        h, hs, w_down, w_down_scale, y, weights, slots, tile_expert, num_padded, M, H, I, num_tiles_m,
+        h.stride(0), hs.stride(0), w_down.stride(0), w_down.stride(1), w_down_scale.stride(0),
+        w_down_scale.stride(1), y.stride(0), QX=h.dtype != torch.float8_e4m3fn,
+        HW_CVT=bool(cfg.get("HW_CVT", 0)), UPCAST=INTERPRET, BLOCK_M=bm, **mode, **_swap_opts(c))
+    return y
+
+
 def combine(y: Tensor, N: int, k: int) -> Tensor:
     """out [N, H] = sum over each token's k slot rows of y [N*k, H], accumulated in fp32."""
     H = y.shape[1]
@@ -331,6 +469,14 @@ def combine(y: Tensor, N: int, k: int) -> Tensor:
 
 def check_config(cfg: dict, fp8: bool, quant: bool, I: int) -> None:
     gu, dn = cfg["gate_up"], cfg["down"]
+    if cfg.get("SWAP"):
+        if not fp8 or quant:
+            raise ValueError(f"moe experts: SWAP is the FP8 decode path (fp8 weights, decode regime): {cfg}")
+        if min(gu["BLOCK_N"], dn["BLOCK_N"], cfg["BLOCK_M"]) < 16:
+            raise ValueError(f"moe_experts_fp8: SWAP tiles are >= 16 on each side (tl.dot's smallest): {cfg}")
+        if gu.get("OUT_FP8") and gu["BLOCK_N"] != 128:
+            raise ValueError(f"moe_experts_fp8: SWAP gate_up quantises h per 128 columns with OUT_FP8, its "
+                             f"BLOCK_N must be 128: {cfg}")
     if fp8 and (128 % gu["BLOCK_K"] or 128 % dn["BLOCK_K"]):
         raise ValueError(f"moe_experts_fp8: BLOCK_K must divide the 128 scale block, got {cfg}")
     if quant and gu["BLOCK_N"] != 128:
@@ -380,6 +526,10 @@ def moe_experts_triton(x: Tensor, weights: Tensor, ids: Tensor, w_gate_up: Tenso
     s13 = w_gate_up_scale.contiguous() if fp8 else None
     s2 = w_down_scale.contiguous() if fp8 else None
     tiles = ids.contiguous().reshape(-1) if pairs else align_block_size(ids, E, cfg["BLOCK_M"])
+    if cfg.get("SWAP"):
+        h, hs = gate_up_swap(x.contiguous(), tiles, k, w_gate_up.contiguous(), s13, cfg)
+        y = down_swap(h, hs, weights.contiguous(), tiles, w_down.contiguous(), s2, cfg, x.dtype)
+        return combine(y, N, k)
     h, hs = gate_up(x.contiguous(), tiles, k, w_gate_up.contiguous(), s13, cfg, quant)
     y = down(h, hs, weights.contiguous(), tiles, w_down.contiguous(), s2, cfg, quant, x.dtype)
     return combine(y, N, k)
