@@ -161,30 +161,77 @@ def bench_dense_bt16(bw: float, rows: list, save, deadline: float) -> None:
         save()
 
 
-def moe_candidates() -> list[dict]:
+def swap_moe_cfg(gbn: int, dbn: int, st: int, qx: int = 1, o8: int = 0, hw: int = 0, split: int = 1) -> dict:
+    return {"BLOCK_M": 16, "SWAP": 1, "HW_CVT": hw,
+            "gate_up": dict(BLOCK_N=gbn, BLOCK_K=128, GROUP_M=1, num_warps=4, num_stages=st, QX=qx, OUT_FP8=o8,
+                            SPLIT_K=split),
+            "down": dict(BLOCK_N=dbn, BLOCK_K=128, GROUP_M=1, num_warps=4, num_stages=st)}
+
+
+def moe_candidates(short: bool = False) -> list[dict]:
     """Swap configs: gate_up / down weight rows per program and pipeline depth with x and h quantised in the
     kernels (h through fp32), then h quantised in gate_up's epilogue (OUT_FP8, BLOCK_N 128), x quantised by
-    its own launch (QX 0) and the hardware e4m3 cast (HW_CVT) on a few of them."""
-    def cfg(gbn, dbn, st, qx=1, o8=0, hw=0):
-        return {"BLOCK_M": 16, "SWAP": 1, "HW_CVT": hw,
-                "gate_up": dict(BLOCK_N=gbn, BLOCK_K=128, GROUP_M=1, num_warps=4, num_stages=st, QX=qx, OUT_FP8=o8),
-                "down": dict(BLOCK_N=dbn, BLOCK_K=128, GROUP_M=1, num_warps=4, num_stages=st)}
-    out = [cfg(g, d, st) for g, d, st in itertools.product((64, 128), (64, 128), (3, 5))]
-    out += [cfg(128, d, st, o8=1) for d, st in itertools.product((64, 128), (3, 5))]
-    out += [cfg(g, 64, 5, qx=0) for g in (64, 128)]
-    out += [cfg(g, d, 5, hw=1) for g, d in ((64, 64), (128, 64), (64, 128))] + [cfg(128, 64, 5, o8=1, hw=1)]
+    its own launch (QX 0), the hardware e4m3 cast (HW_CVT), gate_up split over H (SPLIT_K: partial sums, the
+    SiLU in down). `short`: the first sweep's leaders (bench/results/fp8_swap_h200/) and the splits only."""
+    c = swap_moe_cfg
+    splits = [c(64, 128, 3, split=2), c(64, 128, 3, split=4), c(128, 64, 3, split=2), c(128, 128, 3, split=2),
+              c(64, 64, 3, split=4), c(64, 128, 3, qx=0, split=4)]
+    if short:
+        return [c(64, 128, 3), c(128, 64, 3, o8=1), c(128, 128, 3, o8=1), c(64, 64, 3)] + splits
+    out = [c(g, d, st) for g, d, st in itertools.product((64, 128), (64, 128), (3, 5))]
+    out += [c(128, d, st, o8=1) for d, st in itertools.product((64, 128), (3, 5))]
+    out += [c(g, 64, 5, qx=0) for g in (64, 128)]
+    out += [c(g, d, 5, hw=1) for g, d in ((64, 64), (128, 64), (64, 128))] + [c(128, 64, 5, o8=1, hw=1)]
+    return out + splits
+
+
+def pick_tables(rows: list[dict]) -> dict[str, dict]:
+    """Per geometry, the config with the least sum over T of (its us / the best us at T), among those measured
+    at every T: an engine's decode graph runs one config at every batch (the table entry nearest 64)."""
+    out = {}
+    for geom in {r["geom"] for r in rows}:
+        rs = [r for r in rows if r["geom"] == geom]
+        by_cfg: dict[str, list] = {}
+        for r in rs:
+            best = r["best_us"]
+            for us, _, d, cfg in r["all"]:
+                by_cfg.setdefault(json.dumps(cfg, sort_keys=True), []).append(us / best)
+        full = {k: sum(v) for k, v in by_cfg.items() if len(v) == len(rs)}
+        if full:
+            out[geom] = json.loads(min(full, key=full.get))
     return out
+
+
+def write_tables(choice: dict[str, dict]) -> list[str]:
+    """Put each geometry's chosen config in the decode entries (token counts <= DECODE_MAX_TOKENS) of the FP8
+    tables this GPU looks up (its own, else its same-SM twin's), with and without the shared expert."""
+    from qwen35_export.kernels.moe.configs import (DECODE_MAX_TOKENS, SAME_SM_TABLES, config_file, device_tag,
+                                                   load_table)
+    tag = device_tag(torch.device("cuda"))
+    written = []
+    for geom, cfg in choice.items():
+        _, I, E, _ = MOE_GEOMS[geom]
+        for e in (E, E + 1):
+            dev = tag if load_table(e, I, tag, "fp8") is not None else SAME_SM_TABLES.get(tag, tag)
+            path = config_file(e, I, dev, "fp8")
+            table = json.loads(path.read_text()) if path.exists() else {}
+            for t in [t for t in table if int(t) <= DECODE_MAX_TOKENS] or ["1", "8", "64"]:
+                table[t] = cfg
+            path.write_text(json.dumps(table, indent=1) + "\n")
+            written.append(path.name)
+    load_table.cache_clear()
+    return written
 
 
 def moe_desc(c: dict) -> str:
     if not c.get("SWAP"):
         return "stored table"
     g, d = c["gate_up"], c["down"]
-    return (f"gu BN={g['BLOCK_N']} QX={g['QX']} OUT_FP8={g['OUT_FP8']} | dn BN={d['BLOCK_N']} | "
-            f"stages={g['num_stages']} HW_CVT={c['HW_CVT']}")
+    return (f"gu BN={g['BLOCK_N']} QX={g['QX']} OUT_FP8={g['OUT_FP8']} split={g.get('SPLIT_K', 1)} | "
+            f"dn BN={d['BLOCK_N']} | stages={g['num_stages']} HW_CVT={c['HW_CVT']}")
 
 
-def bench_moe(bw: float, rows: list, save, deadline: float) -> None:
+def bench_moe(bw: float, rows: list, save, deadline: float, short: bool = False) -> None:
     for geom, (H, I, E, k) in MOE_GEOMS.items():
         g = torch.Generator(device="cuda").manual_seed(0)
         # built in chunks: fp32 temporaries of all 513 experts at once would not fit
@@ -234,7 +281,7 @@ def bench_moe(bw: float, rows: list, save, deadline: float) -> None:
             stored16 = get_config(E + 1, I, 64, x.device, "bf16", k + 1, True)
             s8_us, s8_err = time_cfg(stored8, True, ref)
             b16_us, _ = time_cfg(stored16, False, ref)
-            res = ranked(moe_candidates(), time_cfg, f"{geom} T={T}", moe_desc)
+            res = ranked(moe_candidates(short), time_cfg, f"{geom} T={T}", moe_desc)
             best = res[0] if res else (None, None, None)
             row = dict(geom=geom, T=T, touched_experts=touched, fp8_bytes=fp8_bytes, stored_fp8_us=s8_us,
                        stored_fp8_err=s8_err, stored_bf16_us=b16_us, best=best[2], best_us=best[0], best_err=best[1],
@@ -316,6 +363,9 @@ def main() -> None:
     ap.add_argument("--out", type=Path, required=True)
     ap.add_argument("--budget", type=float, default=300.0, help="seconds; each part stops starting rows after it")
     ap.add_argument("--only", choices=("dense", "moe", "dense-bt16"))
+    ap.add_argument("--short", action="store_true", help="MoE: the first sweep's leaders and the gate_up splits")
+    ap.add_argument("--write-tables", action="store_true",
+                    help="MoE: write each geometry's pick (pick_tables) into the stored FP8 decode tables")
     ap.add_argument("--report", action="store_true", help="only rewrite the markdown + plot of DIR/fp8_swap.json")
     a = ap.parse_args()
     a.out.mkdir(parents=True, exist_ok=True)
@@ -337,7 +387,11 @@ def main() -> None:
         save()
         return
     if a.only not in ("dense",):  # MoE first: the experts are most of a decode step's bytes
-        bench_moe(bw, res["moe"], save, t0 + (a.budget if a.only else a.budget * 0.5))
+        bench_moe(bw, res["moe"], save, t0 + (a.budget if a.only else a.budget * 0.5), a.short)
+        if a.write_tables:
+            res["tables_picked"] = pick_tables(res["moe"])
+            res["tables_written"] = write_tables(res["tables_picked"])
+            print("tables:", json.dumps(res["tables_picked"]), res["tables_written"], flush=True)
     if a.only != "moe":
         bench_dense(bw, res["dense"], save, t0 + a.budget)
     save()

@@ -253,23 +253,28 @@ def test_experts_fp8(N, E, k, H, I, pin, nan_empty):
         assert_close("fp8 prefill vs quantisation-simulated reference", out, sim, bf16_bound(2))
 
 
-def swap_cfg(gate_bn: int = 64, down_bn: int = 64, qx: int = 1, out_fp8: int = 0, hw_cvt: int = 0) -> dict:
+def swap_cfg(gate_bn: int = 64, down_bn: int = 64, qx: int = 1, out_fp8: int = 0, hw_cvt: int = 0,
+             split: int = 1) -> dict:
     """A decode config of the swapped-operand FP8 kernels (experts.py `_gate_up_swap_kernel`)."""
     tile = dict(BLOCK_K=128, GROUP_M=1, num_warps=4, num_stages=2)
     return {"BLOCK_M": 16, "SWAP": 1, "HW_CVT": hw_cvt,
-            "gate_up": dict(tile, BLOCK_N=gate_bn, QX=qx, OUT_FP8=out_fp8), "down": dict(tile, BLOCK_N=down_bn)}
+            "gate_up": dict(tile, BLOCK_N=gate_bn, QX=qx, OUT_FP8=out_fp8, SPLIT_K=split),
+            "down": dict(tile, BLOCK_N=down_bn)}
 
 
 # Decode token counts with awkward routing (one expert taking every token over several 16-slot tiles, k = 1,
 # E = 512), H 200 for a K tail in gate_up; configs: x and h quantised in the kernels (h through fp32), h
-# quantised in gate_up's epilogue (OUT_FP8), x by its own launch, narrow / wide tiles, the hardware cast
-# (compiled only: the interpreter misrounds it).
+# quantised in gate_up's epilogue (OUT_FP8), x by its own launch, narrow / wide tiles, gate_up split over H
+# (partial sums summed and put through the SiLU in down; split 3 of H's two 128-column groups leaves one split
+# empty), the hardware cast (compiled only: the interpreter misrounds it).
 _compiled_only = pytest.mark.skipif(DEVICE == "cpu", reason="interpreter misrounds fp32 -> e4m3 casts")
 SWAP_CASES = [pytest.param(N, E, k, H, pin, cfg, id=f"T{N}-E{E}-k{k}-H{H}-{name}", marks=marks)
               for N, E, k, H, pin in [(1, 16, 2, 256, None), (9, 8, 1, 200, None), (3, 512, 10, 128, None),
                                       (40, 4, 3, 256, 2)]
               for name, cfg, marks in [("qx", swap_cfg(), ()), ("outfp8", swap_cfg(128, 32, out_fp8=1), ()),
                                        ("prequant", swap_cfg(16, 128, qx=0), ()),
+                                       ("split2", swap_cfg(64, 128, split=2), ()),
+                                       ("split3-prequant", swap_cfg(32, 64, qx=0, split=3), ()),
                                        ("hwcvt", swap_cfg(128, 64, out_fp8=1, hw_cvt=1), _compiled_only)]]
 
 
@@ -305,6 +310,8 @@ def test_experts_swap_rejects_bad_configs():
         moe_experts_triton(x, w, ids, q13, q2, s13, s2, config=swap_cfg(), decode=False)
     with pytest.raises(ValueError, match="BLOCK_N must be 128"):
         moe_experts_triton(x, w, ids, q13, q2, s13, s2, config=swap_cfg(64, 64, out_fp8=1), decode=True)
+    with pytest.raises(ValueError, match="OUT_FP8 cannot be on"):
+        moe_experts_triton(x, w, ids, q13, q2, s13, s2, config=swap_cfg(128, 64, out_fp8=1, split=2), decode=True)
 
 
 @pytest.mark.parametrize("decode", [True, False], ids=["decode", "prefill"])

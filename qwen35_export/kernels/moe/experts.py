@@ -218,15 +218,18 @@ def _down_kernel(h_ptr, hs_ptr, w_ptr, ws_ptr, y_ptr, tw_ptr, slots_ptr, tile_ex
 def _gate_up_swap_kernel(x_ptr, xs_ptr, w_ptr, ws_ptr, h_ptr, hs_ptr, slots_ptr, tile_expert_ptr, num_padded_ptr,
                          M, H, I, top_k, num_tiles_m,
                          stride_xm, stride_xsm, stride_we, stride_wn, stride_wse, stride_wsn, stride_hm,
-                         stride_hsm, QX: tl.constexpr, OUT_FP8: tl.constexpr, HW_CVT: tl.constexpr,
-                         UPCAST: tl.constexpr, PAIRS: tl.constexpr, BLOCK_P: tl.constexpr,
+                         stride_hsm, stride_hk, QX: tl.constexpr, OUT_FP8: tl.constexpr, HW_CVT: tl.constexpr,
+                         SPLIT_K: tl.constexpr, UPCAST: tl.constexpr, PAIRS: tl.constexpr, BLOCK_P: tl.constexpr,
                          BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl.constexpr):
     """FP8 decode gate_up with swapped operands (see fp8_linear's `_swap_w8a8_gemm_kernel`): the e4m3 gate
     and up tiles [BLOCK_N, 128] take the MMA's M side, the tile's BLOCK_M tokens its N side, per 128-column
     group on e4m3 operands. `QX`: x is unquantised and each program quantises its gathered rows per group
     (else x is `quantize_act`'s q with scales xs). h = silu(gate) * up comes out e4m3 per row per 128
     columns (`OUT_FP8`, BLOCK_N = 128: one group per program) or in fp32 for the down kernel to quantise:
-    either way the quantisation of the prefill path, from the fp32 h."""
+    either way the quantisation of the prefill path, from the fp32 h. `SPLIT_K` > 1 (program axis 1: its
+    share of H's 128-column groups) writes its fp32 gate and up partial sums instead, [SPLIT_K, P, 2I] at
+    `h_ptr + split * stride_hk`: the down kernel sums them and applies the SiLU (a decode call of a few
+    experts has too few weight tiles to keep every SM streaming)."""
     dead, e, offs_p, slot, row_ok, offs_n, n_ok, pid_n = _tile(
         slots_ptr, tile_expert_ptr, num_padded_ptr, M, num_tiles_m, I, PAIRS, BLOCK_P, BLOCK_M, BLOCK_N, GROUP_M)
     if dead:
@@ -241,7 +244,12 @@ def _gate_up_swap_kernel(x_ptr, xs_ptr, w_ptr, ws_ptr, h_ptr, hs_ptr, slots_ptr,
     us_ptrs = ws_ptr + e * stride_wse + ((offs_n + I) // 128) * stride_wsn
     acc_g = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
     acc_u = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
-    for kb in range(0, tl.cdiv(H, 128)):
+    steps = tl.cdiv(tl.cdiv(H, 128), SPLIT_K)
+    kb0 = tl.program_id(1) * steps
+    x_ptrs += kb0 * 128
+    g_ptrs += kb0 * 128
+    u_ptrs += kb0 * 128
+    for kb in range(kb0, tl.minimum(kb0 + steps, tl.cdiv(H, 128))):
         k_ok = offs_k < H - kb * 128
         if QX:
             xv = tl.load(x_ptrs, mask=row_ok[:, None] & k_ok[None, :], other=0.0)
@@ -259,8 +267,13 @@ def _gate_up_swap_kernel(x_ptr, xs_ptr, w_ptr, ws_ptr, h_ptr, hs_ptr, slots_ptr,
         x_ptrs += 128
         g_ptrs += 128
         u_ptrs += 128
-    h = tl.trans(acc_g * tl.sigmoid(acc_g) * acc_u)  # [BM, BN]: silu(gate) * up, fp32
     h_ptrs = h_ptr + offs_p[:, None].to(tl.int64) * stride_hm + offs_n[None, :]
+    if SPLIT_K > 1:
+        h_ptrs += tl.program_id(1).to(tl.int64) * stride_hk
+        tl.store(h_ptrs, tl.trans(acc_g), mask=row_ok[:, None] & n_ok[None, :])
+        tl.store(h_ptrs + I, tl.trans(acc_u), mask=row_ok[:, None] & n_ok[None, :])
+        return
+    h = tl.trans(acc_g * tl.sigmoid(acc_g) * acc_u)  # [BM, BN]: silu(gate) * up, fp32
     if OUT_FP8:
         q, s = quant_group(h, HW_CVT)
         tl.store(h_ptrs, q, mask=row_ok[:, None] & n_ok[None, :])
@@ -272,12 +285,14 @@ def _gate_up_swap_kernel(x_ptr, xs_ptr, w_ptr, ws_ptr, h_ptr, hs_ptr, slots_ptr,
 @triton.jit
 def _down_swap_kernel(h_ptr, hs_ptr, w_ptr, ws_ptr, y_ptr, tw_ptr, slots_ptr, tile_expert_ptr, num_padded_ptr,
                       M, H, I, num_tiles_m,
-                      stride_hm, stride_hsm, stride_we, stride_wn, stride_wse, stride_wsn, stride_ym,
-                      QX: tl.constexpr, HW_CVT: tl.constexpr, UPCAST: tl.constexpr, PAIRS: tl.constexpr,
+                      stride_hm, stride_hsm, stride_hk, stride_we, stride_wn, stride_wse, stride_wsn, stride_ym,
+                      QX: tl.constexpr, HW_CVT: tl.constexpr, SPLIT_IN: tl.constexpr, UPCAST: tl.constexpr,
+                      PAIRS: tl.constexpr,
                       BLOCK_P: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl.constexpr):
     """FP8 decode down with swapped operands: e4m3 down tile [BLOCK_N, 128] times the tile's h rows (fp32,
     quantised here per 128-column group when `QX`, else e4m3 with scales from gate_up), scaled by the
-    routing weight, written to each slot's row of y as `_down_kernel` does."""
+    routing weight, written to each slot's row of y as `_down_kernel` does. `SPLIT_IN` > 1: h arrives as
+    gate_up's SPLIT_IN fp32 gate / up partial sums ([SPLIT_IN, P, 2I]), summed and put through the SiLU here."""
     dead, e, offs_p, slot, row_ok, offs_n, n_ok, _ = _tile(
         slots_ptr, tile_expert_ptr, num_padded_ptr, M, num_tiles_m, H, PAIRS, BLOCK_P, BLOCK_M, BLOCK_N, GROUP_M)
     if dead:
@@ -289,7 +304,14 @@ def _down_swap_kernel(h_ptr, hs_ptr, w_ptr, ws_ptr, y_ptr, tw_ptr, slots_ptr, ti
     bs_ptrs = ws_ptr + e * stride_wse + (offs_n // 128) * stride_wsn
     acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
     for kb in range(0, tl.cdiv(I, 128)):
-        if QX:
+        if SPLIT_IN > 1:
+            g = tl.zeros((BLOCK_M, 128), dtype=tl.float32)
+            u = tl.zeros((BLOCK_M, 128), dtype=tl.float32)
+            for sk in tl.static_range(SPLIT_IN):
+                g += tl.load(a_ptrs + sk * stride_hk, mask=row_ok[:, None], other=0.0)
+                u += tl.load(a_ptrs + sk * stride_hk + I, mask=row_ok[:, None], other=0.0)
+            q, sa = quant_group(g * tl.sigmoid(g) * u, HW_CVT)
+        elif QX:
             hv = tl.load(a_ptrs, mask=row_ok[:, None], other=0.0)  # I is a multiple of 128 (check_config)
             q, sa = quant_group(hv, HW_CVT)
         else:
@@ -424,26 +446,31 @@ def gate_up_swap(x: Tensor, tiles: Tiles | Tensor, k: int, w_gate_up: Tensor, w_
     I = w_gate_up.shape[1] // 2
     bm, c = cfg["BLOCK_M"], cfg["gate_up"]
     slots, tile_expert, num_padded, num_tiles_m, P, mode = _tile_args(tiles, N * k, bm)
-    qx, out_fp8 = bool(c.get("QX", 1)), bool(c.get("OUT_FP8", 0))
+    qx, out_fp8, split = bool(c.get("QX", 1)), bool(c.get("OUT_FP8", 0)), int(c.get("SPLIT_K", 1))
     xa, xs = (x, x) if qx else quantize_act(x)  # xs unused with QX
-    if out_fp8:
+    if split > 1:  # fp32 gate / up partial sums per split: [split, P, 2I]
+        h = torch.empty(split, P, 2 * I, dtype=torch.float32, device=x.device)
+        hs = h
+    elif out_fp8:
         h = torch.empty(P, I, dtype=torch.float8_e4m3fn, device=x.device)
         hs = torch.empty(P, I // 128, dtype=torch.float32, device=x.device)
     else:
         h = torch.empty(P, I, dtype=torch.float32, device=x.device)
         hs = h
-    grid = (num_tiles_m * triton.cdiv(I, c["BLOCK_N"]),)
+    grid = (num_tiles_m * triton.cdiv(I, c["BLOCK_N"]), split)
     wrap_triton(_gate_up_swap_kernel)[grid](
         xa, xs, w_gate_up, w_gate_up_scale, h, hs, slots, tile_expert, num_padded, N * k, H, I, k, num_tiles_m,
         xa.stride(0), xs.stride(0), w_gate_up.stride(0), w_gate_up.stride(1), w_gate_up_scale.stride(0),
-        w_gate_up_scale.stride(1), h.stride(0), hs.stride(0), QX=qx, OUT_FP8=out_fp8,
-        HW_CVT=bool(cfg.get("HW_CVT", 0)), UPCAST=INTERPRET, BLOCK_M=bm, **mode, **_swap_opts(c))
+        w_gate_up_scale.stride(1), h.stride(-2), hs.stride(-2), h.stride(0) if split > 1 else 0, QX=qx,
+        OUT_FP8=out_fp8, HW_CVT=bool(cfg.get("HW_CVT", 0)), SPLIT_K=split, UPCAST=INTERPRET, BLOCK_M=bm, **mode,
+        **_swap_opts(c))
     return h, hs
 
 
 def down_swap(h: Tensor, hs: Tensor, weights: Tensor, tiles: Tiles | Tensor, w_down: Tensor,
               w_down_scale: Tensor, cfg: dict, dtype: torch.dtype) -> Tensor:
-    """FP8 decode down on swapped operands: y [N*k, H] in `dtype` (h as gate_up_swap returns it)."""
+    """FP8 decode down on swapped operands: y [N*k, H] in `dtype` (h as gate_up_swap returns it: e4m3 with
+    scales, fp32 [P, I], or fp32 gate / up partial sums [split, P, 2I])."""
     M = weights.numel()
     H, I = w_down.shape[1], w_down.shape[2]
     bm, c = cfg["BLOCK_M"], cfg["down"]
@@ -452,9 +479,10 @@ def down_swap(h: Tensor, hs: Tensor, weights: Tensor, tiles: Tiles | Tensor, w_d
     grid = (num_tiles_m * triton.cdiv(H, c["BLOCK_N"]),)
     wrap_triton(_down_swap_kernel)[grid](
         h, hs, w_down, w_down_scale, y, weights, slots, tile_expert, num_padded, M, H, I, num_tiles_m,
-        h.stride(0), hs.stride(0), w_down.stride(0), w_down.stride(1), w_down_scale.stride(0),
-        w_down_scale.stride(1), y.stride(0), QX=h.dtype != torch.float8_e4m3fn,
-        HW_CVT=bool(cfg.get("HW_CVT", 0)), UPCAST=INTERPRET, BLOCK_M=bm, **mode, **_swap_opts(c))
+        h.stride(-2), hs.stride(-2), h.stride(0) if h.dim() == 3 else 0, w_down.stride(0), w_down.stride(1),
+        w_down_scale.stride(0), w_down_scale.stride(1), y.stride(0), QX=h.dtype != torch.float8_e4m3fn,
+        HW_CVT=bool(cfg.get("HW_CVT", 0)), SPLIT_IN=h.shape[0] if h.dim() == 3 else 1, UPCAST=INTERPRET,
+        BLOCK_M=bm, **mode, **_swap_opts(c))
     return y
 
 
@@ -474,6 +502,9 @@ def check_config(cfg: dict, fp8: bool, quant: bool, I: int) -> None:
             raise ValueError(f"moe experts: SWAP is the FP8 decode path (fp8 weights, decode regime): {cfg}")
         if min(gu["BLOCK_N"], dn["BLOCK_N"], cfg["BLOCK_M"]) < 16:
             raise ValueError(f"moe_experts_fp8: SWAP tiles are >= 16 on each side (tl.dot's smallest): {cfg}")
+        if gu.get("OUT_FP8") and gu.get("SPLIT_K", 1) > 1:
+            raise ValueError(f"moe_experts_fp8: SWAP gate_up with SPLIT_K leaves the SiLU and h's quantisation "
+                             f"to down; OUT_FP8 cannot be on: {cfg}")
         if gu.get("OUT_FP8") and gu["BLOCK_N"] != 128:
             raise ValueError(f"moe_experts_fp8: SWAP gate_up quantises h per 128 columns with OUT_FP8, its "
                              f"BLOCK_N must be 128: {cfg}")
