@@ -26,6 +26,12 @@ from qwen35_export.kernels.moe.configs import get_config
 BF16_U = 2.0 ** -8  # unit roundoff of bf16 (8 significant bits): one RNE rounding errs by at most this, relative
 FP8_U = 2.0 ** -4  # unit roundoff of e4m3 (4 significant bits)
 FP32_BOUND = 1e-5  # fp32 math in another order (exp, sums): ~100 ulps of fp32 is already generous
+# Compiled, an fp8 tl.dot on Hopper (wgmma) accumulates its products with ~14 significant bits (DeepSeek-V3
+# report, sec. 3.3.2), so the kernels' fp32 h differs from the reference's by ~2^-13 relative; where that moves
+# h across an e4m3 rounding midpoint (probability ~2^-13 / s for the e4m3 spacing s <= 2^-3) the quantised h is
+# one step s off: an RMS term sqrt(2^-13 * 2^-3) = 2^-8, one more bf16-sized rounding against the
+# quantisation-simulated reference. The interpreter accumulates in fp32: no such term on CPU.
+SIM_BOUND = math.sqrt(2 + (0 if DEVICE == "cpu" else 1)) * 2.0 ** -8
 
 
 def bf16_bound(roundings: int) -> float:
@@ -112,7 +118,7 @@ def test_router_ties(nan_empty):
     assert_close("tied router weights", w, w_ref, FP32_BOUND)
     for r in (2, 3):  # no tie straddles the boundary here: the same set as torch.topk
         assert set(ids[r].tolist()) == set(ids_ref[r].tolist())
-    assert torch.equal(ids.cpu(), lowest_index_topk(torch.softmax(logits, -1), k))
+    assert torch.equal(ids.cpu(), lowest_index_topk(torch.softmax(logits, -1), k).cpu())
 
 
 # -- tile map --------------------------------------------------------------------------------------
@@ -250,7 +256,7 @@ def test_experts_fp8(N, E, k, H, I, pin, nan_empty):
         assert_close("fp8 prefill vs dequantised reference", out, ref, bound)
         # With the same activation quantisation simulated, only the two bf16 roundings remain.
         sim = moe_experts_fp8_reference(x, w, ids, q13, s13, q2, s2, quant_act=True)
-        assert_close("fp8 prefill vs quantisation-simulated reference", out, sim, bf16_bound(2))
+        assert_close("fp8 prefill vs quantisation-simulated reference", out, sim, SIM_BOUND)
 
 
 def swap_cfg(gate_bn: int = 64, down_bn: int = 64, qx: int = 1, out_fp8: int = 0, hw_cvt: int = 0,
@@ -290,7 +296,7 @@ def test_experts_fp8_swap(N, E, k, H, pin, cfg, nan_empty):
     x = make_x(N, H, seed=11)
     out = moe_experts_triton(x, w, ids, q13, q2, s13, s2, config=cfg, decode=True, pairs=False)
     sim = moe_experts_fp8_reference(x, w, ids, q13, s13, q2, s2, quant_act=True)
-    assert_close("fp8 swap vs quantisation-simulated reference", out, sim, bf16_bound(2))
+    assert_close("fp8 swap vs quantisation-simulated reference", out, sim, SIM_BOUND)
     ref = moe_experts_fp8_reference(x, w, ids, q13, s13, q2, s2)
     assert_close("fp8 swap vs dequantised reference", out, ref, math.sqrt(2 * FP8_U ** 2 + 2 * BF16_U ** 2))
     if N * k <= 64:
@@ -365,7 +371,7 @@ def test_real_size_cuda(N, real_experts):
     logits = torch.randn(N, E, device=dev, generator=torch.Generator(device=dev).manual_seed(N))
     w, ids = moe_router(logits, k)
     w_ref, _ = moe_router_reference(logits, k)
-    assert torch.equal(ids.cpu(), lowest_index_topk(torch.softmax(logits, -1), k))
+    assert torch.equal(ids.cpu(), lowest_index_topk(torch.softmax(logits, -1), k).cpu())
     assert_close("router weights", w, w_ref, FP32_BOUND)
     x = torch.randn(N, H, device=dev).bfloat16()
     ref = moe_experts_reference(x, w, ids, w13, w2, dtype=torch.float32)
@@ -378,7 +384,7 @@ def test_real_size_cuda(N, real_experts):
     assert_close("fp8 experts", out8, ref8, bound)
     if quantised:
         sim = moe_experts_fp8_reference(x, w, ids, q13, s13, q2, s2, dtype=torch.float32, quant_act=True)
-        assert_close("fp8 experts vs quantisation-simulated reference", out8, sim, bf16_bound(2))
+        assert_close("fp8 experts vs quantisation-simulated reference", out8, sim, SIM_BOUND)
     if N <= DECODE_MAX_TOKENS:  # PAIRS mode compiled (the default up to PAIRS_MAX_TOKENS) = the align path
         for args in ((w13, w2), (q13, q2, s13, s2)):
             pairs = moe_experts_triton(x, w, ids, *args, pairs=True)
@@ -525,7 +531,7 @@ def test_pairs_mode_fp32_and_fp8_prefill(nan_empty):
     out8 = _run_pairs(xb, w, ids, E, "fp8", pairs=True, decode=False)
     assert torch.equal(out8, _run_pairs(xb, w, ids, E, "fp8", pairs=False, decode=False))
     sim = _reference(xb, w, ids, E, "fp8", quant_act=True)
-    assert_close("fp8 prefill pairs vs quantisation-simulated reference", out8, sim, bf16_bound(2))
+    assert_close("fp8 prefill pairs vs quantisation-simulated reference", out8, sim, SIM_BOUND)
 
 
 def test_pairs_mode_decision(monkeypatch):
