@@ -75,6 +75,27 @@ def test_lowering_adds_no_size_guard(kind, phase, dtype, monkeypatch):
     assert relational_guards(ep, monkeypatch) == []
 
 
+# 35B-A3B's GDN heads (32 value heads of 128): a decode graph's batch (up to 64) times the heads crosses the
+# recurrent kernel's launch-config buckets (kernels/gated_delta_rule/recurrent.py), which the tiny preset's
+# few heads never reach.
+WIDE_GDN = preset("tiny", num_experts=300, num_hidden_layers=4, linear_num_value_heads=32,
+                  linear_value_head_dim=128, linear_num_key_heads=16, linear_key_head_dim=128)
+
+
+@pytest.mark.parametrize("dtype", ["bf16", "fp8"])
+def test_wide_gdn_decode_adds_no_size_guard(dtype, monkeypatch):
+    """A recurrent launch config picked by comparing batch x heads with its buckets guarded `B < 16`: the
+    capture example's bucket was baked into every engine's GDN decode graph, and the narrowed range then
+    sized the graph's FP8 linears for <= 15 rows (H200 engines, 2026-12-01)."""
+    impls = triton_implementations()
+    if not impls:
+        pytest.skip("triton is not importable: no Triton ops to substitute")
+    monkeypatch.setattr(sys.modules[__name__], "CFG", WIDE_GDN)
+    ep, _ = C.capture_gdn(WIDE_GDN, _layer(0, dtype), "decode", SHAPES, torch.bfloat16, torch.device("cpu"))
+    ep, _ = substitute_custom_ops(ep, impls)
+    assert relational_guards(ep, monkeypatch) == []
+
+
 @pytest.mark.parametrize("large", [True, False], ids=["triton-kernels", "torch-ops"])
 def test_large_m_align_paths_add_no_size_guard(large, monkeypatch):
     """Both align paths past SMALL_M slots (kernels/moe/align.py, LARGE_TRITON forced either way) in a

@@ -75,8 +75,8 @@ def test_quantize_act_exact(R, K, nan_empty):
     pytest.param((130,), 128, 256, id="T130-N128-K256"),
 ])
 def test_fp8_linear(shape, N, K, nan_empty):
-    w, s = make_linear(N, K, seed=N + K)
-    x = torch.randn(*shape, K, generator=torch.Generator().manual_seed(K)).bfloat16()
+    w, s = make_linear(N, K, seed=N + K, dev=DEVICE)
+    x = torch.randn(*shape, K, generator=torch.Generator().manual_seed(K)).bfloat16().to(DEVICE)
     y = fp8_linear(x, w, s)
     assert y.shape == (*shape, N) and y.dtype == x.dtype
     ref = torch.ops.qwen35.fp8_linear(x.float(), w, s)
@@ -233,9 +233,10 @@ def swap(block_n: int, block_t: int, split_k: int = 1, qx: bool = True, hw_cvt: 
 
 # Compiled, the swapped path's weight tiles (64+ rows) run on Hopper's fp8 wgmma, which adds its products into an
 # accumulator of ~14 significant bits rather than fp32 (DeepSeek-V3 report, sec. 3.3.2; it is why block-scaled
-# FP8 GEMMs promote to fp32 at every 128-column group, as these kernels do): each 128-column partial errs by
-# ~2^-13 relative per addition, a few additions deep. bf16 / fp16 outputs round far coarser and do not see it;
-# fp32 outputs get this bound. The interpreter multiplies in fp32 (FP32_BOUND).
+# FP8 GEMMs promote to fp32 at every 128-column group, as these kernels do): a 128-column group is four k32
+# wgmma additions into that accumulator, ~2^-13 relative each, sqrt(4) * 2^-13 = 2^-12 in quadrature.
+# bf16 / fp16 outputs round far coarser and do not see it; fp32 outputs get this bound (H200: 0.8-1.5e-4
+# measured, bench/results/fp8_swap_h200/gpu_tests_call1.log). The interpreter multiplies in fp32 (FP32_BOUND).
 FP8_MMA_BOUND = FP32_BOUND if DEVICE == "cpu" else 2.0 ** -12
 SWAP_BOUND = {torch.bfloat16: BF16_U, torch.float16: 2.0 ** -11, torch.float32: FP8_MMA_BOUND}
 
@@ -282,6 +283,28 @@ def test_swap_equals_two_kernel(R, nan_empty):
     y = fp8_linear_triton(x, w, s, swap(64, 16, split_k=2))
     y2 = fp8_linear_triton(x, w, s, dict(FUSED=False, **two_kernel_config(R, N)))
     assert_close("swap vs two-kernel", y, y2, FP8_MMA_BOUND)
+
+
+@pytest.mark.parametrize("qx", [True, False], ids=["qx", "prequant"])
+def test_swap_row_strided_x(qx, nan_empty):
+    """x a column slice of a wider tensor, read in place by the swapped path (and by quantize_act first)."""
+    R, K, N = 5, 200, 130
+    w, s = make_linear(N, K, seed=1, dev=DEVICE)
+    x = make_rows(R, K + 56, torch.bfloat16, seed=2)[:, 40:K + 40]
+    cfg = dict(swap(64, 16), QX=qx)
+    y = fp8_linear_triton(x, w, s, cfg)
+    assert torch.equal(y, fp8_linear_triton(x.contiguous(), w, s, cfg))
+    assert_close("row-strided x vs simulated", y, fp8_linear_reference(x, w, s, quant_act=True), BF16_U)
+
+
+@compiled_only
+def test_hardware_cast_codes_match_reference():
+    """The hardware fp32 -> e4m3 cast (HW_CVT, the 16-token swap default on the GPU) rounds to nearest even as
+    the reference does: same codes and scales up to the GPU division's ulp (assert_quant_match)."""
+    x = make_rows(64, 384, torch.bfloat16, seed=9)
+    q, qs = quantize_act(x, hw_cvt=True)
+    q_ref, qs_ref = quantize_act_reference(x)
+    assert_quant_match(q, qs, q_ref, qs_ref)
 
 
 def test_swap_config_and_rejects_small_tiles():
@@ -449,7 +472,8 @@ def test_fp8_linear_real_size_cuda(R):
         assert_close("fp8_linear dequant vs op", y, torch.ops.qwen35.fp8_linear(x.float(), w, s), 2 * BF16_U)
         y = fp8_linear_triton(x, w, s, dict(FUSED=False, **two_kernel_config(R, w.shape[0])))
     assert_close("fp8_linear vs simulated", y, sim, BF16_U)
-    if R <= 16:  # the swap tiles of an engine's 64-row decode graph, x quantised in or before the kernel
+    if R <= 16:  # swap tiles: an engine's 64-row decode graph's, with x quantised in or before the kernel,
+        # and the 16-token tile with the software rounding
         for cfg in (swap_config(64, w.shape[0], 4096), dict(swap_config(64, w.shape[0], 4096), QX=True),
                     dict(swap_config(R, w.shape[0], 4096), HW_CVT=False)):
             assert_close(f"{cfg} vs simulated", fp8_linear_triton(x, w, s, cfg), sim, BF16_U)

@@ -30,7 +30,9 @@ FP32_BOUND = 1e-5  # fp32 math in another order (exp, sums): ~100 ulps of fp32 i
 # report, sec. 3.3.2), so the kernels' fp32 h differs from the reference's by ~2^-13 relative; where that moves
 # h across an e4m3 rounding midpoint (probability ~2^-13 / s for the e4m3 spacing s <= 2^-3) the quantised h is
 # one step s off: an RMS term sqrt(2^-13 * 2^-3) = 2^-8, one more bf16-sized rounding against the
-# quantisation-simulated reference. The interpreter accumulates in fp32: no such term on CPU.
+# quantisation-simulated reference (an order-of-magnitude estimate, applied to the decode checks: one token
+# at 397B failed bf16_bound(2) once on the H200, with random x; prefill checks, averaging over thousands of
+# tokens, passed at bf16_bound(2) there and keep it). The interpreter accumulates in fp32: no term on CPU.
 SIM_BOUND = math.sqrt(2 + (0 if DEVICE == "cpu" else 1)) * 2.0 ** -8
 
 
@@ -256,7 +258,7 @@ def test_experts_fp8(N, E, k, H, I, pin, nan_empty):
         assert_close("fp8 prefill vs dequantised reference", out, ref, bound)
         # With the same activation quantisation simulated, only the two bf16 roundings remain.
         sim = moe_experts_fp8_reference(x, w, ids, q13, s13, q2, s2, quant_act=True)
-        assert_close("fp8 prefill vs quantisation-simulated reference", out, sim, SIM_BOUND)
+        assert_close("fp8 prefill vs quantisation-simulated reference", out, sim, bf16_bound(2))
 
 
 def swap_cfg(gate_bn: int = 64, down_bn: int = 64, qx: int = 1, out_fp8: int = 0, hw_cvt: int = 0,
@@ -373,7 +375,7 @@ def test_real_size_cuda(N, real_experts):
     w_ref, _ = moe_router_reference(logits, k)
     assert torch.equal(ids.cpu(), lowest_index_topk(torch.softmax(logits, -1), k).cpu())
     assert_close("router weights", w, w_ref, FP32_BOUND)
-    x = torch.randn(N, H, device=dev).bfloat16()
+    x = torch.randn(N, H, device=dev, generator=torch.Generator(device=dev).manual_seed(N + 1)).bfloat16()
     ref = moe_experts_reference(x, w, ids, w13, w2, dtype=torch.float32)
     assert_close("bf16 experts", moe_experts(x, w, ids, w13, w2), ref, bf16_bound(3))
     ref8 = moe_experts_fp8_reference(x, w, ids, q13, s13, q2, s2, dtype=torch.float32)
@@ -384,7 +386,8 @@ def test_real_size_cuda(N, real_experts):
     assert_close("fp8 experts", out8, ref8, bound)
     if quantised:
         sim = moe_experts_fp8_reference(x, w, ids, q13, s13, q2, s2, dtype=torch.float32, quant_act=True)
-        assert_close("fp8 experts vs quantisation-simulated reference", out8, sim, SIM_BOUND)
+        assert_close("fp8 experts vs quantisation-simulated reference", out8, sim,
+                     SIM_BOUND if N <= DECODE_MAX_TOKENS else bf16_bound(2))
     if N <= DECODE_MAX_TOKENS:  # PAIRS mode compiled (the default up to PAIRS_MAX_TOKENS) = the align path
         for args in ((w13, w2), (q13, q2, s13, s2)):
             pairs = moe_experts_triton(x, w, ids, *args, pairs=True)
@@ -531,7 +534,7 @@ def test_pairs_mode_fp32_and_fp8_prefill(nan_empty):
     out8 = _run_pairs(xb, w, ids, E, "fp8", pairs=True, decode=False)
     assert torch.equal(out8, _run_pairs(xb, w, ids, E, "fp8", pairs=False, decode=False))
     sim = _reference(xb, w, ids, E, "fp8", quant_act=True)
-    assert_close("fp8 prefill pairs vs quantisation-simulated reference", out8, sim, SIM_BOUND)
+    assert_close("fp8 prefill pairs vs quantisation-simulated reference", out8, sim, bf16_bound(2))
 
 
 def test_pairs_mode_decision(monkeypatch):

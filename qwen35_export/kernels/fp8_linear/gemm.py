@@ -307,9 +307,9 @@ def fused_config(R: int | torch.SymInt, N: int) -> dict:
                 num_stages=4)
 
 
-# Up to this many rows (for every R a graph admits: a decode graph's max batch), and for at most WO_MAX_N output
-# columns, the weight-only kernel was the default until the swapped-operand kernel (below, checked first in
-# `default_config`, so this rule no longer decides anything by default) beat it: x stays unquantised and the e4m3 weight tile is converted in
+# Up to this many rows (for every R a graph admits: a decode graph's max batch), and for at most WO_MAX_N
+# output columns, the weight-only kernel was the default until the swapped-operand kernel (below, checked
+# first in `default_config`, so this rule no longer decides anything by default) beat it: x stays unquantised and the e4m3 weight tile is converted in
 # registers. It wins where a GEMV has too few column tiles to fill the GPU, by splitting K; on wide ones the
 # conversion costs more than the quantisation launch it saves. H200, CUDA-graph replays, whole op, beside an
 # engine build, single samples (bench/results/decode_fp8_wo_h200/): 35B out_proj (N 2048, K 4096) with the tiles
@@ -343,7 +343,8 @@ def wo_config(R: int | torch.SymInt, N: int, K: int) -> dict:
 # and, up to SWAP_PREQUANT_MAX_R rows, for at most WO_MAX_N columns. H200, CUDA-graph replays over weight sets
 # past the L2, whole op (bench/results/fp8_swap_h200/): with a 16-token tile (graphs of <= 16 rows) and x
 # quantised in the kernel by the hardware cast, 35B in_proj_qkvz 11.2 us against 12.0 for quantise + GEMM, 397B
-# out_proj 13.9 against 19.1 for the weight-only kernel, 397B attention qkv 25.0 against 26.7 (M = 1). With the
+# out_proj 13.9 against 19.1 for the weight-only kernel, 397B attention qkv 25.0 against 26.7 (M = 1; the 397B
+# wide ones with split 2, which swap_config now gives them: split 3 took 28.8 there). With the
 # 64-token tile of an engine's decode graph, quantising 64 rows in every program costs more than it saves
 # (35B in_proj 24.4 us against 13.2) but a separate quantisation launch pays on the narrow GEMVs: 35B out_proj
 # 9.3 against 10.2 (weight-only), 397B out_proj 16.1 against 24.9 at M = 1; on the wide ones quantise + GEMM
@@ -355,12 +356,15 @@ SWAP_PREQUANT_MAX_R = 64
 def swap_config(R: int | torch.SymInt, N: int, K: int) -> dict:
     """Tiles of `_swap_w8a8_gemm_kernel` for up to 64 rows: a token tile (the MMA's N side) covering every R the
     graph admits; x quantised in the kernel (hardware cast) for tiles of 16 tokens, by `quantize_act` for wider
-    ones; 64 weight rows per program up to 2048 columns, 128 beyond; K split until ~4 programs per SM. The
-    sweep's best tiles on the engine linears (bench/results/fp8_swap_h200/)."""
+    ones; 64 weight rows per program up to 2048 columns, 128 beyond; K split (a power of two, as swept) until
+    ~4 programs per SM. Measured (bench/results/fp8_swap_h200/): these are the sweep's best in-kernel-
+    quantisation tiles at 16 and 64 tokens on the engine linears; the 64-token tiles with `quantize_act` first
+    were timed only as the in-kernel sweep's best tile re-run that way, and 32-token tiles not at all."""
     bt = next((b for b in (16, 32, 64) if at_most(R, b)), 64)
     bn = 64 if N <= 2048 else 128
     steps = triton.cdiv(K, 128)
-    split = max(1, min(8, SWAP_TARGET_PROGRAMS // triton.cdiv(N, bn), steps // WO_MIN_STEPS))
+    want = max(1, min(8, SWAP_TARGET_PROGRAMS // triton.cdiv(N, bn), steps // WO_MIN_STEPS))
+    split = 1 << (want.bit_length() - 1)  # 1, 2, 4 or 8: the splits the sweep measured
     # the interpreter misrounds the hardware cast (quant.quant_group): CPU runs take the software rounding
     return dict(SWAP=True, QX=bt == 16, HW_CVT=bt == 16 and not INTERPRET, BLOCK_N=bn, BLOCK_T=bt, SPLIT_K=split, num_warps=4,
                 num_stages=3)

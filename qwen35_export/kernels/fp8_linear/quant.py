@@ -87,7 +87,9 @@ def quant_group(v, HW_CVT: tl.constexpr = False):
 
     `HW_CVT` (GPU only) rounds with the hardware's fp32 -> e4m3 conversion (round to nearest even, as
     `round_e4m3`), one instruction per two elements instead of ~15 per element; the interpreter misrounds
-    it (see `round_e4m3`), so CPU tests cannot check it: off unless a device run shows it pays.
+    it (see `round_e4m3`), so CPU tests cannot check it. On by default in the 16-token swapped fp8_linear
+    tiles on the GPU (~8% faster there, bench/results/fp8_swap_h200/); its codes are checked against the
+    reference by a compiled-only test (`quantize_act(..., hw_cvt=True)`).
     """
     q, s = scale_group(v)
     if HW_CVT:
@@ -108,7 +110,7 @@ def quant_group_values(v, HW_CVT: tl.constexpr = False):
 
 @triton.jit
 def _act_quant_kernel(x_ptr, q_ptr, s_ptr, R, K, stride_x, stride_q, stride_s,
-                      BLOCK_R: tl.constexpr, GROUP_K: tl.constexpr):
+                      BLOCK_R: tl.constexpr, GROUP_K: tl.constexpr, HW_CVT: tl.constexpr = False):
     pid_r = tl.program_id(0)
     g = tl.program_id(1)
     offs_r = pid_r * BLOCK_R + tl.arange(0, BLOCK_R)
@@ -116,13 +118,14 @@ def _act_quant_kernel(x_ptr, q_ptr, s_ptr, R, K, stride_x, stride_q, stride_s,
     row_ok = offs_r < R
     mask = row_ok[:, None] & (offs_k[None, :] < K)
     x = tl.load(x_ptr + offs_r[:, None].to(tl.int64) * stride_x + offs_k[None, :], mask=mask, other=0.0)
-    q, s = quant_group(x.to(tl.float32))
+    q, s = quant_group(x.to(tl.float32), HW_CVT)
     tl.store(q_ptr + offs_r[:, None].to(tl.int64) * stride_q + offs_k[None, :], q, mask=mask)
     tl.store(s_ptr + offs_r * stride_s + g, s, mask=row_ok)
 
 
-def quantize_act(x: Tensor) -> tuple[Tensor, Tensor]:
-    """Quantise `x` [R, K] per row per 128 columns -> (q fp8 [R, K], s fp32 [R, ceil(K/128)])."""
+def quantize_act(x: Tensor, hw_cvt: bool = False) -> tuple[Tensor, Tensor]:
+    """Quantise `x` [R, K] per row per 128 columns -> (q fp8 [R, K], s fp32 [R, ceil(K/128)]); `hw_cvt`:
+    round with the hardware cast (GPU only, see `quant_group`)."""
     R, K = x.shape
     if x.stride(-1) != 1:  # the kernel takes a row stride: strided rows need no copy
         x = x.contiguous()
@@ -133,5 +136,5 @@ def quantize_act(x: Tensor) -> tuple[Tensor, Tensor]:
     block_r = 16
     grid = (triton.cdiv(R, block_r), triton.cdiv(K, GROUP))
     wrap_triton(_act_quant_kernel)[grid](x, q, s, R, K, x.stride(0), q.stride(0), s.stride(0),
-                                         BLOCK_R=block_r, GROUP_K=GROUP, num_warps=4)
+                                         BLOCK_R=block_r, GROUP_K=GROUP, HW_CVT=hw_cvt, num_warps=4)
     return q, s

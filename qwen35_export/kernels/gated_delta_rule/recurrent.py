@@ -13,6 +13,7 @@ import torch
 import triton
 import triton.language as tl
 from torch import Tensor
+from torch.fx.experimental.symbolic_shapes import statically_known_true
 from torch.library import wrap_triton
 
 from ..gdn_gating.gating import _softplus
@@ -82,10 +83,15 @@ def fused_recurrent_gdn_kernel(
 RECURRENT_CONFIG = {0: (16, 1), 512: (32, 4), 4096: (64, 4)}
 
 
-def recurrent_blocks(N: int, HV: int, V: int) -> tuple[int, int]:
-    """(BV, num_warps): small batches split V finer so that enough programs stream the state."""
+def recurrent_blocks(N: int | torch.SymInt, HV: int, V: int) -> tuple[int, int]:
+    """(BV, num_warps): small batches split V finer so that enough programs stream the state.
+
+    A symbolic N (a decode graph's batch) takes the bucket every N it admits reaches, i.e. its smallest
+    one's: read with `statically_known_true`, never compared. A plain `N * HV >= lo` guarded `N < 16` while
+    tracing (35B heads, example batch 2), which baked the example's bucket in and narrowed N's range for
+    every op after it: the FP8 linears of the GDN decode graphs were then sized for <= 15 rows."""
     items = sorted(RECURRENT_CONFIG.items())
-    BV, nw = next((c for lo, c in reversed(items) if N * HV >= lo), items[0][1])
+    BV, nw = next((c for lo, c in reversed(items) if statically_known_true(N * HV >= lo)), items[0][1])
     return min(BV, V), nw
 
 

@@ -2,7 +2,9 @@
 
 A table lives in `configs/E={E},N={I},device={H100|H200},dtype={bf16|fp8}.json` (vLLM's naming; N is the
 expert intermediate size I) and maps a token count to one config:
-`{"BLOCK_M": 16, "gate_up": {BLOCK_N, BLOCK_K, GROUP_M, num_warps, num_stages}, "down": {...}}`.
+`{"BLOCK_M": 16, "gate_up": {BLOCK_N, BLOCK_K, GROUP_M, num_warps, num_stages}, "down": {...}}`; FP8 decode
+entries may add `"SWAP": 1` (experts.py's swapped-operand kernels; then `HW_CVT`, and gate_up's `QX`, `OUT_FP8`,
+`SPLIT_K`).
 The entry whose token count is nearest the call's is used; an H200 without its own table uses the H100's and
 the other way round (same SM); without a table, `default_config`.
 """
@@ -26,11 +28,12 @@ DECODE_MAX_TOKENS = 64  # up to this many tokens a call is memory bound: the dec
 PAIRS_MAX_TOKENS = 1
 # A GPU without its own table takes the table of one with the same SM (the H200 is an sm_90 H100 with
 # faster, larger HBM: its tiles compile and run the same, tuned there rather than not at all). 397B tables
-# were tuned on an H100, the 35B-A3B ones (E 256/257, I 512) on an H200 (bench/results/moe_35b_h200/).
+# were tuned on an H100, the 35B-A3B ones (E 256/257, I 512) on an H200 (bench/results/moe_35b_h200/); the FP8
+# decode entries of both (swapped-operand kernels) on an H200 (bench/results/fp8_swap_h200/), untimed on an H100.
 # An engine's decode graph serves every batch up to its max with the entry nearest DECODE_MAX_TOKENS (64),
-# so that entry should be good at batch 1 too: the 35B FP8 tables keep the T = 8 tiles there (BLOCK_N 32:
-# 275.9 us at T = 64 against the tune's 273.3 with BLOCK_N 64, which took gate_up from 16 to 20 us per layer
-# at batch 1 in the engine, bench/results/e2e_35b_8layers_h200.json).
+# so that entry should be good at batch 1 too: the 35B FP8 tables take 64-column swapped gate_up tiles there
+# (128-column ones, faster at T = 8 / 64, took gate_up from 15.7 to 24.0 us per layer at batch 1 in the engine:
+# bench/results/fp8_swap_h200/README.md, call 3).
 SAME_SM_TABLES = {"H200": "H100", "H100": "H200"}
 
 

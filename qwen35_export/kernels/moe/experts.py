@@ -8,9 +8,11 @@
 3. `_combine_kernel`: out[t] = sum_j y[t*k + j] in fp32.
 
 Weights: BF16, or e4m3 with the checkpoint's 128x128 block scales applied per K step. Two regimes by
-token count (`DECODE_MAX_TOKENS`): decode keeps activations in bf16 and converts the fp8 weight tile in
-registers (memory bound: bytes, not tensor-core rate, matter, and it is closer to the reference);
-prefill quantises activations per token per 128 columns and runs `tl.dot` on fp8 operands.
+token count (`DECODE_MAX_TOKENS`). Prefill quantises activations per token per 128 columns and runs
+`tl.dot` on fp8 operands. FP8 decode has two variants, picked by the config: the swapped-operand kernels
+(`SWAP`, what the stored tables use: `_gate_up_swap_kernel` / `_down_swap_kernel` put the e4m3 weight tile
+on the MMA's wide side and quantise x and h as prefill does), or `_gate_up_kernel` / `_down_kernel` keeping
+activations in bf16 and converting the fp8 weight tile in registers (closer to the reference, slower).
 
 PAIRS mode (decode at up to `PAIRS_MAX_TOKENS` tokens) replaces the expert sort: the kernels read the ids
 directly, tile i belongs to slot i's expert, and only the first slot of each BLOCK_M-group of an expert's
@@ -498,6 +500,8 @@ def combine(y: Tensor, N: int, k: int) -> Tensor:
 def check_config(cfg: dict, fp8: bool, quant: bool, I: int) -> None:
     gu, dn = cfg["gate_up"], cfg["down"]
     if cfg.get("SWAP"):
+        if gu.get("BLOCK_K", 128) != 128 or dn.get("BLOCK_K", 128) != 128:
+            raise ValueError(f"moe_experts_fp8: SWAP kernels step K by the 128-column scale group: {cfg}")
         if not fp8 or quant:
             raise ValueError(f"moe experts: SWAP is the FP8 decode path (fp8 weights, decode regime): {cfg}")
         if min(gu["BLOCK_N"], dn["BLOCK_N"], cfg["BLOCK_M"]) < 16:
@@ -508,7 +512,7 @@ def check_config(cfg: dict, fp8: bool, quant: bool, I: int) -> None:
         if gu.get("OUT_FP8") and gu["BLOCK_N"] != 128:
             raise ValueError(f"moe_experts_fp8: SWAP gate_up quantises h per 128 columns with OUT_FP8, its "
                              f"BLOCK_N must be 128: {cfg}")
-    if fp8 and (128 % gu["BLOCK_K"] or 128 % dn["BLOCK_K"]):
+    if fp8 and (128 % gu.get("BLOCK_K", 128) or 128 % dn.get("BLOCK_K", 128)):
         raise ValueError(f"moe_experts_fp8: BLOCK_K must divide the 128 scale block, got {cfg}")
     if quant and gu["BLOCK_N"] != 128:
         raise ValueError(f"moe_experts_fp8: prefill quantises h per 128 columns, gate_up BLOCK_N must be 128: {cfg}")
