@@ -31,10 +31,10 @@ import triton
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from decode_kernels import ENGINE_LINEARS, graph_us, rotating_weights  # noqa: E402
+from decode_kernels import ENGINE_LINEARS, graph_us, rotating_weights, time_linear  # noqa: E402
 from qwen35_export.checkpoint.fp8 import quantize_fp8_block  # noqa: E402
 from qwen35_export.kernels.fp8_linear import fp8_linear_reference  # noqa: E402
-from qwen35_export.kernels.fp8_linear.gemm import default_config, fp8_linear_triton, swap_config  # noqa: E402
+from qwen35_export.kernels.fp8_linear.gemm import default_config, swap_config  # noqa: E402
 from qwen35_export.kernels.moe import moe_experts_triton  # noqa: E402
 from qwen35_export.kernels.moe.configs import get_config  # noqa: E402
 from qwen35_export.kernels.moe.reference import moe_experts_fp8_reference  # noqa: E402
@@ -93,17 +93,8 @@ def bench_dense(bw: float, rows: list, save, deadline: float) -> None:
         ref = fp8_linear_reference(x, ws[0], ss[0], dtype=torch.float32)
         nbytes = N * K + ss[0].numel() * 4
 
-        def time_cfg(cfg, against=sim):
-            def run():
-                for w, s in zip(ws, ss):
-                    fp8_linear_triton(x, w, s, dict(cfg))
-            try:
-                out = fp8_linear_triton(x, ws[0], ss[0], dict(cfg)).float()
-                err = float((out - against).norm() / against.norm())
-                return graph_us(run, 4) / len(ws), err
-            except Exception as e:  # a tile the compiler rejects (shared memory): not a result
-                print("skip", name, desc(cfg), str(e)[:100], flush=True)
-                return None, None
+        def time_cfg(cfg, against=sim):  # (us, rel err); (None, None) for a tile the compiler rejects
+            return time_linear(x, ws, ss, cfg, against, name) or (None, None)
 
         row = dict(name=name, N=N, K=K, M=M, bytes=nbytes, by_bt={})
         for bt, graph_rows in ((16, 16), (64, 64)) if M <= 16 else ((64, 64),):
@@ -144,16 +135,8 @@ def bench_dense_bt16(bw: float, rows: list, save, deadline: float) -> None:
         nbytes = N * K + ss[0].numel() * 4
         row = dict(name=name, N=N, K=K, M=M, bytes=nbytes)
 
-        def t(cfg):
-            def run():
-                for w, s in zip(ws, ss):
-                    fp8_linear_triton(x, w, s, dict(cfg))
-            try:
-                err = float((fp8_linear_triton(x, ws[0], ss[0], dict(cfg)).float() - sim).norm() / sim.norm())
-                return graph_us(run, 4) / len(ws), err
-            except Exception as e:  # a tile the compiler rejects: recorded as missing, the run goes on
-                print("skip", name, desc(cfg), str(e)[:100], flush=True)
-                return float("nan"), float("nan")
+        def t(cfg):  # a tile the compiler rejects is recorded as missing (nan) and the run goes on
+            return time_linear(x, ws, ss, cfg, sim, name) or (float("nan"), float("nan"))
         base = swap_config(16, N, K)
         for key, cfg in (("default64", default_config(64, N, K)), ("bt16_qx_hw", dict(base, QX=True, HW_CVT=True)),
                          ("bt16_qx_sw", dict(base, QX=True, HW_CVT=False)), ("bt16_prequant", dict(base, QX=False)),

@@ -388,15 +388,9 @@ def _launch_two_kernel(x2: Tensor, w: Tensor, w_scale: Tensor, out: Tensor, cfg:
         raise ValueError(f"fp8_linear: BLOCK_K must divide the 128-column scale group, got {cfg}")
     R, K = x2.shape
     N = w.shape[0]
-    xq, xs = quantize_act(x2)
-    per_split, split, part = _k_splits(triton.cdiv(K, cfg["BLOCK_K"]), cfg.pop("SPLIT_K", 1), out)
-    grid = (triton.cdiv(R, cfg["BLOCK_M"]) * triton.cdiv(N, cfg["BLOCK_N"]), split)
-    wrap_triton(_w8a8_gemm_kernel)[grid](
-        xq, xs, w, w_scale, part, R, N, K, per_split,
-        xq.stride(0), xs.stride(0), w.stride(0), w_scale.stride(0), part.stride(-2), R * N if split > 1 else 0,
-        UPCAST=INTERPRET, **cfg)
-    if split > 1:
-        _split_k_sum(part, out, split)
+    tiles = triton.cdiv(R, cfg["BLOCK_M"]) * triton.cdiv(N, cfg["BLOCK_N"])
+    _launch_split_k(_w8a8_gemm_kernel, (*quantize_act(x2), w, w_scale), triton.cdiv(K, cfg["BLOCK_K"]), tiles,
+                    out, cfg)
 
 
 def _k_splits(steps: int, want: int, out: Tensor) -> tuple[int, int, Tensor]:
@@ -416,6 +410,21 @@ def _split_k_sum(part: Tensor, out: Tensor, split: int) -> None:
         part, out, numel, SPLIT_K=split, BLOCK=block, num_warps=4)
 
 
+def _launch_split_k(kernel, inputs: tuple[Tensor, ...], steps: int, tiles: int, out: Tensor, cfg: dict,
+                    **consts) -> None:
+    """Launch one of this file's GEMM kernels over `tiles` output tiles x the K splits cfg["SPLIT_K"] asks of
+    its `steps` K steps (`_k_splits`), then sum the splits. The kernels share one argument order: the
+    inputs, the output / partials, R, N, K, steps per split, each input's row stride, the partials' row and
+    split strides; `inputs[0]` is the [R, K] activation."""
+    R, N = out.shape
+    per_split, split, part = _k_splits(steps, cfg.pop("SPLIT_K", 1), out)
+    wrap_triton(kernel)[(tiles, split)](
+        *inputs, part, R, N, inputs[0].shape[1], per_split, *(t.stride(0) for t in inputs), part.stride(-2),
+        R * N if split > 1 else 0, UPCAST=INTERPRET, **consts, **cfg)
+    if split > 1:
+        _split_k_sum(part, out, split)
+
+
 def _launch_fused(x2: Tensor, w: Tensor, w_scale: Tensor, out: Tensor, cfg: dict) -> None:
     cfg.setdefault("HW_CVT", False)
     if cfg.pop("BLOCK_K", GROUP) != GROUP or (cfg["DOT"] and cfg["BLOCK_M"] < 16):
@@ -423,14 +432,8 @@ def _launch_fused(x2: Tensor, w: Tensor, w_scale: Tensor, out: Tensor, cfg: dict
                          f"(tl.dot's smallest tile), got {cfg}")
     R, K = x2.shape
     N = w.shape[0]
-    per_split, split, part = _k_splits(triton.cdiv(K, GROUP), cfg.pop("SPLIT_K", 1), out)
-    grid = (triton.cdiv(R, cfg["BLOCK_M"]) * triton.cdiv(N, cfg["BLOCK_N"]), split)
-    wrap_triton(_fused_w8a8_gemm_kernel)[grid](
-        x2, w, w_scale, part, R, N, K, per_split,
-        x2.stride(0), w.stride(0), w_scale.stride(0), part.stride(-2), R * N if split > 1 else 0,
-        UPCAST=INTERPRET, **cfg)
-    if split > 1:
-        _split_k_sum(part, out, split)
+    tiles = triton.cdiv(R, cfg["BLOCK_M"]) * triton.cdiv(N, cfg["BLOCK_N"])
+    _launch_split_k(_fused_w8a8_gemm_kernel, (x2, w, w_scale), triton.cdiv(K, GROUP), tiles, out, cfg)
 
 
 def _launch_wo(x2: Tensor, w: Tensor, w_scale: Tensor, out: Tensor, cfg: dict) -> None:
@@ -439,14 +442,9 @@ def _launch_wo(x2: Tensor, w: Tensor, w_scale: Tensor, out: Tensor, cfg: dict) -
                          f"BLOCK_M >= 16 and BLOCK_K >= 16 (tl.dot's smallest tile), got {cfg}")
     R, K = x2.shape
     N = w.shape[0]
-    per_split, split, part = _k_splits(triton.cdiv(K, cfg["BLOCK_K"]), cfg.pop("SPLIT_K", 1), out)
-    grid = (triton.cdiv(R, cfg["BLOCK_M"]) * triton.cdiv(N, cfg["BLOCK_N"]), split)
-    wrap_triton(_wo_gemm_kernel)[grid](
-        x2, w, w_scale, part, R, N, K, per_split,
-        x2.stride(0), w.stride(0), w_scale.stride(0), part.stride(-2), R * N if split > 1 else 0,
-        UPCAST=INTERPRET, IEEE=x2.dtype == torch.float32, **cfg)
-    if split > 1:
-        _split_k_sum(part, out, split)
+    tiles = triton.cdiv(R, cfg["BLOCK_M"]) * triton.cdiv(N, cfg["BLOCK_N"])
+    _launch_split_k(_wo_gemm_kernel, (x2, w, w_scale), triton.cdiv(K, cfg["BLOCK_K"]), tiles, out, cfg,
+                    IEEE=x2.dtype == torch.float32)
 
 
 def _launch_swap(x2: Tensor, w: Tensor, w_scale: Tensor, out: Tensor, cfg: dict) -> None:
@@ -457,14 +455,8 @@ def _launch_swap(x2: Tensor, w: Tensor, w_scale: Tensor, out: Tensor, cfg: dict)
     N = w.shape[0]
     cfg.setdefault("HW_CVT", False)
     xa, xs = (x2, x2) if cfg.setdefault("QX", True) else quantize_act(x2)  # xs unused with QX
-    per_split, split, part = _k_splits(triton.cdiv(K, GROUP), cfg.pop("SPLIT_K", 1), out)
-    grid = (triton.cdiv(N, cfg["BLOCK_N"]) * triton.cdiv(R, cfg["BLOCK_T"]), split)
-    wrap_triton(_swap_w8a8_gemm_kernel)[grid](
-        xa, xs, w, w_scale, part, R, N, K, per_split,
-        xa.stride(0), xs.stride(0), w.stride(0), w_scale.stride(0), part.stride(-2), R * N if split > 1 else 0,
-        UPCAST=INTERPRET, **cfg)
-    if split > 1:
-        _split_k_sum(part, out, split)
+    tiles = triton.cdiv(N, cfg["BLOCK_N"]) * triton.cdiv(R, cfg["BLOCK_T"])
+    _launch_split_k(_swap_w8a8_gemm_kernel, (xa, xs, w, w_scale), triton.cdiv(K, GROUP), tiles, out, cfg)
 
 
 def fp8_linear_triton(x: Tensor, w: Tensor, w_scale: Tensor, config: dict | None = None) -> Tensor:
