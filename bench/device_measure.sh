@@ -70,7 +70,7 @@ fi
 for d in $DTYPES; do
   [ $(left) -gt 60 ] && python3 bench/e2e.py --out $OUT/$d --work $W --preset 35b-a3b --layers 8 --target $TARGET \
     --systems ours-$d --timeout $(( $(left) - 20 )) ${CHECKS:+--checks $V} > $L/e2e_$d.log 2>&1
-  echo "e2e $d: $(( $(date +%s) - start )) s"; grep -a "decode B\|prefill T\|padded\|validate:" $L/e2e_$d.log | tail -9
+  echo "e2e $d: $(( $(date +%s) - start )) s"; grep -a "decode B\|prefill T\|padded\|validate" $L/e2e_$d.log | tail -10
 done
 # GDN=after: the GDN bench against fla once nothing else runs on the machine (its launch-bound rows are clean)
 if [ "${GDN:-}" = after ] && [ $(left) -gt 40 ]; then

@@ -96,6 +96,9 @@ def parse_progress(text: str) -> dict:
     return res
 
 
+VALIDATE_WIDE = 40  # prompts of the second validate run (--checks): one batch past every small bucket
+
+
 def run_ours(ckpt: Path, work: Path, dtype: str, profile: bool, target: str, checks: Path | None = None) -> dict:
     """Time our engine; with `checks`, the same loaded engine then goes through the padded-bucket CUDA-graph
     check (check_graph_padding.py) and `validate` against our fp32 reference (report under `checks`): one
@@ -158,6 +161,12 @@ def run_ours(ckpt: Path, work: Path, dtype: str, profile: bool, target: str, che
         r = validate(eng, ckpt, reference="ours", random_n=2, gen=32, report_dir=checks / dtype, progress=False)
         res["validate"] = {"passed": r.passed, "headline": r.headline(), "seconds": r.seconds}
         print(f"ours-{dtype} validate: {r.headline()}", flush=True)
+        # 40 rows: the batch-64 bucket's graphs (a decode graph traced for too few rows shows here, not at 2)
+        r = validate(eng, ckpt, reference="ours", random_n=VALIDATE_WIDE, gen=8, report_dir=checks / f"{dtype}_b40",
+                     progress=False)
+        res["validate_wide"] = {"batch": VALIDATE_WIDE, "passed": r.passed, "headline": r.headline(),
+                                "seconds": r.seconds}
+        print(f"ours-{dtype} validate at batch {VALIDATE_WIDE}: {r.headline()}", flush=True)
     return res
 
 

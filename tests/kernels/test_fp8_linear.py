@@ -450,6 +450,37 @@ def test_dequant_path_many_rows(R, N, K):
                  2 * BF16_U)
 
 
+@pytest.mark.parametrize("R,K,pad", [(1, 128, 4), (5, 300, 4), (37, 256, 8), (16, 384, 1)])
+def test_quantize_act_padded_column_scales(R, K, pad):
+    """The layout cuBLASLt's block-scaled GEMM reads: rows padded to a multiple of `pad` (quantised from
+    zeros: codes 0, scale 1) and the scales column-major; the real rows' codes and scales as the reference's."""
+    x = torch.randn(R, K, generator=torch.Generator().manual_seed(R + K)).bfloat16().to(DEVICE)
+    q, s = quantize_act(x, pad_rows=pad, scales_by_column=True)
+    Rp = -(-R // pad) * pad
+    G = -(-K // 128)
+    assert q.shape == (Rp, K) and s.shape == (Rp, G) and s.stride() == (1, Rp)
+    q_ref, s_ref = quantize_act_reference(x)
+    assert_quant_match(q[:R], s[:R].contiguous(), q_ref, s_ref)
+    assert (q[R:].view(torch.uint8) == 0).all() and (s[R:] == 1).all()
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not (torch.cuda.is_available() and gemm.scaled_mm_supported(256, 512, torch.device("cuda"))),
+                    reason="cuBLASLt's block-scaled FP8 GEMM needs an sm_90 GPU")
+@pytest.mark.parametrize("R,N,K", [(1, 256, 512), (3, 384, 1024), (300, 128, 2048), (513, 2048, 512)])
+def test_scaled_mm_path(R, N, K):
+    """SCALED_MM (the sm_90 prefill default): x quantised per token per 128 and torch._scaled_mm with the
+    checkpoint's scales, rows not a multiple of the 4 it pads to. Against the quantisation-simulated
+    reference in fp32: what is left is the bf16 output rounding (BF16_U) and cuBLASLt's fp32 accumulation."""
+    w, s = make_linear(N, K, seed=R, dev="cuda")
+    x = torch.randn(R, K, device="cuda").bfloat16()
+    y = fp8_linear_triton(x, w, s, dict(SCALED_MM=True))
+    assert y.shape == (R, N) and y.dtype == x.dtype
+    assert_close("scaled_mm vs simulated", y, fp8_linear_reference(x, w, s, quant_act=True, dtype=torch.float32),
+                 BF16_U)
+    assert default_config(8192, N, K, x.device) == {"SCALED_MM": True}
+
+
 def test_fp8_linear_traces_under_export():
     w, s = make_linear(256, 128, seed=0)
     ep = torch.export.export(_Lin(), (torch.randn(3, 128).bfloat16(), w, s))
@@ -468,8 +499,11 @@ def test_fp8_linear_real_size_cuda(R):
     assert_quant_match(q, qs, q_ref, qs_ref)
     y = fp8_linear(x, w, s)
     sim = fp8_linear_reference(x, w, s, quant_act=True, dtype=torch.float32)
-    if R >= 256:  # dequantised weight, unquantised x (test_dequant_path_many_rows has the bound)
+    if R >= 256 and not gemm.scaled_mm_supported(w.shape[0], 4096, x.device):
+        # dequantised weight, unquantised x (test_dequant_path_many_rows has the bound); on sm_90 y came from
+        # cuBLASLt's block-scaled GEMM (x quantised) and is checked against the simulated reference below
         assert_close("fp8_linear dequant vs op", y, torch.ops.qwen35.fp8_linear(x.float(), w, s), 2 * BF16_U)
+    if R >= 256:
         y = fp8_linear_triton(x, w, s, dict(FUSED=False, **two_kernel_config(R, w.shape[0])))
     assert_close("fp8_linear vs simulated", y, sim, BF16_U)
     if R <= 16:  # swap tiles: an engine's 64-row decode graph's, with x quantised in or before the kernel,

@@ -259,8 +259,13 @@ FUSED_MAX_R = 0
 
 
 # From this many rows on (and in a graph whose row count may exceed DEQUANT_SYMBOLIC_MIN_BOUND: a prefill
-# graph) the weight is dequantised to the activation dtype and multiplied by cuBLAS: compute bound there, a
-# bf16 tensor-core GEMM beats this file's w8a8 kernel (it rescales every 128-wide K step in registers).
+# graph) the GEMM is compute bound and goes to cuBLAS: on sm_90 its block-scaled FP8 GEMM (SCALED_MM: x
+# quantised per token per 128 as on every other path, the checkpoint's e4m3 weight and scales as they are),
+# elsewhere (or for shapes it does not take) the weight dequantised to the activation dtype and a bf16 GEMM.
+# H200, the engine's dense projections at 512-8192 rows (bench/results/fp8_prefill_gemm_h200/): SCALED_MM
+# 870-1080 TFLOPS with its quantisation (44-54% of the FP8 peak), 1.3-1.6x the dequantised bf16 GEMM from
+# 2048 rows (at 512 rows 1.0-1.6x), 1.8-2.0x this file's w8a8 kernel (which rescales every 128-wide K step
+# in registers). The earlier measurement for DEQUANT, before SCALED_MM:
 # H200, 35B-A3B prefill of 8192 tokens (bench/results/profile_h200/layers_35b_compiled_flash_attn.json): the
 # w8a8 kernel took 1052 us for in_proj_qkvz + out_proj against 517 + ~170 us for the same two GEMMs in BF16;
 # dequantising reads the FP8 weight once (12.6 M elements: ~10 us). Closer to the op's contract too (x
@@ -370,9 +375,12 @@ def swap_config(R: int | torch.SymInt, N: int, K: int) -> dict:
                 num_stages=3)
 
 
-def default_config(R: int | torch.SymInt, N: int, K: int) -> dict:
-    """The config `fp8_linear_triton` uses for R rows, N output columns and K input columns when given none."""
+def default_config(R: int | torch.SymInt, N: int, K: int, device: torch.device | None = None) -> dict:
+    """The config `fp8_linear_triton` uses for R rows, N output columns and K input columns when given none
+    (`device`: where it runs; the prefill GEMM depends on it)."""
     if (R >= DEQUANT_MIN_R) if isinstance(R, int) else not at_most(R, DEQUANT_SYMBOLIC_MIN_BOUND):
+        if device is not None and scaled_mm_supported(N, K, device):
+            return dict(SCALED_MM=True)
         return dict(DEQUANT=True)
     if at_most(R, SWAP_MAX_R) or (at_most(R, SWAP_PREQUANT_MAX_R) and N <= WO_MAX_N):
         return swap_config(R, N, K)
@@ -459,6 +467,30 @@ def _launch_swap(x2: Tensor, w: Tensor, w_scale: Tensor, out: Tensor, cfg: dict)
     _launch_split_k(_swap_w8a8_gemm_kernel, (xa, xs, w, w_scale), triton.cdiv(K, GROUP), tiles, out, cfg)
 
 
+def scaled_mm_supported(N: int, K: int, device: torch.device) -> bool:
+    """Whether `scaled_mm` runs here: cuBLASLt's block-scaled FP8 GEMM (DeepSeek's 1x128 activation and
+    128x128 weight scales) is sm_90 only (CUDA >= 12.9, torch >= 2.9), and wants whole scale blocks: N a
+    multiple of 128 and K of 512 (its weight scales are read in K groups of four blocks)."""
+    return (device.type == "cuda" and hasattr(torch, "_scaled_mm") and N % GROUP == 0 and K % (4 * GROUP) == 0
+            and torch.cuda.get_device_capability(device) == (9, 0))
+
+
+def scaled_mm(x2: Tensor, w: Tensor, w_scale: Tensor, hw_cvt: bool = True) -> Tensor:
+    """`x2` [R, K] @ dequant(w, w_scale).T through cuBLASLt's block-scaled FP8 GEMM (`torch._scaled_mm`):
+    x quantised per row per 128 columns by `quantize_act` (rows padded to a multiple of 4 and the scales
+    stored column-major, as cuBLASLt reads them), the checkpoint's e4m3 weight and 128x128 scales as they
+    are (`w.t()` is the column-major [K, N] operand it wants, `w_scale.t()` its [K/128, N/128] scales)."""
+    R, K = x2.shape
+    N = w.shape[0]
+    if not scaled_mm_supported(N, K, x2.device):
+        raise ValueError(f"fp8_linear: the SCALED_MM path needs an sm_90 GPU, N % 128 == 0 and K % 512 == 0; "
+                         f"got N={N}, K={K} on {x2.device}")
+    w, w_scale = w.contiguous(), w_scale.contiguous()  # w.t() / w_scale.t(): the column-major operands
+    xq, xs = quantize_act(x2, hw_cvt=hw_cvt, pad_rows=4, scales_by_column=True)  # [R', K], [R', K/128]
+    y = torch._scaled_mm(xq, w.t(), scale_a=xs, scale_b=w_scale.t(), out_dtype=x2.dtype)  # [R', N]
+    return y[:R]
+
+
 def fp8_linear_triton(x: Tensor, w: Tensor, w_scale: Tensor, config: dict | None = None) -> Tensor:
     """`x` [..., K] (bf16/fp16/fp32) times block-scaled e4m3 `w` [N, K]^T -> [..., N] in x's dtype.
 
@@ -474,7 +506,9 @@ def fp8_linear_triton(x: Tensor, w: Tensor, w_scale: Tensor, config: dict | None
     R = x2.shape[0]
     if R == 0:
         return x.new_empty(*lead, N)
-    cfg = dict(config or default_config(R, N, K))
+    cfg = dict(config or default_config(R, N, K, x.device))
+    if cfg.pop("SCALED_MM", False):
+        return scaled_mm(x2, w, w_scale, hw_cvt=cfg.pop("HW_CVT", x.is_cuda)).reshape(*lead, N)
     if cfg.pop("DEQUANT", False):
         wd = dequantize_fp8_block(w, w_scale, x.dtype)  # [N, K]; Inductor fuses this into one pass over w
         return torch.mm(x2, wd.t()).reshape(*lead, N)

@@ -109,32 +109,45 @@ def quant_group_values(v, HW_CVT: tl.constexpr = False):
 
 
 @triton.jit
-def _act_quant_kernel(x_ptr, q_ptr, s_ptr, R, K, stride_x, stride_q, stride_s,
+def _act_quant_kernel(x_ptr, q_ptr, s_ptr, R, R_OUT, K, stride_x, stride_q, stride_s, stride_sg,
                       BLOCK_R: tl.constexpr, GROUP_K: tl.constexpr, HW_CVT: tl.constexpr = False):
+    """Rows < R from x; rows R..R_OUT (padding) quantised from zeros."""
     pid_r = tl.program_id(0)
     g = tl.program_id(1)
     offs_r = pid_r * BLOCK_R + tl.arange(0, BLOCK_R)
     offs_k = g * GROUP_K + tl.arange(0, GROUP_K)
-    row_ok = offs_r < R
-    mask = row_ok[:, None] & (offs_k[None, :] < K)
-    x = tl.load(x_ptr + offs_r[:, None].to(tl.int64) * stride_x + offs_k[None, :], mask=mask, other=0.0)
+    k_ok = offs_k[None, :] < K
+    out_ok = offs_r < R_OUT
+    x = tl.load(x_ptr + offs_r[:, None].to(tl.int64) * stride_x + offs_k[None, :],
+                mask=(offs_r < R)[:, None] & k_ok, other=0.0)
     q, s = quant_group(x.to(tl.float32), HW_CVT)
-    tl.store(q_ptr + offs_r[:, None].to(tl.int64) * stride_q + offs_k[None, :], q, mask=mask)
-    tl.store(s_ptr + offs_r * stride_s + g, s, mask=row_ok)
+    tl.store(q_ptr + offs_r[:, None].to(tl.int64) * stride_q + offs_k[None, :], q, mask=out_ok[:, None] & k_ok)
+    tl.store(s_ptr + offs_r.to(tl.int64) * stride_s + g * stride_sg, s, mask=out_ok)
 
 
-def quantize_act(x: Tensor, hw_cvt: bool = False) -> tuple[Tensor, Tensor]:
-    """Quantise `x` [R, K] per row per 128 columns -> (q fp8 [R, K], s fp32 [R, ceil(K/128)]); `hw_cvt`:
-    round with the hardware cast (GPU only, see `quant_group`)."""
+def quantize_act(x: Tensor, hw_cvt: bool = False, pad_rows: int = 1, scales_by_column: bool = False
+                 ) -> tuple[Tensor, Tensor]:
+    """Quantise `x` [R, K] per row per 128 columns -> (q fp8 [R', K], s fp32 [R', ceil(K/128)]); `hw_cvt`:
+    round with the hardware cast (GPU only, see `quant_group`).
+
+    `pad_rows`: R' = R rounded up to a multiple of it, the extra rows quantised from zeros (q 0, scale 1);
+    `scales_by_column`: s is stored column-major (stride (1, R')), the layout cuBLASLt's block-scaled GEMM
+    reads its per-row activation scales in (`fp8_linear`'s SCALED_MM path)."""
     R, K = x.shape
     if x.stride(-1) != 1:  # the kernel takes a row stride: strided rows need no copy
         x = x.contiguous()
-    q = torch.empty(R, K, dtype=torch.float8_e4m3fn, device=x.device)
-    s = torch.empty(R, triton.cdiv(K, GROUP), dtype=torch.float32, device=x.device)
-    if R == 0:
+    Rp = R if pad_rows == 1 else -(-R // pad_rows) * pad_rows
+    G = triton.cdiv(K, GROUP)
+    q = torch.empty(Rp, K, dtype=torch.float8_e4m3fn, device=x.device)
+    if scales_by_column:
+        s = torch.empty(G, Rp, dtype=torch.float32, device=x.device).t()  # [R', G], stride (1, R')
+    else:
+        s = torch.empty(Rp, G, dtype=torch.float32, device=x.device)
+    if Rp == 0:
         return q, s
     block_r = 16
-    grid = (triton.cdiv(R, block_r), triton.cdiv(K, GROUP))
-    wrap_triton(_act_quant_kernel)[grid](x, q, s, R, K, x.stride(0), q.stride(0), s.stride(0),
+    grid = (triton.cdiv(Rp, block_r), G)
+    # rows R..R' are read as zeros (the load's mask is on R), so they quantise to q = 0 with scale 1
+    wrap_triton(_act_quant_kernel)[grid](x, q, s, R, Rp, K, x.stride(0), q.stride(0), s.stride(0), s.stride(1),
                                          BLOCK_R=block_r, GROUP_K=GROUP, HW_CVT=hw_cvt, num_warps=4)
     return q, s

@@ -88,7 +88,8 @@ def _align_hist_kernel(ids_ptr, hist_ptr, slots_ptr, M, E, P, fill_per_block,
 def _align_scan_kernel(hist_ptr, pad_start_ptr, tile_expert_ptr, num_padded_ptr, E, n_blocks, num_tiles,
                        TILE: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_T: tl.constexpr):
     """One program: hist[b] becomes the count of each expert's slots in blocks before b (in place); then the
-    padded expert starts, the tile map and the padded total, as `_align_body` computes them."""
+    padded expert starts (pad_start[:BLOCK_E]; their ends after them), the tile map and the padded total, as
+    `_align_body` computes them."""
     eo = tl.arange(0, BLOCK_E)
     acc = tl.zeros([BLOCK_E], tl.int32)
     for b in range(0, n_blocks):
@@ -99,6 +100,14 @@ def _align_scan_kernel(hist_ptr, pad_start_ptr, tile_expert_ptr, num_padded_ptr,
     padded = (counts + TILE - 1) // TILE * TILE
     pad_end = tl.cumsum(padded, 0)
     tl.store(pad_start_ptr + eo, pad_end - padded)
+    # The tile map reads pad_end back from memory. Computed in registers, with few experts (BLOCK_E 16 over
+    # 8 warps: every value held by many threads) the compiled tile map took wrong ends for some tiles while
+    # the stored starts were right (H200, triton 3.6: test_align_tile_map[65-8-2-16]; 257+ experts were not
+    # affected). One copy in memory, read after a barrier, is the same for every thread.
+    tl.store(pad_start_ptr + BLOCK_E + eo, pad_end)
+    tl.debug_barrier()
+    pad_end = tl.load(pad_start_ptr + BLOCK_E + eo)
+    padded = pad_end - tl.load(pad_start_ptr + eo)
     _store_tile_map(pad_end, padded, tile_expert_ptr, num_padded_ptr, E, num_tiles, TILE, BLOCK_T)
 
 
@@ -209,7 +218,7 @@ def _align_large(flat: Tensor, E: int, block_m: int, P: int | torch.SymInt) -> t
     block, block_e = LARGE_BLOCK, triton.next_power_of_2(E + 1)
     n_blocks = -(-M // block)
     hist = torch.empty(n_blocks, block_e, dtype=torch.int32, device=dev)  # [blocks, experts (+ padding bins)]
-    pad_start = torch.empty(block_e, dtype=torch.int32, device=dev)
+    pad_start = torch.empty(2 * block_e, dtype=torch.int32, device=dev)  # each expert's padded start, then end
     slots = torch.empty(P, dtype=torch.int32, device=dev)
     tile_expert = torch.empty(P // block_m, dtype=torch.int32, device=dev)
     num_padded = torch.empty(1, dtype=torch.int32, device=dev)
