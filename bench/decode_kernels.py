@@ -2,7 +2,7 @@
 FP8 linear at decode token counts (the two largest items of the 35B-A3B decode profile, bench/results/), and
 the conv1d op at T = 1 (update kernel, with the prefill kernel it launched before).
 
-    python3 bench/decode_kernels.py --out $OUT [--conv1d-only]
+    python3 bench/decode_kernels.py --out $OUT [--conv1d-only | --route-only | ...]
 
 Writes decode_kernels.json and prints two tables. Times: medians of CUDA-graph replays (gdn.bench_graph) over
 rotating input sets larger than L2; roofline bytes: live KV read once (attention), weight + scales (linear).
@@ -15,6 +15,7 @@ import itertools
 import json
 import sys
 from pathlib import Path
+from unittest import mock
 
 import torch
 import triton
@@ -29,6 +30,10 @@ from qwen35_export.kernels.causal_conv1d import conv as conv_mod  # noqa: E402
 from qwen35_export.kernels.fp8_linear import fp8_linear_reference  # noqa: E402
 from qwen35_export.kernels.fp8_linear.gemm import (fp8_linear_triton, fused_config,  # noqa: E402
                                                    two_kernel_config, wo_config)
+from qwen35_export.kernels.moe import (gate_logits_triton, moe_route_triton, moe_router_triton,  # noqa: E402
+                                       route_from_logits_triton)
+from qwen35_export.kernels.moe.router import GATE_LOGITS_CONFIG  # noqa: E402
+from qwen35_export.model.ops import moe_route_math  # noqa: E402
 from qwen35_export.runtime.bench import hbm_bandwidth  # noqa: E402
 
 GEOMS = {"35b-a3b": (16, 2), "397b-a17b": (32, 2)}  # (query heads, KV heads), head_dim 256
@@ -255,6 +260,60 @@ def bench_router_gemv(bw: float) -> list[dict]:
     return rows
 
 
+ROUTE_GEOMS = {"35b": (2048, 257, 264, 8), "397b": (4096, 513, 520, 10)}  # H, E, L (gate rows, padded), k
+# Gate-logits tiles timed beside the default (GATE_LOGITS_CONFIG, untuned; tl.dot needs 16-row tiles, so no
+# fewer gate rows per program): other H steps, fewer / more warps, deeper pipelining, wider token tiles.
+GATE_LOGITS_CANDIDATES = [dict(BLOCK_H=512), dict(BLOCK_H=128), dict(BLOCK_L=32), dict(num_warps=2),
+                          dict(num_warps=8), dict(num_stages=4, BLOCK_H=512), dict(BLOCK_N=32), dict(BLOCK_N=64)]
+
+
+def bench_moe_route(bw: float) -> list[dict]:
+    """qwen35::moe_route at decode: the Triton op (gate-logits kernel + route kernel) against the sequence it
+    replaced in the engine's decode graph (F.linear, the Triton router, cast, shared slot cat, padding
+    redirect: moe_route_math with qwen35::moe_router patched to the Triton router), both replayed from a
+    CUDA graph over gate weights rotated past L2 (`real` given, all rows real: the redirect's ops run as in
+    the engine). Also each kernel alone, F.linear alone, and the gate-logits tile candidates."""
+    rows = []
+    for geom, (H, E, L, k) in ROUTE_GEOMS.items():
+        nbuf = max(1, int(4 * 60e6 // (L * H * 2)) + 1)
+        ws = [torch.randn(L, H, device="cuda", dtype=torch.bfloat16) * H ** -0.5 for _ in range(nbuf)]
+        for B in (1, 8, 64):
+            x = torch.randn(B, H, device="cuda", dtype=torch.bfloat16)
+            real = torch.ones(B, dtype=torch.bool, device="cuda")
+            lg = torch.nn.functional.linear(x, ws[0])
+
+            def per_w(f):
+                return graph_us(lambda: [f(w) for w in ws], 4) / nbuf
+
+            with mock.patch.object(torch.ops.qwen35, "moe_router", moe_router_triton):
+                old_us = per_w(lambda w: moe_route_math(x, w, E, k, real))
+                rw_old, ids_old = moe_route_math(x, ws[0], E, k, real)
+            new_us = per_w(lambda w: moe_route_triton(x, w, E, k, real))
+            rw, ids = moe_route_triton(x, ws[0], E, k, real)
+            same_ids = float((ids.sort(1).values == ids_old.sort(1).values).all(1).float().mean())
+            rw_err = float((rw.float().sort(1).values - rw_old.float().sort(1).values).abs().max())
+            linear_us = per_w(lambda w: torch.nn.functional.linear(x, w))
+            logits_us = per_w(lambda w: gate_logits_triton(x, w))
+            route_us = graph_us(lambda: route_from_logits_triton(lg, E, k, real))
+            tiles = {}
+            for c in GATE_LOGITS_CANDIDATES:
+                try:
+                    tiles[json.dumps(c, sort_keys=True)] = per_w(lambda w: gate_logits_triton(x, w, c))
+                except Exception as e:  # a tile that does not compile (shared memory, registers): no time
+                    print(f"  gate logits {c}: {type(e).__name__}", flush=True)
+            best = min(tiles.items(), key=lambda t: t[1], default=(None, None))
+            rows.append(dict(geom=geom, H=H, E=E, L=L, k=k, B=B, old_us=old_us, new_us=new_us,
+                             linear_us=linear_us, logits_us=logits_us, route_us=route_us,
+                             logits_hbm_pct=L * H * 2 / bw / (logits_us * 1e-6) * 100,
+                             logits_default=GATE_LOGITS_CONFIG, logits_candidates_us=tiles,
+                             rows_same_ids=same_ids, rw_max_abs_diff=rw_err))
+            print(f"moe_route {geom:4s} B={B:2d}: new {new_us:5.2f} us (logits {logits_us:5.2f} = "
+                  f"{rows[-1]['logits_hbm_pct']:4.1f}% HBM, route {route_us:5.2f}) vs old {old_us:5.2f} us "
+                  f"(F.linear alone {linear_us:5.2f}); best logits tile {best[0]} {best[1] or 0:5.2f} us; "
+                  f"rows with the old ids {same_ids:.3f}, max |rw diff| {rw_err:.1e}", flush=True)
+    return rows
+
+
 FUSED_MS = (1, 8, 16)  # decode token counts of the fused-vs-two-kernel rows
 FUSED_SPLITS = (2, 4, 8)
 
@@ -456,6 +515,8 @@ def main() -> None:
                     help="token counts of those rows, e.g. 1 (one device call) then 8,16 (the next)")
     ap.add_argument("--conv1d-only", action="store_true", help="only the conv1d op rows (a short device call)")
     ap.add_argument("--router-only", action="store_true", help="only the router GEMM paddings / layouts")
+    ap.add_argument("--route-only", action="store_true",
+                    help="only qwen35::moe_route: Triton gate logits + route kernels vs the op sequence they replace")
     ap.add_argument("--fp8-wo-only", action="store_true",
                     help="only the weight-only FP8 linear sweep (engine linears, M = 1, 8, 64)")
     ap.add_argument("--fp8-split-only", action="store_true",
@@ -476,6 +537,10 @@ def main() -> None:
     if a.router_only:
         res["router_gemv"] = bench_router_gemv(bw)
         (a.out / "decode_kernels.json").write_text(json.dumps(res, indent=1))
+        return
+    if a.route_only:
+        res["moe_route"] = bench_moe_route(bw)
+        (a.out / "moe_route.json").write_text(json.dumps(res, indent=1))
         return
     if a.fp8_wo_only:
         res["fp8_linear_wo"] = []

@@ -138,7 +138,7 @@ def _select_kernels(settings: BuildSettings, dtype: str) -> dict[str, object]:
         return {}
     impls = triton_implementations()
     if settings.kernels == "triton":
-        need = {"causal_conv1d", "gated_delta_rule", "moe_router", "moe_experts"}
+        need = {"causal_conv1d", "gated_delta_rule", "moe_router", "moe_route", "moe_experts"}
         need |= {"moe_experts_fp8", "fp8_linear"} if dtype == "fp8" else set()
         missing = sorted(need - set(impls))
         if missing:

@@ -31,7 +31,7 @@ def triton_implementations() -> dict[str, object]:
 
 
 _PACKAGE = {"causal_conv1d": "causal_conv1d", "gated_delta_rule": "gated_delta_rule", "moe_router": "moe",
-            "moe_experts": "moe", "moe_experts_fp8": "moe", "fp8_linear": "fp8_linear",
+            "moe_route": "moe", "moe_experts": "moe", "moe_experts_fp8": "moe", "fp8_linear": "fp8_linear",
             "decode_attention": "attention", "gated_rms_norm": "gdn_gating"}
 
 

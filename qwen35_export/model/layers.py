@@ -184,6 +184,15 @@ def attention_mixer(x: Tensor, w: dict[str, Tensor], k_cache: Tensor, v_cache: T
 
 
 # -- MoE -------------------------------------------------------------------------------------------
+def _experts(xf: Tensor, rw: Tensor, ids: Tensor, w: dict[str, Tensor]) -> Tensor:
+    """The routed experts op (BF16 or FP8 weights) over xf [N, H] with slots (rw, ids) [N, k(+1)]."""
+    if "mlp.experts.gate_up_proj_scale_inv" in w:
+        return torch.ops.qwen35.moe_experts_fp8(
+            xf, rw, ids, w["mlp.experts.gate_up_proj"], w["mlp.experts.gate_up_proj_scale_inv"],
+            w["mlp.experts.down_proj"], w["mlp.experts.down_proj_scale_inv"])
+    return torch.ops.qwen35.moe_experts(xf, rw, ids, w["mlp.experts.gate_up_proj"], w["mlp.experts.down_proj"])
+
+
 def moe_block(x: Tensor, w: dict[str, Tensor], cfg: Qwen35Config, expert_map: Tensor | None = None,
               real: Tensor | None = None) -> Tensor:
     """Sparse MoE over x [B, T, H]: routed top-k experts plus the sigmoid-gated shared expert.
@@ -197,6 +206,13 @@ def moe_block(x: Tensor, w: dict[str, Tensor], cfg: Qwen35Config, expert_map: Te
     B, T, H = x.shape
     xf = x.reshape(B * T, H)  # [N, H]
     E = cfg.num_experts
+    folded = w["mlp.experts.down_proj"].shape[0] == cfg.num_experts + 1 and expert_map is None
+    if folded and "mlp.gate_shared.weight" in w:
+        # Gate GEMM, router, shared slot and padding redirect as one op (a GPU build runs it as two Triton
+        # launches at decode instead of ~6 ops); its math (ops.moe_route_math) is this folded case of the
+        # sequence below, op for op.
+        rw, ids = torch.ops.qwen35.moe_route(xf, w["mlp.gate_shared.weight"], E, cfg.num_experts_per_tok, real)
+        return _experts(xf, rw, ids, w).reshape(B, T, H)
     if "mlp.gate_shared.weight" in w:  # router + shared-expert gate rows in one GEMM (graph/fuse_weights.py)
         lg = F.linear(xf, w["mlp.gate_shared.weight"])  # [N, E + 1 + zero rows' columns]
         logits, sg_logit = lg[:, :E], lg[:, E:E + 1]  # [N, E], [N, 1]
@@ -210,7 +226,6 @@ def moe_block(x: Tensor, w: dict[str, Tensor], cfg: Qwen35Config, expert_map: Te
         own = local >= 0
         rw = torch.where(own, rw, torch.zeros_like(rw))
         ids = torch.where(own, local, torch.zeros_like(local))
-    folded = w["mlp.experts.down_proj"].shape[0] == cfg.num_experts + 1 and expert_map is None
     if folded:
         # The shared expert is expert E (graph/fuse_weights.py): one more slot per token, weighted by its gate.
         sg = torch.sigmoid(sg_logit).to(rw.dtype)  # [N, 1]
@@ -221,13 +236,7 @@ def moe_block(x: Tensor, w: dict[str, Tensor], cfg: Qwen35Config, expert_map: Te
         tok = torch.arange(ids.shape[0], device=x.device)
         ids = ids[torch.where(real, tok, tok % n_real)]  # [N, k(+1)]
         rw = torch.where(real[:, None], rw, torch.zeros_like(rw))
-    if "mlp.experts.gate_up_proj_scale_inv" in w:
-        routed = torch.ops.qwen35.moe_experts_fp8(
-            xf, rw, ids, w["mlp.experts.gate_up_proj"], w["mlp.experts.gate_up_proj_scale_inv"],
-            w["mlp.experts.down_proj"], w["mlp.experts.down_proj_scale_inv"])
-    else:
-        routed = torch.ops.qwen35.moe_experts(xf, rw, ids, w["mlp.experts.gate_up_proj"],
-                                              w["mlp.experts.down_proj"])
+    routed = _experts(xf, rw, ids, w)
     if folded:
         return routed.reshape(B, T, H)
     s = "mlp.shared_expert."

@@ -16,6 +16,13 @@ export and AOTInductor can trace shapes. Signatures (all shapes are contracts th
    Plain torch math: a backend without a kernel for it inlines `gated_rms_norm_math` (INLINE_OPS).
 - `qwen35::moe_router(logits [N,E], top_k) -> (weights [N,k] fp32, ids [N,k] int64)`: softmax in fp32 over
    all E, top-k (ties as torch.topk), renormalised to sum 1.
+- `qwen35::moe_route(x [N,H], w_gate [L,H], num_experts E, top_k, real [N] bool | None) -> (weights [N,k+1] in
+   x's dtype, ids [N,k+1] int64)`: the whole routing of a MoE layer whose gate holds the router rows, then the
+   shared expert's gate row E (zero rows after; graph/fuse_weights.py) and whose shared expert is expert E:
+   logits = x @ w_gate.T in x's dtype, `moe_router` over the first E, weights cast to x's dtype, then the
+   shared slot (id E, weight sigmoid(logit E) in x's dtype); with `real`, a padding row (real[i] False)
+   takes the ids of real row i mod max(sum(real), 1) and weight 0 in every slot. Plain torch math
+   (`moe_route_math`, which calls `moe_router`): a backend without a kernel for it inlines it (INLINE_OPS).
 - `qwen35::moe_experts(x [N,H], weights [N,k], ids [N,k] int64, w_gate_up [E,2I,H], w_down [E,H,I]) -> [N,H]`
 - `qwen35::moe_experts_fp8(x, weights, ids, w_gate_up fp8, w_gate_up_scale [E,2I/128,ceil(H/128)],
    w_down fp8, w_down_scale [E,ceil(H/128),ceil(I/128)]) -> [N,H]`: block-scaled e4m3 experts.
@@ -105,12 +112,6 @@ def _(o, z, weight, eps):
     return torch.empty(o.shape, dtype=o.dtype, device=o.device)
 
 
-# Ops that are plain torch math, by name: where no kernel replaces one (the cpu target, --kernels reference,
-# ONNX, TensorRT) the graph inlines this body again (graph/inline_ops.py), so Inductor / the exporter see
-# the same standard ops as before the op existed.
-INLINE_OPS = {"gated_rms_norm": gated_rms_norm_math}
-
-
 # -- MoE --------------------------------------------------------------------------------------------
 def moe_router_math(logits: Tensor, top_k: int) -> tuple[Tensor, Tensor]:
     """The body of `qwen35::moe_router` in standard torch ops (also what backends decompose the op into)."""
@@ -130,6 +131,43 @@ def _(logits, top_k):
     n = logits.shape[0]
     return (logits.new_empty(n, top_k, dtype=torch.float32),
             logits.new_empty(n, top_k, dtype=torch.int64))
+
+
+def moe_route_math(x: Tensor, w_gate: Tensor, num_experts: int, top_k: int,
+                   real: Tensor | None) -> tuple[Tensor, Tensor]:
+    """The body of `qwen35::moe_route` in standard torch ops plus `qwen35::moe_router` (what backends without
+    a kernel inline): the op-by-op routing of the model before the op existed, rounding for rounding."""
+    return route_from_logits_math(F.linear(x, w_gate), num_experts, top_k, real)  # logits [N, L] in x's dtype
+
+
+def route_from_logits_math(lg: Tensor, num_experts: int, top_k: int,
+                           real: Tensor | None) -> tuple[Tensor, Tensor]:
+    """`moe_route_math` after the gate GEMM, from its logits lg [N, L] (the route kernel's oracle)."""
+    E = num_experts
+    # Looked up at call time, not bound at import: validate/trace.py records the picks by patching it.
+    rw, ids = torch.ops.qwen35.moe_router(lg[:, :E], top_k)
+    rw = rw.to(lg.dtype)  # HF casts the renormalised weights to the activation dtype
+    sg = torch.sigmoid(lg[:, E:E + 1]).to(rw.dtype)  # [N, 1]: the shared expert's gate
+    rw = torch.cat([rw, sg], dim=1)  # [N, k+1]
+    ids = torch.cat([ids, torch.full_like(ids[:, :1], E)], dim=1)
+    if real is not None:  # padding rows read the experts real rows read anyway, with weight 0
+        n_real = real.sum().clamp(min=1)
+        tok = torch.arange(ids.shape[0], device=lg.device)
+        ids = ids[torch.where(real, tok, tok % n_real)]
+        rw = torch.where(real[:, None], rw, torch.zeros_like(rw))
+    return rw, ids
+
+
+@torch.library.custom_op(f"{LIB}::moe_route", mutates_args=())
+def moe_route(x: Tensor, w_gate: Tensor, num_experts: int, top_k: int,
+              real: Tensor | None) -> tuple[Tensor, Tensor]:
+    return moe_route_math(x, w_gate, num_experts, top_k, real)
+
+
+@moe_route.register_fake
+def _(x, w_gate, num_experts, top_k, real):
+    n = x.shape[0]
+    return x.new_empty(n, top_k + 1), x.new_empty(n, top_k + 1, dtype=torch.int64)
 
 
 def _experts_loop(x: Tensor, weights: Tensor, ids: Tensor, w13: Tensor, w2: Tensor) -> Tensor:
@@ -206,6 +244,13 @@ def decode_attention(q: Tensor, k_cache: Tensor, v_cache: Tensor, start: Tensor,
 @decode_attention.register_fake
 def _(q, k_cache, v_cache, start, lengths, scale):
     return torch.empty_like(q, memory_format=torch.contiguous_format)
+
+
+# Ops that are plain torch math, by name: where no kernel replaces one (the cpu target, --kernels reference,
+# ONNX, TensorRT) the graph inlines this body again (graph/inline_ops.py), so Inductor / the exporter see
+# the same standard ops as before the op existed (moe_route's body keeps its `moe_router` node, which those
+# backends map as before).
+INLINE_OPS = {"gated_rms_norm": gated_rms_norm_math, "moe_route": moe_route_math}
 
 
 REFERENCE_OPS = {

@@ -1,5 +1,6 @@
-"""`qwen35_triton::` MoE ops: the signatures and semantics of `qwen35::moe_router`, `qwen35::moe_experts`
-and `qwen35::moe_experts_fp8` (model/ops.py), as Triton ops AOTInductor compiles into the package.
+"""`qwen35_triton::` MoE ops: the signatures and semantics of `qwen35::moe_router`, `qwen35::moe_route`,
+`qwen35::moe_experts` and `qwen35::moe_experts_fp8` (model/ops.py), as Triton ops AOTInductor compiles into
+the package.
 
 A gated shared expert fits the same ops: append its weights as expert E and a column of ids = E with
 weights sigmoid(x @ w_sg.T) (bench/moe.py does this), so the whole MoE block is one node.
@@ -17,7 +18,7 @@ from torch import Tensor
 from torch.library import triton_op
 
 from .experts import moe_experts_triton
-from .router import moe_router_triton
+from .router import moe_route_triton, moe_router_triton
 
 
 @triton_op("qwen35_triton::moe_router", mutates_args={})
@@ -29,6 +30,18 @@ def moe_router(logits: Tensor, top_k: int) -> tuple[Tensor, Tensor]:
 def _(logits, top_k):
     n = logits.shape[0]
     return logits.new_empty(n, top_k, dtype=torch.float32), logits.new_empty(n, top_k, dtype=torch.int64)
+
+
+@triton_op("qwen35_triton::moe_route", mutates_args={})
+def moe_route(x: Tensor, w_gate: Tensor, num_experts: int, top_k: int,
+              real: Tensor | None) -> tuple[Tensor, Tensor]:
+    return moe_route_triton(x, w_gate, num_experts, top_k, real)
+
+
+@moe_route.register_fake
+def _(x, w_gate, num_experts, top_k, real):
+    n = x.shape[0]
+    return x.new_empty(n, top_k + 1), x.new_empty(n, top_k + 1, dtype=torch.int64)
 
 
 @triton_op("qwen35_triton::moe_experts", mutates_args={})

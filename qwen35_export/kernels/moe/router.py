@@ -5,24 +5,31 @@ lowest expert index wins (`tie_break_left`). With ties across the top-k boundary
 as torch.topk on CUDA (tested on H100); torch.topk on CPU picks among boundary ties in no fixed order,
 so there only the chosen values are comparable. Order within a tie may differ from torch.topk's; the
 experts op does not depend on slot order.
+
+The whole routing of a layer with a folded shared expert (`qwen35::moe_route`, model/ops.py) is two launches
+at decode: `_gate_logits_kernel` (x @ w_gate.T, the 1-4 MB gate streamed by one program per 16 gate rows,
+where cuBLAS's GEMV ran at 0.19 TB/s on an H200 at one token) and `_route_kernel` (the router above for one
+token, plus the shared slot and the padding-row redirect that were four more small launches).
 """
 
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 import triton
 import triton.language as tl
 from torch import Tensor
+from torch.fx.experimental.symbolic_shapes import statically_known_true
 from torch.library import wrap_triton
+
+from .configs import DECODE_MAX_TOKENS
 
 
 @triton.jit
-def _router_kernel(logits_ptr, w_ptr, ids_ptr, E, stride_l, TOP_K: tl.constexpr,
-                   BLOCK_E: tl.constexpr, BLOCK_K: tl.constexpr):
-    row = tl.program_id(0).to(tl.int64)
-    offs = tl.arange(0, BLOCK_E)
-    ok = offs < E
-    x = tl.load(logits_ptr + row * stride_l + offs, mask=ok, other=-float("inf")).to(tl.float32)
+def _softmax_topk(x, offs, ok, TOP_K: tl.constexpr, BLOCK_K: tl.constexpr):
+    """x [BLOCK_E] fp32 logits (-inf where not `ok`), offs = arange(BLOCK_E) -> (weights [BLOCK_K] fp32
+    renormalised to sum 1 over the first TOP_K lanes, 0 after; ids [BLOCK_K] int32): softmax over the valid
+    lanes, TOP_K argmax rounds, the lowest index first among equal probabilities."""
     p = tl.exp(x - tl.max(x, axis=0))
     p = tl.where(ok, p, 0.0)
     p = p / tl.sum(p, axis=0)
@@ -36,7 +43,18 @@ def _router_kernel(logits_ptr, w_ptr, ids_ptr, E, stride_l, TOP_K: tl.constexpr,
         vals = tl.where(offs_k == j, v, vals)
         idxs = tl.where(offs_k == j, i, idxs)
         work = tl.where(offs == i, -2.0, work)
-    vals = vals / tl.sum(vals, axis=0)
+    return vals / tl.sum(vals, axis=0), idxs
+
+
+@triton.jit
+def _router_kernel(logits_ptr, w_ptr, ids_ptr, E, stride_l, TOP_K: tl.constexpr,
+                   BLOCK_E: tl.constexpr, BLOCK_K: tl.constexpr):
+    row = tl.program_id(0).to(tl.int64)
+    offs = tl.arange(0, BLOCK_E)
+    ok = offs < E
+    x = tl.load(logits_ptr + row * stride_l + offs, mask=ok, other=-float("inf")).to(tl.float32)
+    vals, idxs = _softmax_topk(x, offs, ok, TOP_K, BLOCK_K)
+    offs_k = tl.arange(0, BLOCK_K)
     k_ok = offs_k < TOP_K
     tl.store(w_ptr + row * TOP_K + offs_k, vals, mask=k_ok)
     tl.store(ids_ptr + row * TOP_K + offs_k, idxs.to(tl.int64), mask=k_ok)
@@ -57,3 +75,126 @@ def moe_router_triton(logits: Tensor, top_k: int) -> tuple[Tensor, Tensor]:
                                      BLOCK_K=triton.next_power_of_2(top_k),
                                      num_warps=4 if block_e >= 512 else 1)
     return w, ids
+
+
+# -- whole routing (qwen35::moe_route) ---------------------------------------------------------------
+@triton.jit
+def _gate_logits_kernel(x_ptr, w_ptr, out_ptr, N, L, H, stride_x, stride_w, stride_o,
+                        BLOCK_N: tl.constexpr, BLOCK_L: tl.constexpr, BLOCK_H: tl.constexpr,
+                        IEEE: tl.constexpr):
+    """out[n, l] = sum_h x[n, h] w[l, h], fp32 accumulation rounded once to out's dtype; program (l, n) does
+    BLOCK_L gate rows for BLOCK_N tokens (the token tile is masked: tl.dot needs >= 16 rows)."""
+    pid_l = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    offs_l = pid_l * BLOCK_L + tl.arange(0, BLOCK_L)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_h = tl.arange(0, BLOCK_H)
+    x_rows = x_ptr + offs_n.to(tl.int64)[:, None] * stride_x
+    w_rows = w_ptr + offs_l.to(tl.int64)[:, None] * stride_w
+    acc = tl.zeros((BLOCK_N, BLOCK_L), dtype=tl.float32)
+    for h0 in range(0, H, BLOCK_H):
+        h_ok = (h0 + offs_h) < H
+        xt = tl.load(x_rows + (h0 + offs_h)[None, :], mask=(offs_n[:, None] < N) & h_ok[None, :], other=0.0)
+        wt = tl.load(w_rows + (h0 + offs_h)[None, :], mask=(offs_l[:, None] < L) & h_ok[None, :], other=0.0)
+        if IEEE:  # fp32 inputs: full fp32 products as F.linear's, not tf32
+            acc = tl.dot(xt, tl.trans(wt), acc, input_precision="ieee")
+        else:
+            acc = tl.dot(xt, tl.trans(wt), acc)
+    out = out_ptr + offs_n.to(tl.int64)[:, None] * stride_o + offs_l[None, :]
+    tl.store(out, acc.to(out_ptr.dtype.element_ty), mask=(offs_n[:, None] < N) & (offs_l[None, :] < L))
+
+
+@triton.jit
+def _route_kernel(lg_ptr, real_ptr, w_ptr, ids_ptr, N, E, stride_l, TOP_K: tl.constexpr, HAS_REAL: tl.constexpr,
+                  BLOCK_E: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr):
+    """Row `row` of qwen35::moe_route from the logits [N, >= E+1]: TOP_K routed slots, then the shared slot
+    (id E, weight sigmoid(logit E)), weights in w's dtype; a padding row (real 0) routes as real row
+    row mod max(sum(real), 1) with weight 0."""
+    row = tl.program_id(0).to(tl.int64)
+    src = row
+    if HAS_REAL:
+        offs_r = tl.arange(0, BLOCK_R)
+        n_real = tl.zeros((BLOCK_R,), dtype=tl.int64)
+        for r0 in range(0, N, BLOCK_R):  # each program counts the real rows itself: a decode batch, a block or two
+            n_real += tl.load(real_ptr + r0 + offs_r, mask=r0 + offs_r < N, other=0).to(tl.int64)
+        n_real = tl.maximum(tl.sum(n_real, axis=0), 1)
+        keep = tl.load(real_ptr + row) != 0
+        src = tl.where(keep, row, row % n_real)
+    offs = tl.arange(0, BLOCK_E)
+    ok = offs < E
+    x = tl.load(lg_ptr + src * stride_l + offs, mask=ok, other=-float("inf")).to(tl.float32)
+    vals, idxs = _softmax_topk(x, offs, ok, TOP_K, BLOCK_K)
+    sg = tl.sigmoid(tl.load(lg_ptr + row * stride_l + E).to(tl.float32))
+    offs_k = tl.arange(0, BLOCK_K)
+    vals = tl.where(offs_k == TOP_K, sg, vals)
+    if HAS_REAL:
+        vals = tl.where(keep, vals, 0.0)
+    idxs = tl.where(offs_k == TOP_K, E, idxs)
+    k_ok = offs_k <= TOP_K
+    # Rounded to w's dtype once, as the reference rounds the fp32 router weights and the sigmoid.
+    tl.store(w_ptr + row * (TOP_K + 1) + offs_k, vals.to(w_ptr.dtype.element_ty), mask=k_ok)
+    tl.store(ids_ptr + row * (TOP_K + 1) + offs_k, idxs.to(tl.int64), mask=k_ok)
+
+
+# One program per 16 gate rows (L = 264: 17 programs, 520: 33) and 16 tokens: at decode the gate weight is
+# read from HBM once, the token tiles of a batch read it again from L2. Untuned.
+GATE_LOGITS_CONFIG = dict(BLOCK_N=16, BLOCK_L=16, BLOCK_H=256, num_warps=4, num_stages=3)
+
+
+def gate_logits_triton(x: Tensor, w_gate: Tensor, config: dict | None = None) -> Tensor:
+    """x [N, H] @ w_gate [L, H].T -> [N, L] in x's dtype (fp32 accumulation, one rounding), as F.linear."""
+    N, H = x.shape
+    L = w_gate.shape[0]
+    if w_gate.shape[1] != H or w_gate.dtype != x.dtype:
+        raise ValueError(f"gate logits: x {tuple(x.shape)} {x.dtype} and w_gate {tuple(w_gate.shape)} "
+                         f"{w_gate.dtype} must share H and dtype")
+    cfg = {**GATE_LOGITS_CONFIG, **(config or {})}
+    x, w_gate = x.contiguous(), w_gate.contiguous()
+    out = torch.empty(N, L, dtype=x.dtype, device=x.device)
+    if N == 0:
+        return out
+    bn, bl = cfg["BLOCK_N"], cfg["BLOCK_L"]
+    grid = ((L + bl - 1) // bl, (N + bn - 1) // bn)
+    wrap_triton(_gate_logits_kernel)[grid](x, w_gate, out, N, L, H, x.stride(0), w_gate.stride(0), out.stride(0),
+                                           BLOCK_N=bn, BLOCK_L=bl, BLOCK_H=cfg["BLOCK_H"],
+                                           IEEE=x.dtype == torch.float32, num_warps=cfg["num_warps"],
+                                           num_stages=cfg["num_stages"])
+    return out
+
+
+def route_from_logits_triton(logits: Tensor, num_experts: int, top_k: int,
+                             real: Tensor | None) -> tuple[Tensor, Tensor]:
+    """`_route_kernel` over logits [N, L >= E + 1] -> (weights [N, k+1] in logits' dtype, ids [N, k+1] int64)."""
+    N, L = logits.shape
+    E = num_experts
+    if not 1 <= top_k <= E or L < E + 1:
+        raise ValueError(f"moe_route: need 1 <= top_k <= E = {E} and E + 1 <= L = {L} logit columns, got "
+                         f"top_k {top_k}")
+    logits = logits.contiguous()
+    w = torch.empty(N, top_k + 1, dtype=logits.dtype, device=logits.device)
+    ids = torch.empty(N, top_k + 1, dtype=torch.int64, device=logits.device)
+    if N == 0:
+        return w, ids
+    # A bool tensor as bytes: one load per flag on every Triton version.
+    flags = real.contiguous().view(torch.uint8) if real is not None else logits
+    block_e = triton.next_power_of_2(E)
+    wrap_triton(_route_kernel)[(N,)](logits, flags, w, ids, N, E, logits.stride(0), TOP_K=top_k,
+                                    HAS_REAL=real is not None, BLOCK_E=block_e,
+                                    BLOCK_K=triton.next_power_of_2(top_k + 1), BLOCK_R=DECODE_MAX_TOKENS,
+                                    num_warps=4 if block_e >= 512 else 1)
+    return w, ids
+
+
+def moe_route_triton(x: Tensor, w_gate: Tensor, num_experts: int, top_k: int,
+                     real: Tensor | None) -> tuple[Tensor, Tensor]:
+    """`qwen35::moe_route` (model/ops.py): x [N, H], w_gate [L, H] (router rows, then the shared gate row E)
+    -> (weights [N, k+1] in x's dtype, ids [N, k+1] int64), shared slot last.
+
+    The logits come from `_gate_logits_kernel` when N <= DECODE_MAX_TOKENS for every N the graph admits
+    (decided without a guard on a symbolic N), else from F.linear (cuBLAS, right at prefill sizes)."""
+    N = x.shape[0]
+    if statically_known_true(N <= DECODE_MAX_TOKENS):
+        logits = gate_logits_triton(x, w_gate)
+    else:
+        logits = F.linear(x, w_gate)
+    return route_from_logits_triton(logits, num_experts, top_k, real)

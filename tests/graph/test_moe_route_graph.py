@@ -1,0 +1,69 @@
+"""`qwen35::moe_route` in captured layer graphs: one node per MoE layer with fused gate rows and a folded
+shared expert; GPU builds swap it for the Triton op without a guard on the batch, the cpu target (and ONNX /
+TensorRT) inline it back to its math, whose `moe_router` node those backends map as before."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+from qwen35_export.exporter import capture as C
+from qwen35_export.graph.inline_ops import inline_ops
+from qwen35_export.graph.substitute_custom_ops import substitute_custom_ops, triton_implementations
+from test_size_guards import CFG, SHAPES, _layer, relational_guards
+
+
+def _ops(ep: torch.export.ExportedProgram, ns: str) -> list[str]:
+    return sorted(n.target._opname for n in ep.graph.nodes
+                  if n.op == "call_function" and getattr(n.target, "namespace", None) == ns)
+
+
+@pytest.fixture(scope="module")
+def decode_gdn() -> tuple[torch.export.ExportedProgram, tuple]:
+    """A GDN decode layer graph (batch dynamic, up to 64 rows) on fused BF16 weights, and inputs for it with
+    row 1 of 2 a padding row (length 0)."""
+    w = _layer(0, "bf16")
+    assert "mlp.gate_shared.weight" in w and w["mlp.experts.down_proj"].shape[0] == CFG.num_experts + 1
+    ep, names = C.capture_gdn(CFG, w, "decode", SHAPES, torch.bfloat16, torch.device("cpu"))
+    x = torch.randn(2, 1, CFG.hidden_size, generator=torch.Generator().manual_seed(0)).bfloat16()
+    conv = torch.zeros(2, CFG.conv_dim, CFG.linear_conv_kernel_dim - 1, dtype=torch.bfloat16)
+    rec = torch.zeros(2, CFG.linear_num_value_heads, CFG.linear_key_head_dim, CFG.linear_value_head_dim)
+    return ep, (x, torch.tensor([1, 0]), conv, rec, *[w[n] for n in names])
+
+
+def test_decode_graph_routes_in_one_node(decode_gdn):
+    ops = _ops(decode_gdn[0], "qwen35")
+    assert ops.count("moe_route") == 1 and "moe_router" not in ops, ops
+
+
+@pytest.mark.parametrize("phase", ["decode", "prefill"])
+def test_triton_route_adds_no_batch_guard(phase, decode_gdn, monkeypatch):
+    """Decode (batch <= 64 = DECODE_MAX_TOKENS) takes the gate-logits kernel, prefill F.linear, neither guards."""
+    from qwen35_export.kernels.moe import router
+
+    impls = triton_implementations()
+    if "moe_route" not in impls:
+        pytest.skip("triton is not importable: no Triton ops to substitute")
+    if phase == "decode":
+        ep = copy.deepcopy(decode_gdn[0])  # the pass edits in place
+    else:
+        ep, _ = C.capture_gdn(CFG, _layer(0, "bf16"), phase, SHAPES, torch.bfloat16, torch.device("cpu"))
+    ep, subs = substitute_custom_ops(ep, impls)
+    assert subs.get("moe_route") == 1 and _ops(ep, "qwen35_triton").count("moe_route") == 1, subs
+    calls = []
+    logits = router.gate_logits_triton
+    monkeypatch.setattr(router, "gate_logits_triton", lambda *a: calls.append(1) or logits(*a))
+    assert relational_guards(ep, monkeypatch) == []
+    assert bool(calls) == (phase == "decode")
+
+
+def test_inlined_route_keeps_router_and_numbers(decode_gdn):
+    """The cpu target's form: moe_route inlined, its moe_router node left; the same outputs as the op."""
+    ep0, args = decode_gdn
+    ep, counts = inline_ops(copy.deepcopy(ep0))
+    assert counts.get("moe_route") == 1
+    ops = _ops(ep, "qwen35")
+    assert "moe_route" not in ops and ops.count("moe_router") == 1, ops
+    assert torch.equal(ep.module()(*[a.clone() for a in args]), ep0.module()(*[a.clone() for a in args]))
