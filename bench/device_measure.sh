@@ -10,7 +10,7 @@
 #    "1", no prefill; HF_MODE = torch.compile mode) compiles and warms up beside the builds, then waits; it is
 #    timed once the builds (and the GDN bench) are done, before ours -> $OUT/hf_compile (log: hf_compile.log).
 #    It shares the GPU with whatever runs beside the builds (TESTS, the GDN bench): GDN=none keeps those clean.
-#   [DTYPES="bf16 fp8"] [CHECKS=1] [MOE_ALIGN=1] [GDN=bench|variants|after|none] [TESTS="pytest args"] [TESTS_TIMEOUT=120]
+#   [DTYPES="bf16 fp8"] [BUILD_FLAGS="--fused-route"] [CHECKS=1] [MOE_ALIGN=1] [GDN=bench|variants|after|none] [TESTS="pytest args"] [TESTS_TIMEOUT=120]
 #   [HF_COMPILE=1 [HF_BATCHES=1,8] [HF_MODE=max-autotune-no-cudagraphs] [HF_TIMEOUT=s]] bash bench/device_measure.sh h200 $OUT [SECONDS]
 set -u
 TARGET=${1:-h200}; OUT=${2:?out dir}; BUDGET=${3:-585}; W=/tmp/e35
@@ -37,7 +37,8 @@ fi
 DTYPES=${DTYPES:-bf16 fp8}
 BUILDS=
 for d in $DTYPES; do
-  $Q build $W/ckpt --target $TARGET --dtype $d --max-batch 64 --max-seq-len 8256 --out $W/eng_$d \
+  rm -rf $W/eng_$d  # a warm machine keeps /tmp: never time the previous call's engine
+  $Q build $W/ckpt --target $TARGET --dtype $d --max-batch 64 --max-seq-len 8256 --out $W/eng_$d ${BUILD_FLAGS:-} \
     > $L/build_$d.log 2>&1 &
   BUILDS="$BUILDS $!"
 done
@@ -68,6 +69,10 @@ if [ -n "$HF_PID" ]; then
 fi
 # CHECKS=1: the e2e process also runs the padded-bucket check and validate on the engine it loaded (one load)
 for d in $DTYPES; do
+  # a failed build leaves no engine: say why and spend no budget loading it
+  if [ ! -e $W/eng_$d/manifest.json ]; then
+    echo "e2e $d: no engine, build failed: $(grep -a 'Error' $L/build_$d.log | tail -1 | cut -c1-300)"; continue
+  fi
   [ $(left) -gt 60 ] && python3 bench/e2e.py --out $OUT/$d --work $W --preset 35b-a3b --layers 8 --target $TARGET \
     --systems ours-$d --timeout $(( $(left) - 20 )) ${CHECKS:+--checks $V} > $L/e2e_$d.log 2>&1
   echo "e2e $d: $(( $(date +%s) - start )) s"; grep -a "decode B\|prefill T\|padded\|validate" $L/e2e_$d.log | tail -10

@@ -63,9 +63,11 @@ def main() -> None:
               "same checkpoint writer and seed" if src else ", same run conditions") + "):", ""]
     for s in ("ours-bf16", "ours-fp8"):
         r = e[s]
-        dec = {B: hf["decode"][B]["ms_per_step"] / r["decode"][B]["ms_per_step"] for B in ("1", "8", "64")}
+        # a batch without a valid measurement (dropped from the JSON) reads "-"
+        dec = {B: (f"{hf['decode'][B]['ms_per_step'] / r['decode'][B]['ms_per_step']:.0f}x" if B in r["decode"]
+                   else "-") for B in ("1", "8", "64")}
         pre = hf["prefill"]["8192"]["ms"] / r["prefill"]["8192"]["ms"]
-        lines.append(f"- {s}: decode {dec['1']:.0f}x / {dec['8']:.0f}x / {dec['64']:.0f}x at batch 1 / 8 / 64; "
+        lines.append(f"- {s}: decode {dec['1']} / {dec['8']} / {dec['64']} at batch 1 / 8 / 64; "
                      f"prefill 8192 {pre:.2f}x.")
     hc = e.get("hf-compile", {})
     if "1" in hc.get("decode", {}):
@@ -85,8 +87,9 @@ def main() -> None:
     proj = {}
     for s in ("ours-bf16", "ours-fp8"):
         t = per_layer(e[s]["layers"])
-        proj[s] = {B: step_ms(t, B, n_gdn, n_attn) for B in (1, 8, 64)}
-        lines.append(f"| {s} | {proj[s][1]:.2f} | {1e3 / proj[s][1]:.0f} | {proj[s][8]:.2f} | {proj[s][64]:.2f} |")
+        proj[s] = {B: step_ms(t, B, n_gdn, n_attn) for B in (1, 8, 64) if ("gdn", "decode", B, 1) in t}
+        cell = {B: f"{proj[s][B]:.2f}" if B in proj[s] else "-" for B in (1, 8, 64)}
+        lines.append(f"| {s} | {cell[1]} | {1e3 / proj[s][1]:.0f} | {cell[8]} | {cell[64]} |")
     hf40 = hf["decode"]["1"]["ms_per_step"] * L_full / L
     lines.append(f"| hf-eager (x {L_full}/{L}) | {hf40:.0f} | {1e3 / hf40:.1f} | | |")
     lines += ["", "Per-layer decode (us, CUDA graph of one layer call, 512 cached tokens):", "",
@@ -94,8 +97,9 @@ def main() -> None:
               "|---|---|---|---|---|---|---|---|"]
     for s in ("ours-bf16", "ours-fp8"):
         t = per_layer(e[s]["layers"])
-        lines.append(f"| {s} | " + " | ".join(f"{t[(g, 'decode', B, 1)]:.0f}" for B in (1, 8, 64)
-                                               for g in ("gdn", "attn")) + f" | {t[('final', 'decode', 1, 1)]:.0f} |")
+        lines.append(f"| {s} | " + " | ".join(f"{t[(g, 'decode', B, 1)]:.0f}" if (g, "decode", B, 1) in t else "-"
+                                               for B in (1, 8, 64) for g in ("gdn", "attn"))
+                     + f" | {t[('final', 'decode', 1, 1)]:.0f} |")
 
     # 397B
     t = per_layer(b["run"]["layers"])
@@ -161,7 +165,8 @@ def main() -> None:
     for s, m in (("ours-bf16", "o-"), ("ours-fp8", "s-")):
         tt = per_layer(e[s]["layers"])
         for g in ("gdn", "attn"):
-            ax[1].plot(Bs, [tt[(g, "decode", B, 1)] for B in Bs], m, label=f"35B {s} {g}")
+            got = [B for B in Bs if (g, "decode", B, 1) in tt]
+            ax[1].plot(got, [tt[(g, "decode", B, 1)] for B in got], m, label=f"35B {s} {g}")
     for g in ("gdn", "attn"):
         ax[1].plot(Bs, [t[(g, "decode", B, 1)] for B in Bs], "^--", label=f"397B fp8 {g}")
     ax[1].set(xscale="log", yscale="log", xlabel="batch", ylabel="us per layer", title="decode per layer")

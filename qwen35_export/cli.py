@@ -67,7 +67,8 @@ def cmd_build(a: argparse.Namespace) -> int:
 
     settings = BuildSettings(target=a.target, dtype=a.dtype, max_batch=a.max_batch, max_seq_len=a.max_seq_len,
                              dump_graphs=a.dump_graphs, force=a.force, backend=a.backend,
-                             kernels=a.kernels, tp=a.tp, ep=a.ep, fuse_projections=not a.no_fuse_projections)
+                             kernels=a.kernels, tp=a.tp, ep=a.ep, fuse_projections=not a.no_fuse_projections,
+                             fused_route=a.fused_route)
     if a.backend == "aoti":
         build_engine(a.checkpoint, a.out, settings)
     else:
@@ -166,6 +167,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--validate", action="store_true", help="run a short validate and record it in the manifest")
     s.add_argument("--no-fuse-projections", action="store_true",
                    help="keep every projection its own GEMM and the shared expert outside the MoE op")
+    s.add_argument("--fused-route", action="store_true",
+                   help="GPU targets: the MoE routing as two fused Triton kernels (faster standalone; not yet "
+                   "verified inside an engine on a GPU)")
     s.add_argument("--tp", type=int, default=1, help="ranks the attention/GDN heads are split over (1 or N)")
     s.add_argument("--ep", type=int, default=1, help="ranks the routed experts are split over (1 or N); a "
                    "sharded engine runs under `torchrun --nproc-per-node N`")

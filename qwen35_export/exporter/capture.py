@@ -23,15 +23,16 @@ PREFILL, DECODE = "prefill", "decode"
 
 
 class GDNLayer(nn.Module):
-    """Gated DeltaNet + MoE decoder layer: x, lengths, conv_state, rec_state, *weights -> x."""
+    """Gated DeltaNet + MoE decoder layer: x, lengths, conv_state, rec_state, *weights -> x.
+    `fused_route`: the MoE routes through `qwen35::moe_route` (layers.moe_block)."""
 
-    def __init__(self, cfg: Qwen35Config, weight_names: list[str]):
+    def __init__(self, cfg: Qwen35Config, weight_names: list[str], fused_route: bool = False):
         super().__init__()
-        self.cfg, self.weight_names = cfg, list(weight_names)
+        self.cfg, self.weight_names, self.fused_route = cfg, list(weight_names), fused_route
 
     def forward(self, x: Tensor, lengths: Tensor, conv_state: Tensor, rec_state: Tensor, *weights: Tensor) -> Tensor:
         w = dict(zip(self.weight_names, weights))
-        y, conv, rec = layers.gdn_layer(x, w, conv_state, rec_state, lengths, self.cfg)
+        y, conv, rec = layers.gdn_layer(x, w, conv_state, rec_state, lengths, self.cfg, self.fused_route)
         conv_state.copy_(conv)
         rec_state.copy_(rec)
         return y
@@ -39,16 +40,19 @@ class GDNLayer(nn.Module):
 
 class AttentionLayer(nn.Module):
     """Gated attention + MoE decoder layer: x, start, lengths, k_cache, v_cache, *weights -> x.
-    `cache_op`: prefill through `qwen35::decode_attention` too (layers.attention_mixer)."""
+    `cache_op`: prefill through `qwen35::decode_attention` too (layers.attention_mixer); `fused_route`: as
+    GDNLayer's."""
 
-    def __init__(self, cfg: Qwen35Config, weight_names: list[str], cache_op: bool = False):
+    def __init__(self, cfg: Qwen35Config, weight_names: list[str], cache_op: bool = False,
+                 fused_route: bool = False):
         super().__init__()
-        self.cfg, self.weight_names, self.cache_op = cfg, list(weight_names), cache_op
+        self.cfg, self.weight_names, self.cache_op, self.fused_route = cfg, list(weight_names), cache_op, fused_route
 
     def forward(self, x: Tensor, start: Tensor, lengths: Tensor, k_cache: Tensor, v_cache: Tensor,
                 *weights: Tensor) -> Tensor:
         w = dict(zip(self.weight_names, weights))
-        y, kc, vc = layers.attention_layer(x, w, k_cache, v_cache, start, lengths, self.cfg, self.cache_op)
+        y, kc, vc = layers.attention_layer(x, w, k_cache, v_cache, start, lengths, self.cfg, self.cache_op,
+                                           self.fused_route)
         k_cache.copy_(kc)
         v_cache.copy_(vc)
         return y
@@ -89,9 +93,10 @@ def example_T(phase: str) -> int:
 
 def capture_gdn(cfg: Qwen35Config, weights: dict[str, Tensor], phase: str, shapes: CaptureShapes,
                 act_dtype: torch.dtype, device: torch.device,
-                layer: Callable[[Qwen35Config, list[str]], nn.Module] = GDNLayer
+                layer: Callable[[Qwen35Config, list[str]], nn.Module] = GDNLayer, fused_route: bool = False
                 ) -> tuple[ExportedProgram, list[str]]:
-    """`layer` builds the module to capture (parallel/capture.py passes its sharded variant)."""
+    """`layer` builds the module to capture (parallel/capture.py passes its sharded variant); `fused_route`:
+    see GDNLayer."""
     names = sorted(weights)
     B, T = _dims(phase, shapes)
     b, t = 2, example_T(phase)
@@ -102,16 +107,17 @@ def capture_gdn(cfg: Qwen35Config, weights: dict[str, Tensor], phase: str, shape
                       dtype=torch.float32, device=device)
     args = (x, lengths, conv, rec, *[weights[n] for n in names])
     dyn = ({0: B, 1: T} if T is not None else {0: B}, {0: B}, {0: B}, {0: B}, (None,) * len(names))
-    ep = torch.export.export(layer(cfg, names), args, dynamic_shapes=dyn, strict=False)
+    module = layer(cfg, names, fused_route=True) if fused_route else layer(cfg, names)
+    ep = torch.export.export(module, args, dynamic_shapes=dyn, strict=False)
     return ep, names
 
 
 def capture_attention(cfg: Qwen35Config, weights: dict[str, Tensor], phase: str, shapes: CaptureShapes,
                       act_dtype: torch.dtype, device: torch.device,
                       layer: Callable[[Qwen35Config, list[str]], nn.Module] = AttentionLayer,
-                      cache_op: bool = False) -> tuple[ExportedProgram, list[str]]:
+                      cache_op: bool = False, fused_route: bool = False) -> tuple[ExportedProgram, list[str]]:
     """`cache_op`: the prefill graph attends through `qwen35::decode_attention` (builds that substitute its
-    flash kernel); else through SDPA."""
+    flash kernel); else through SDPA. `fused_route`: see GDNLayer."""
     names = sorted(weights)
     B, T = _dims(phase, shapes)
     b, t = 2, example_T(phase)
@@ -124,7 +130,8 @@ def capture_attention(cfg: Qwen35Config, weights: dict[str, Tensor], phase: str,
     args = (x, start, lengths, kc, vc, *[weights[n] for n in names])
     dyn = ({0: B, 1: T} if T is not None else {0: B}, {0: B}, {0: B}, {0: B}, {0: B}, (None,) * len(names))
     with _attention_backends(device):
-        module = layer(cfg, names, cache_op) if cache_op else layer(cfg, names)
+        kw = {k: True for k, on in (("cache_op", cache_op), ("fused_route", fused_route)) if on}
+        module = layer(cfg, names, **kw)
         ep = torch.export.export(module, args, dynamic_shapes=dyn, strict=False)
     return ep, names
 

@@ -194,7 +194,7 @@ def _experts(xf: Tensor, rw: Tensor, ids: Tensor, w: dict[str, Tensor]) -> Tenso
 
 
 def moe_block(x: Tensor, w: dict[str, Tensor], cfg: Qwen35Config, expert_map: Tensor | None = None,
-              real: Tensor | None = None) -> Tensor:
+              real: Tensor | None = None, fused_route: bool = False) -> Tensor:
     """Sparse MoE over x [B, T, H]: routed top-k experts plus the sigmoid-gated shared expert.
 
     `expert_map` [E] (expert parallelism) maps global expert ids to this rank's local ones, -1 for experts
@@ -202,15 +202,17 @@ def moe_block(x: Tensor, w: dict[str, Tensor], cfg: Qwen35Config, expert_map: Te
     `real` [B * T] bool, real tokens first (decode: the rows of a CUDA-graph bucket past the batch are
     padding): a padding token's slots take the experts of real token (i mod n_real) with weight 0, so the
     step reads no expert weights for it. Its output is then 0 plus its shared expert, never read.
+    `fused_route`: route through `qwen35::moe_route` where it applies (fused gate rows, folded shared
+    expert): the same math as one node, which GPU builds asking for it run as two Triton kernels.
     """
     B, T, H = x.shape
     xf = x.reshape(B * T, H)  # [N, H]
     E = cfg.num_experts
     folded = w["mlp.experts.down_proj"].shape[0] == cfg.num_experts + 1 and expert_map is None
-    if folded and "mlp.gate_shared.weight" in w:
-        # Gate GEMM, router, shared slot and padding redirect as one op (a GPU build runs it as two Triton
-        # launches at decode instead of ~6 ops); its math (ops.moe_route_math) is this folded case of the
-        # sequence below, op for op.
+    if fused_route and folded and "mlp.gate_shared.weight" in w:
+        # Gate GEMM, router, shared slot and padding redirect as one op (a `--fused-route` GPU build runs it
+        # as two Triton launches at decode instead of ~6 ops); its math (ops.moe_route_math) is this folded
+        # case of the sequence below, op for op.
         rw, ids = torch.ops.qwen35.moe_route(xf, w["mlp.gate_shared.weight"], E, cfg.num_experts_per_tok, real)
         return _experts(xf, rw, ids, w).reshape(B, T, H)
     if "mlp.gate_shared.weight" in w:  # router + shared-expert gate rows in one GEMM (graph/fuse_weights.py)
@@ -258,22 +260,23 @@ def _decode_rows_real(x: Tensor, lengths: Tensor) -> Tensor | None:
 
 
 def gdn_layer(x: Tensor, w: dict[str, Tensor], conv_state: Tensor, rec_state: Tensor, lengths: Tensor,
-              cfg: Qwen35Config) -> tuple[Tensor, Tensor, Tensor]:
+              cfg: Qwen35Config, fused_route: bool = False) -> tuple[Tensor, Tensor, Tensor]:
     h, conv_state, rec_state = gdn_mixer(rms_norm(x, w["input_layernorm.weight"], cfg.rms_norm_eps), w,
                                          conv_state, rec_state, lengths, cfg)
     x = x + h
     x = x + moe_block(rms_norm(x, w["post_attention_layernorm.weight"], cfg.rms_norm_eps), w, cfg,
-                      real=_decode_rows_real(x, lengths))
+                      real=_decode_rows_real(x, lengths), fused_route=fused_route)
     return x, conv_state, rec_state
 
 
 def attention_layer(x: Tensor, w: dict[str, Tensor], k_cache: Tensor, v_cache: Tensor, start: Tensor,
-                    lengths: Tensor, cfg: Qwen35Config, cache_op: bool = False) -> tuple[Tensor, Tensor, Tensor]:
+                    lengths: Tensor, cfg: Qwen35Config, cache_op: bool = False, fused_route: bool = False
+                    ) -> tuple[Tensor, Tensor, Tensor]:
     h, k_cache, v_cache = attention_mixer(rms_norm(x, w["input_layernorm.weight"], cfg.rms_norm_eps), w,
                                           k_cache, v_cache, start, lengths, cfg, cache_op)
     x = x + h
     x = x + moe_block(rms_norm(x, w["post_attention_layernorm.weight"], cfg.rms_norm_eps), w, cfg,
-                      real=_decode_rows_real(x, lengths))
+                      real=_decode_rows_real(x, lengths), fused_route=fused_route)
     return x, k_cache, v_cache
 
 

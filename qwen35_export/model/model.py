@@ -55,11 +55,13 @@ class State:
 class Qwen35Model:
     """Reference forward of the text model over `ModelWeights` (any dtype; fp32 for parity)."""
 
-    def __init__(self, weights: ModelWeights, cache_op: bool = False):
-        """`cache_op`: prefill attention through `qwen35::decode_attention` too, as GPU engines run it."""
+    def __init__(self, weights: ModelWeights, cache_op: bool = False, fused_route: bool = False):
+        """`cache_op`: prefill attention through `qwen35::decode_attention` too, as GPU engines run it;
+        `fused_route`: MoE routing through `qwen35::moe_route` (layers.moe_block), as `--fused-route` builds."""
         self.w = weights
         self.cfg = weights.cfg
         self.cache_op = cache_op
+        self.fused_route = fused_route
 
     @property
     def dtype(self) -> torch.dtype:
@@ -89,11 +91,11 @@ class Qwen35Model:
         g = a = 0
         for i, lw in enumerate(self.w.layers):
             if cfg.layer_types[i] == LINEAR_ATTENTION:
-                x, conv[g], rec[g] = layers.gdn_layer(x, lw, conv[g], rec[g], lengths, cfg)
+                x, conv[g], rec[g] = layers.gdn_layer(x, lw, conv[g], rec[g], lengths, cfg, self.fused_route)
                 g += 1
             else:
                 x, kc[a], vc[a] = layers.attention_layer(x, lw, kc[a], vc[a], state.lengths, lengths, cfg,
-                                                         self.cache_op)
+                                                         self.cache_op, self.fused_route)
                 a += 1
             if hook is not None:
                 hook(i, x)

@@ -26,7 +26,7 @@ def decode_gdn() -> tuple[torch.export.ExportedProgram, tuple]:
     row 1 of 2 a padding row (length 0)."""
     w = _layer(0, "bf16")
     assert "mlp.gate_shared.weight" in w and w["mlp.experts.down_proj"].shape[0] == CFG.num_experts + 1
-    ep, names = C.capture_gdn(CFG, w, "decode", SHAPES, torch.bfloat16, torch.device("cpu"))
+    ep, names = C.capture_gdn(CFG, w, "decode", SHAPES, torch.bfloat16, torch.device("cpu"), fused_route=True)
     x = torch.randn(2, 1, CFG.hidden_size, generator=torch.Generator().manual_seed(0)).bfloat16()
     conv = torch.zeros(2, CFG.conv_dim, CFG.linear_conv_kernel_dim - 1, dtype=torch.bfloat16)
     rec = torch.zeros(2, CFG.linear_num_value_heads, CFG.linear_key_head_dim, CFG.linear_value_head_dim)
@@ -49,7 +49,8 @@ def test_triton_route_adds_no_batch_guard(phase, decode_gdn, monkeypatch):
     if phase == "decode":
         ep = copy.deepcopy(decode_gdn[0])  # the pass edits in place
     else:
-        ep, _ = C.capture_gdn(CFG, _layer(0, "bf16"), phase, SHAPES, torch.bfloat16, torch.device("cpu"))
+        ep, _ = C.capture_gdn(CFG, _layer(0, "bf16"), phase, SHAPES, torch.bfloat16, torch.device("cpu"),
+                              fused_route=True)
     ep, subs = substitute_custom_ops(ep, impls)
     assert subs.get("moe_route") == 1 and _ops(ep, "qwen35_triton").count("moe_route") == 1, subs
     calls = []
@@ -67,3 +68,24 @@ def test_inlined_route_keeps_router_and_numbers(decode_gdn):
     ops = _ops(ep, "qwen35")
     assert "moe_route" not in ops and ops.count("moe_router") == 1, ops
     assert torch.equal(ep.module()(*[a.clone() for a in args]), ep0.module()(*[a.clone() for a in args]))
+
+
+def test_route_node_only_when_asked():
+    """Builds capture `qwen35::moe_route` only with BuildSettings.fused_route (not yet verified in a GPU
+    engine): by default the graph keeps the op-by-op routing engines ran (F.linear, qwen35::moe_router,
+    the shared slot, the padding redirect), for both layer kinds; `--kernels triton` then needs the fused
+    op only when asked for it."""
+    from qwen35_export.exporter.build import BuildSettings, _select_kernels
+
+    w = _layer(0, "bf16")
+    ep, _ = C.capture_gdn(CFG, w, "decode", SHAPES, torch.bfloat16, torch.device("cpu"))
+    ops = _ops(ep, "qwen35")
+    assert "moe_route" not in ops and ops.count("moe_router") == 1, ops
+    wa = _layer(3, "bf16")  # the tiny preset's attention layer
+    for fused, want in ((False, 0), (True, 1)):
+        ep, _ = C.capture_attention(CFG, wa, "decode", SHAPES, torch.bfloat16, torch.device("cpu"), fused_route=fused)
+        assert _ops(ep, "qwen35").count("moe_route") == want, (fused, _ops(ep, "qwen35"))
+    impls = triton_implementations()
+    if "moe_route" not in impls:
+        pytest.skip("triton is not importable: no Triton ops to substitute")
+    assert "moe_route" in _select_kernels(BuildSettings(target="h100", fused_route=True, kernels="triton"), "bf16")

@@ -113,3 +113,25 @@ def test_large_m_align_paths_add_no_size_guard(large, monkeypatch):
     ep, _ = substitute_custom_ops(ep, impls)
     assert relational_guards(ep, monkeypatch) == []
     assert bool(calls) == large, "the prefill graph did not take the forced align path"
+
+
+@pytest.mark.parametrize("kind", ["gdn", "attn"])
+def test_scaled_mm_prefill_adds_no_size_guard(kind, monkeypatch):
+    """The sm_90 FP8 prefill linears (SCALED_MM: rows padded to 4 for cuBLASLt, sliced back) in a prefill
+    graph, taken here by declaring the path supported (it needs an sm_90 GPU to run, not to lower): no guard.
+    Padding with ceil(R / 4) * 4 guarded `R <= -4 * ((-R) // 4)` (true for every R, a guard all the same)."""
+    from qwen35_export.kernels.fp8_linear import gemm
+
+    impls = triton_implementations()
+    if not impls:
+        pytest.skip("triton is not importable: no Triton ops to substitute")
+    calls = []
+    monkeypatch.setattr(gemm, "scaled_mm_supported", lambda *a: True)
+    fn = gemm.scaled_mm
+    monkeypatch.setattr(gemm, "scaled_mm", lambda *a, **k: calls.append(1) or fn(*a, **k))
+    cap, layer = (C.capture_gdn, 0) if kind == "gdn" else (C.capture_attention, 3)
+    ep, _ = cap(CFG, _layer(layer, "fp8"), "prefill", SHAPES, torch.bfloat16, torch.device("cpu"))
+    ep, subs = substitute_custom_ops(ep, impls)
+    assert subs.get("fp8_linear"), subs
+    assert relational_guards(ep, monkeypatch) == []
+    assert calls, "the prefill graph's FP8 linears did not take the SCALED_MM path"

@@ -499,11 +499,11 @@ def test_fp8_linear_real_size_cuda(R):
     assert_quant_match(q, qs, q_ref, qs_ref)
     y = fp8_linear(x, w, s)
     sim = fp8_linear_reference(x, w, s, quant_act=True, dtype=torch.float32)
-    if R >= 256 and not gemm.scaled_mm_supported(w.shape[0], 4096, x.device):
-        # dequantised weight, unquantised x (test_dequant_path_many_rows has the bound); on sm_90 y came from
-        # cuBLASLt's block-scaled GEMM (x quantised) and is checked against the simulated reference below
-        assert_close("fp8_linear dequant vs op", y, torch.ops.qwen35.fp8_linear(x.float(), w, s), 2 * BF16_U)
     if R >= 256:
+        if gemm.scaled_mm_supported(w.shape[0], 4096, x.device):  # cuBLASLt's block-scaled GEMM, x quantised
+            assert_close("fp8_linear scaled_mm vs simulated", y, sim, BF16_U)
+        else:  # dequantised weight, unquantised x (test_dequant_path_many_rows has the bound)
+            assert_close("fp8_linear dequant vs op", y, torch.ops.qwen35.fp8_linear(x.float(), w, s), 2 * BF16_U)
         y = fp8_linear_triton(x, w, s, dict(FUSED=False, **two_kernel_config(R, w.shape[0])))
     assert_close("fp8_linear vs simulated", y, sim, BF16_U)
     if R <= 16:  # swap tiles: an engine's 64-row decode graph's, with x quantised in or before the kernel,

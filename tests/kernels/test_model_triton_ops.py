@@ -28,6 +28,7 @@ from qwen35_export.graph.fuse_weights import fuse_layer_weights
 from qwen35_export.graph.substitute_custom_ops import triton_implementations
 from qwen35_export.kernels.fp8_linear import gemm
 from qwen35_export.model.model import Qwen35Model
+from gdn_compare import DEVICE
 from test_moe import BF16_U, FP8_U
 
 BOUND = 3e-2
@@ -50,10 +51,11 @@ def models(request, tmp_path_factory):
     cfg = preset("tiny", num_hidden_layers=4)
     path = write_random_checkpoint(cfg, tmp_path_factory.mktemp(request.param) / "ckpt", dtype=request.param,
                                    progress=False)
-    ref = load_model_weights(path, torch.bfloat16, keep_fp8=request.param == "fp8", progress=False)
-    fused = load_model_weights(path, torch.bfloat16, keep_fp8=request.param == "fp8", progress=False)
+    # on the kernels' device (compiled on the GPU under QWEN35_TRITON_GPU=1: CPU weights failed the launches)
+    ref = load_model_weights(path, torch.bfloat16, keep_fp8=request.param == "fp8", device=DEVICE, progress=False)
+    fused = load_model_weights(path, torch.bfloat16, keep_fp8=request.param == "fp8", device=DEVICE, progress=False)
     fused.layers = [fuse_layer_weights(w)[0] for w in fused.layers]
-    return Qwen35Model(ref), Qwen35Model(fused, cache_op=True), request.param
+    return Qwen35Model(ref), Qwen35Model(fused, cache_op=True, fused_route=True), request.param
 
 
 def test_prefill_and_decode_match_reference(models, monkeypatch):
@@ -65,11 +67,11 @@ def test_prefill_and_decode_match_reference(models, monkeypatch):
     B, T = 2, 41  # rows of 41 and 28 tokens: several GDN chunks, flash attention past one key block
     # 82 prefill rows take the FP8 linear's dequantise path (from 256 rows in a build) as long prompts do
     monkeypatch.setattr(gemm, "DEQUANT_MIN_R", 64)
-    ids = torch.randint(0, ref.cfg.vocab_size, (B, T), generator=g)
-    lens = torch.tensor([T, T - 13])
+    ids = torch.randint(0, ref.cfg.vocab_size, (B, T), generator=g).to(DEVICE)
+    lens = torch.tensor([T, T - 13], device=DEVICE)
     assert (gemm.default_config(B * T, 256, 128) == {"DEQUANT": True}
             and "DEQUANT" not in gemm.default_config(B, 256, 128))
-    steps = torch.randint(0, ref.cfg.vocab_size, (2, B, 1), generator=g)  # the same decode inputs for both
+    steps = torch.randint(0, ref.cfg.vocab_size, (2, B, 1), generator=g).to(DEVICE)  # the same decode inputs for both
 
     def run(model):
         s = model.init_state(B, T + 8)
@@ -104,7 +106,7 @@ def _checked(name, reference, triton_op, worst: dict[str, float]):
     differently from torch.topk on this device, as bf16 logits tie often: what must hold is that the
     picked logits are the top-k values, i.e. equal to the reference's picks' values, sorted. moe_route rounds
     its own gate logits, which may sit one bf16 ulp (2^-7 relative at most) off the reference's: a near tie at
-    the k-th place may go either way there, so its picks' reference logits match to that ulp."""
+    the k-th place may go either way there, so its picks' reference logits match to two ulps (one per logit)."""
     def call(*args):
         out, want = triton_op(*args), reference(*args)
         if name in ("moe_router", "moe_route"):
@@ -112,7 +114,9 @@ def _checked(name, reference, triton_op, worst: dict[str, float]):
             logits = (torch.nn.functional.linear(args[0], args[1])[:, :args[2]] if route else args[0]).float()
             k = args[3] if route else args[1]
             picked = lambda ids: logits.gather(1, ids[:, :k]).sort(1, descending=True).values  # noqa: E731
-            tol = 2.0 ** -7 if route else 0.0
+            # a pick swapped by the op's own logits: each of the two logits may sit one bf16 ulp (2^-7
+            # relative at most) off the reference's, in opposite directions: 2^-6
+            tol = 2.0 ** -6 if route else 0.0
             assert torch.allclose(picked(out[1]), picked(want[1]), rtol=tol, atol=0), f"{name}: picks are not a top-k"
             worst[name] = max(worst.get(name, 0.0), rel(out[0].sort(1).values, want[0].sort(1).values))
             return out

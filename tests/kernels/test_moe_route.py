@@ -148,17 +148,21 @@ def test_gate_logits_kernel_vs_fp64(N, L, H, dtype, poison_empty):
     g = torch.Generator().manual_seed(N + L + H)
     x = torch.randn(N, H, generator=g).to(dtype).to(DEVICE)
     w = (torch.randn(L, H, generator=g) * H ** -0.5).to(dtype).to(DEVICE)
-    out = gate_logits_triton(x, w)
-    assert out.dtype == dtype and out.shape == (N, L)
-    exact = x.double() @ w.double().T
-    err = (out.double() - exact).abs()
     bound = logits_bound(x, w, dtype)
-    assert torch.isfinite(out).all() and (err <= bound).all(), f"max err {err.max():.3g}, worst err/bound " \
-        f"{(err / bound).max():.3g}"
+    exact = x.double() @ w.double().T
+    # the default tile (BLOCK_H 512 > every H here: one step) and 64-column steps (several, the last partial
+    # where H is not a multiple of 64), as the 2048 / 4096-column gates of real models take
+    for cfg in (None, dict(BLOCK_H=64)):
+        out = gate_logits_triton(x, w, cfg)
+        assert out.dtype == dtype and out.shape == (N, L)
+        err = (out.double() - exact).abs()
+        assert torch.isfinite(out).all() and (err <= bound).all(), f"{cfg}: max err {err.max():.3g}, worst " \
+            f"err/bound {(err / bound).max():.3g}"
 
 
 # -- the op: logits kernel + route kernel --------------------------------------------------------------------
-def exact_inputs(N: int, H: int, L: int, dtype: torch.dtype, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+def exact_inputs(N: int, H: int, L: int, dtype: torch.dtype, seed: int, device: str = DEVICE
+                 ) -> tuple[torch.Tensor, torch.Tensor]:
     """x [N, H], w [L, H] on coarse power-of-two grids (multiples of 2^-3 and 2^-4, |.| <= 1): every
     product is a multiple of 2^-7 and every partial sum below 2^17 of those, exact in fp32 in any order, so
     the kernel and F.linear round the same exact logit once and agree bit for bit; the route kernel then
@@ -166,7 +170,7 @@ def exact_inputs(N: int, H: int, L: int, dtype: torch.dtype, seed: int) -> tuple
     g = torch.Generator().manual_seed(seed)
     x = torch.randint(-8, 9, (N, H), generator=g) / 8
     w = torch.randint(-4, 5, (L, H), generator=g) / 16
-    return x.to(dtype).to(DEVICE), w.to(dtype).to(DEVICE)
+    return x.to(dtype).to(device), w.to(dtype).to(device)
 
 
 def _op_cases():
@@ -189,8 +193,11 @@ def test_moe_route_op(N, E, k, H, dtype, mode, poison_empty):
     rw, ids = moe_route_triton(x, w, E, k, real)
     assert torch.equal(gate_logits_triton(x, w), lg), "exact inputs: the logits kernel must equal F.linear"
     check_route(rw, ids, lg, E, k, real)
-    rw_ref, ids_ref = moe_route_math(x, w, E, k, real)
-    assert torch.equal(torch.ops.qwen35.moe_route(x, w, E, k, real)[1], ids_ref)  # the op is its math
+    # exact inputs: the reference op sees the same logits, so the picks are the same sets (ties: lowest index
+    # first in the kernel, torch.topk's order in the reference; check_route above covers the tie rule)
+    rw_ref, ids_ref = torch.ops.qwen35.moe_route(x, w, E, k, real)
+    assert rw_ref.shape == rw.shape and ids_ref.dtype == ids.dtype == torch.int64
+    assert (ids[:, k] == E).all() and torch.equal(ids_ref[:, k], ids[:, k])
 
 
 # -- the MoE layer on the op against the op-by-op path it replaced ---------------------------------------
@@ -207,7 +214,7 @@ def test_moe_block_route_op_equals_old_path(dtype, real):
     E, H = cfg.num_experts, cfg.hidden_size
     # Gate and x on exact grids (exact_inputs): F.linear over the E router rows and over all gate rows then
     # give the same logits (CPU GEMMs block fp32 sums by the output's shape otherwise)
-    x, gate = exact_inputs(5, H, E + 1, dtype, seed=2)
+    x, gate = exact_inputs(5, H, E + 1, dtype, seed=2, device="cpu")  # the model's torch ops, with its weights
     fused["mlp.gate_shared.weight"] = torch.cat([gate, fused["mlp.gate_shared.weight"][E + 1:]])
     old = dict(fused)
     gs = old.pop("mlp.gate_shared.weight")
@@ -218,10 +225,13 @@ def test_moe_block_route_op_equals_old_path(dtype, real):
     route = torch.ops.qwen35.moe_route
     with pytest.MonkeyPatch.context() as m:
         m.setattr(torch.ops.qwen35, "moe_route", lambda *a: calls.append(1) or route(*a))
-        new_out = layers.moe_block(x, fused, cfg, real=r)
+        new_out = layers.moe_block(x, fused, cfg, real=r, fused_route=True)
         assert calls == [1], "the fused, folded layer must route through qwen35::moe_route"
         old_out = layers.moe_block(x, old, cfg, real=r)
         assert calls == [1], "the unfused gate takes the op-by-op path"
+        default_out = layers.moe_block(x, fused, cfg, real=r)
+        assert calls == [1], "without fused_route the fused gate takes the op-by-op path too"
+    assert torch.equal(default_out, old_out)
     assert torch.equal(new_out, old_out)
 
 
@@ -235,7 +245,7 @@ def test_route_op_picks_are_recorded():
     fused, _ = fuse_layer_weights(w)
     x = torch.randn(3, 2, cfg.hidden_size, generator=torch.Generator().manual_seed(0))
     with record_router() as calls:
-        layers.moe_block(x, fused, cfg)
+        layers.moe_block(x, fused, cfg, fused_route=True)
     _, ids = moe_route_math(x.reshape(6, -1), fused["mlp.gate_shared.weight"], cfg.num_experts,
                             cfg.num_experts_per_tok, None)
     assert len(calls) == 1 and torch.equal(calls[0], ids[:, :cfg.num_experts_per_tok])

@@ -471,8 +471,10 @@ def scaled_mm_supported(N: int, K: int, device: torch.device) -> bool:
     """Whether `scaled_mm` runs here: cuBLASLt's block-scaled FP8 GEMM (DeepSeek's 1x128 activation and
     128x128 weight scales) is sm_90 only (CUDA >= 12.9, torch >= 2.9), and wants whole scale blocks: N a
     multiple of 128 and K of 512 (its weight scales are read in K groups of four blocks)."""
-    return (device.type == "cuda" and hasattr(torch, "_scaled_mm") and N % GROUP == 0 and K % (4 * GROUP) == 0
-            and torch.cuda.get_device_capability(device) == (9, 0))
+    if device.type != "cuda" or N % GROUP or K % (4 * GROUP) or torch.version.cuda is None:
+        return False
+    versions = [tuple(int(p) for p in v.split("+")[0].split(".")[:2]) for v in (torch.__version__, torch.version.cuda)]
+    return versions[0] >= (2, 9) and versions[1] >= (12, 9) and torch.cuda.get_device_capability(device) == (9, 0)
 
 
 def scaled_mm(x2: Tensor, w: Tensor, w_scale: Tensor, hw_cvt: bool = True) -> Tensor:

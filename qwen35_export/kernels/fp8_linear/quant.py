@@ -136,7 +136,10 @@ def quantize_act(x: Tensor, hw_cvt: bool = False, pad_rows: int = 1, scales_by_c
     R, K = x.shape
     if x.stride(-1) != 1:  # the kernel takes a row stride: strided rows need no copy
         x = x.contiguous()
-    Rp = R if pad_rows == 1 else -(-R // pad_rows) * pad_rows
+    # R + (-R) % p, not ceil(R / p) * p: with a symbolic R the slice back to R rows (`scaled_mm`) then needs
+    # R <= R' only, which the shape env proves from Mod >= 0; the ceil form put a guard on R into every
+    # prefill graph (true for every R, but a guard on the batch all the same)
+    Rp = R if pad_rows == 1 else R + (-R) % pad_rows
     G = triton.cdiv(K, GROUP)
     q = torch.empty(Rp, K, dtype=torch.float8_e4m3fn, device=x.device)
     if scales_by_column:

@@ -137,8 +137,11 @@ def _route_kernel(lg_ptr, real_ptr, w_ptr, ids_ptr, N, E, stride_l, TOP_K: tl.co
 
 
 # One program per 16 gate rows (L = 264: 17 programs, 520: 33) and 16 tokens: at decode the gate weight is
-# read from HBM once, the token tiles of a batch read it again from L2. Untuned.
-GATE_LOGITS_CONFIG = dict(BLOCK_N=16, BLOCK_L=16, BLOCK_H=256, num_warps=4, num_stages=3)
+# read from HBM once, the token tiles of a batch read it again from L2. Of bench/decode_kernels.py's eight
+# candidates on the H200 (bench/results/moe_route_h200/), BLOCK_H 512 with 3 or 4 stages (tied over the six
+# geometry x batch cases, 4 faster at batch 1): 35B 4.8-5.1 us, 397B 7.5-8.1 us at batch 1 / 8 / 64, against
+# 5.9 / 10.0-10.6 us for the first guess (BLOCK_H 256, 3 stages) and 5.6-5.7 / 7.4-7.6 us for F.linear.
+GATE_LOGITS_CONFIG = dict(BLOCK_N=16, BLOCK_L=16, BLOCK_H=512, num_warps=4, num_stages=4)
 
 
 def gate_logits_triton(x: Tensor, w_gate: Tensor, config: dict | None = None) -> Tensor:
@@ -175,8 +178,10 @@ def route_from_logits_triton(logits: Tensor, num_experts: int, top_k: int,
     ids = torch.empty(N, top_k + 1, dtype=torch.int64, device=logits.device)
     if N == 0:
         return w, ids
-    # A bool tensor as bytes: one load per flag on every Triton version.
-    flags = real.contiguous().view(torch.uint8) if real is not None else logits
+    # Flags as bytes: one load per flag on every Triton version. A conversion, not a dtype view:
+    # Inductor cannot lower view(bool -> uint8) (H200 build, torch 2.11: "torch.bool is not supported by
+    # torch.iinfo"); it fuses the conversion into the pointwise kernel that computes `real`.
+    flags = real.to(torch.uint8).contiguous() if real is not None else logits
     block_e = triton.next_power_of_2(E)
     wrap_triton(_route_kernel)[(N,)](logits, flags, w, ids, N, E, logits.stride(0), TOP_K=top_k,
                                     HAS_REAL=real is not None, BLOCK_E=block_e,
