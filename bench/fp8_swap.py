@@ -82,16 +82,22 @@ def ranked(cfgs: list[dict], time_cfg, label: str, describe) -> list[tuple[float
     return sorted(res, key=lambda r: r[0])
 
 
+def dense_case(N: int, K: int, M: int) -> tuple[list, list, torch.Tensor, torch.Tensor, int]:
+    """(weights and scales rotated past the L2, x [M, K], its quantisation-simulated fp32 reference, the bytes
+    one call reads) for one linear at M rows."""
+    ws, ss = rotating_weights(N, K)
+    x = torch.randn(M, K, device="cuda", dtype=torch.bfloat16)
+    sim = fp8_linear_reference(x, ws[0], ss[0], quant_act=True, dtype=torch.float32)
+    return ws, ss, x, sim, N * K + ss[0].numel() * 4
+
+
 def bench_dense(bw: float, rows: list, save, deadline: float) -> None:
     for (name, (N, K)), M in itertools.product(ENGINE_LINEARS.items(), (1, 8, 64)):
         if time.time() > deadline:
             print("dense: out of time", flush=True)
             return
-        ws, ss = rotating_weights(N, K)
-        x = torch.randn(M, K, device="cuda", dtype=torch.bfloat16)
-        sim = fp8_linear_reference(x, ws[0], ss[0], quant_act=True, dtype=torch.float32)
+        ws, ss, x, sim, nbytes = dense_case(N, K, M)
         ref = fp8_linear_reference(x, ws[0], ss[0], dtype=torch.float32)
-        nbytes = N * K + ss[0].numel() * 4
 
         def time_cfg(cfg, against=sim):  # (us, rel err); (None, None) for a tile the compiler rejects
             return time_linear(x, ws, ss, cfg, against, name) or (None, None)
@@ -129,10 +135,7 @@ def bench_dense_bt16(bw: float, rows: list, save, deadline: float) -> None:
         if time.time() > deadline:
             print("dense bt16: out of time", flush=True)
             return
-        ws, ss = rotating_weights(N, K)
-        x = torch.randn(M, K, device="cuda", dtype=torch.bfloat16)
-        sim = fp8_linear_reference(x, ws[0], ss[0], quant_act=True, dtype=torch.float32)
-        nbytes = N * K + ss[0].numel() * 4
+        ws, ss, x, sim, nbytes = dense_case(N, K, M)
         row = dict(name=name, N=N, K=K, M=M, bytes=nbytes)
 
         def t(cfg):  # a tile the compiler rejects is recorded as missing (nan) and the run goes on

@@ -107,8 +107,9 @@ def capture_gdn(cfg: Qwen35Config, weights: dict[str, Tensor], phase: str, shape
                       dtype=torch.float32, device=device)
     args = (x, lengths, conv, rec, *[weights[n] for n in names])
     dyn = ({0: B, 1: T} if T is not None else {0: B}, {0: B}, {0: B}, {0: B}, (None,) * len(names))
-    module = layer(cfg, names, fused_route=True) if fused_route else layer(cfg, names)
-    ep = torch.export.export(module, args, dynamic_shapes=dyn, strict=False)
+    # only flags that are on: the sharded layers (parallel/capture.py) take no fused_route
+    ep = torch.export.export(layer(cfg, names, **({"fused_route": True} if fused_route else {})), args,
+                             dynamic_shapes=dyn, strict=False)
     return ep, names
 
 

@@ -19,6 +19,8 @@ multiplies the e4m3 operands into an fp32 partial sum and applies both scales to
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import triton
 import triton.language as tl
@@ -27,7 +29,7 @@ from torch.fx.experimental.symbolic_shapes import statically_known_true
 from torch.library import wrap_triton
 
 from ...checkpoint.fp8 import dequantize_fp8_block
-from .quant import GROUP, INTERPRET, cast_out, dot, quant_group, quant_group_values, quantize_act
+from .quant import GROUP, INTERPRET, act_group, cast_out, dot, quant_group, quant_group_values, quantize_act
 
 
 @triton.jit
@@ -227,12 +229,7 @@ def _swap_w8a8_gemm_kernel(x_ptr, xs_ptr, b_ptr, bs_ptr, c_ptr, M, N, K, steps_p
         k_ok = offs_k < K - k
         b = tl.load(b_ptrs + k, mask=n_ok[:, None] & k_ok[None, :], other=0.0)
         sb = tl.load(bs_ptrs + kb, mask=n_ok, other=0.0)
-        if QX:
-            xv = tl.load(x_ptrs + k, mask=t_ok[:, None] & k_ok[None, :], other=0.0)
-            q, sa = quant_group(xv.to(tl.float32), HW_CVT)  # absent rows: zeros, scale 1
-        else:
-            q = tl.load(x_ptrs + k, mask=t_ok[:, None] & k_ok[None, :], other=0.0)
-            sa = tl.load(xs_ptrs + kb, mask=t_ok, other=0.0)
+        q, sa = act_group(x_ptrs + k, xs_ptrs + kb, t_ok[:, None] & k_ok[None, :], t_ok, QX, HW_CVT)
         acc += dot(b, tl.trans(q), UPCAST) * (sb[:, None] * sa[None, :])
     c_ptrs = c_ptr + pid_k.to(tl.int64) * stride_cs + offs_t[None, :].to(tl.int64) * stride_cm + offs_n[:, None]
     tl.store(c_ptrs, cast_out(acc, c_ptr.dtype.element_ty), mask=n_ok[:, None] & t_ok[None, :])
@@ -471,10 +468,19 @@ def scaled_mm_supported(N: int, K: int, device: torch.device) -> bool:
     """Whether `scaled_mm` runs here: cuBLASLt's block-scaled FP8 GEMM (DeepSeek's 1x128 activation and
     128x128 weight scales) is sm_90 only (CUDA >= 12.9, torch >= 2.9), and wants whole scale blocks: N a
     multiple of 128 and K of 512 (its weight scales are read in K groups of four blocks)."""
-    if device.type != "cuda" or N % GROUP or K % (4 * GROUP) or torch.version.cuda is None:
+    if device.type != "cuda" or N % GROUP or K % (4 * GROUP) or not _stack_has_block_scaled_mm():
         return False
-    versions = [tuple(int(p) for p in v.split("+")[0].split(".")[:2]) for v in (torch.__version__, torch.version.cuda)]
-    return versions[0] >= (2, 9) and versions[1] >= (12, 9) and torch.cuda.get_device_capability(device) == (9, 0)
+    return torch.cuda.get_device_capability(device) == (9, 0)
+
+
+@functools.lru_cache(maxsize=None)
+def _stack_has_block_scaled_mm() -> bool:
+    """torch >= 2.9 built with CUDA >= 12.9 (read once: eager calls ask on every linear)."""
+    if torch.version.cuda is None:
+        return False
+    torch_v, cuda_v = (tuple(int(p) for p in v.split("+")[0].split(".")[:2])  # "2.11.0+cu130" -> (2, 11)
+                       for v in (torch.__version__, torch.version.cuda))
+    return torch_v >= (2, 9) and cuda_v >= (12, 9)
 
 
 def scaled_mm(x2: Tensor, w: Tensor, w_scale: Tensor, hw_cvt: bool = True) -> Tensor:

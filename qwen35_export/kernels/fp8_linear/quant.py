@@ -99,6 +99,19 @@ def quant_group(v, HW_CVT: tl.constexpr = False):
 
 
 @triton.jit
+def act_group(x_ptrs, xs_ptrs, mask, row_ok, QX: tl.constexpr, HW_CVT: tl.constexpr):
+    """One [rows, 128] activation group of a w8a8 kernel as (e4m3 codes, per-row scales): quantised here from
+    the unquantised activation at `x_ptrs` (QX; masked-off rows quantise from zeros: codes 0, scale 1), or
+    `quantize_act`'s codes at `x_ptrs` and its scales at `xs_ptrs` loaded."""
+    if QX:
+        q, s = quant_group(tl.load(x_ptrs, mask=mask, other=0.0).to(tl.float32), HW_CVT)
+    else:
+        q = tl.load(x_ptrs, mask=mask, other=0.0)
+        s = tl.load(xs_ptrs, mask=row_ok, other=0.0)
+    return q, s
+
+
+@triton.jit
 def quant_group_values(v, HW_CVT: tl.constexpr = False):
     """`quant_group` with q as e4m3 values held exactly in fp32, for kernels that multiply q in fp32."""
     q, s = scale_group(v)

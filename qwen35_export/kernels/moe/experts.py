@@ -28,7 +28,7 @@ from torch import Tensor
 from torch.library import wrap_triton
 
 from ..fp8_linear.gemm import grouped_tile
-from ..fp8_linear.quant import INTERPRET, cast_out, dot, quant_group, quantize_act
+from ..fp8_linear.quant import INTERPRET, act_group, cast_out, dot, quant_group, quantize_act
 from torch.fx.experimental.symbolic_shapes import statically_known_true
 
 from .align import align_block_size, upper_bound
@@ -253,12 +253,7 @@ def _gate_up_swap_kernel(x_ptr, xs_ptr, w_ptr, ws_ptr, h_ptr, hs_ptr, slots_ptr,
     u_ptrs += kb0 * 128
     for kb in range(kb0, tl.minimum(kb0 + steps, tl.cdiv(H, 128))):
         k_ok = offs_k < H - kb * 128
-        if QX:
-            xv = tl.load(x_ptrs, mask=row_ok[:, None] & k_ok[None, :], other=0.0)
-            q, sa = quant_group(xv.to(tl.float32), HW_CVT)  # padding rows: zeros, scale 1
-        else:
-            q = tl.load(x_ptrs, mask=row_ok[:, None] & k_ok[None, :], other=0.0)
-            sa = tl.load(xs_ptrs + kb, mask=row_ok, other=0.0)
+        q, sa = act_group(x_ptrs, xs_ptrs + kb, row_ok[:, None] & k_ok[None, :], row_ok, QX, HW_CVT)
         qt = tl.trans(q)  # [128, BM]
         bg = tl.load(g_ptrs, mask=n_ok[:, None] & k_ok[None, :], other=0.0)
         bu = tl.load(u_ptrs, mask=n_ok[:, None] & k_ok[None, :], other=0.0)
@@ -313,12 +308,8 @@ def _down_swap_kernel(h_ptr, hs_ptr, w_ptr, ws_ptr, y_ptr, tw_ptr, slots_ptr, ti
                 g += tl.load(a_ptrs + sk * stride_hk, mask=row_ok[:, None], other=0.0)
                 u += tl.load(a_ptrs + sk * stride_hk + I, mask=row_ok[:, None], other=0.0)
             q, sa = quant_group(g * tl.sigmoid(g) * u, HW_CVT)
-        elif QX:
-            hv = tl.load(a_ptrs, mask=row_ok[:, None], other=0.0)  # I is a multiple of 128 (check_config)
-            q, sa = quant_group(hv, HW_CVT)
-        else:
-            q = tl.load(a_ptrs, mask=row_ok[:, None], other=0.0)
-            sa = tl.load(as_ptrs + kb, mask=row_ok, other=0.0)
+        else:  # I is a multiple of 128 (check_config): no column mask
+            q, sa = act_group(a_ptrs, as_ptrs + kb, row_ok[:, None], row_ok, QX, HW_CVT)
         b = tl.load(b_ptrs, mask=n_ok[:, None], other=0.0)
         sb = tl.load(bs_ptrs + kb, mask=n_ok, other=0.0)
         acc += dot(b, tl.trans(q), UPCAST) * (sb[:, None] * sa[None, :])
