@@ -148,7 +148,7 @@ def test_manifest_records_build(cpu_engine_fp32: Path) -> None:
     # --dump-graphs wrote each graph before and after each pass
     assert (cpu_engine_fp32 / "graphs_dump" / "gdn_prefill.0.inline_ops.after.txt").is_file()
     assert (cpu_engine_fp32 / "graphs_dump" / "gdn_prefill.1.substitute_custom_ops.before.txt").is_file()
-    assert m["passes"][-2:] == ["inline_ops", "substitute_custom_ops"]
+    assert m["passes"][-3:] == ["inline_ops", "substitute_custom_ops", "reinplace_state"]
 
 
 def _copy(src: Path, dst: Path) -> Path:

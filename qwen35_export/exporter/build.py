@@ -34,6 +34,8 @@ from .engine_dir import check_out, file_table, staging_dir, swap_into_place
 from .manifest import FORMAT_VERSION, TARGET_SM, GraphEntry, Manifest
 
 TARGETS = ("h100", "h200", "cpu")
+# passes whose per-op counts the manifest records as a graph's substitutions
+_COUNTED_PASSES = ("substitute_custom_ops", "reinplace_state")
 _TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "merges.txt",
                     "special_tokens_map.json", "generation_config.json", "chat_template.jinja")
 
@@ -251,7 +253,7 @@ def build_engine(checkpoint: str | Path, out: str | Path, settings: BuildSetting
             ep, names = capture[kind](cfg, examples[kind], phase, shapes, act, device, **kw)
             ep, recs = run_passes(ep, name, impls, dump)
             eps[name] = (ep, GraphEntry(f"graphs/{name}.pt2", kind, phase, names,
-                                        {k: v for r in recs if r.name == "substitute_custom_ops"
+                                        {k: v for r in recs if r.name in _COUNTED_PASSES
                                          for k, v in r.changes.items()}))
         gdev = {k: v.to(device) for k, v in glob.items()}
         eps["embed"] = (C.capture_embed(cfg, gdev["embed_tokens.weight"], shapes, device),
@@ -290,7 +292,7 @@ def build_engine(checkpoint: str | Path, out: str | Path, settings: BuildSetting
             layer_files=layer_files, globals_file="weights/globals.safetensors",
             passes=(["quantize_fp8 (weights, before capture)"] if dtype == "fp8" else [])
             + ([f"fuse_weights (weights, before capture): {', '.join(fused)}"] if fused else [])
-            + ["inline_ops", "substitute_custom_ops"],
+            + ["inline_ops", "substitute_custom_ops", "reinplace_state"],
             files=files, build_seconds=times, tokenizer_files=tok,
             parallel=manifest_entry(plan, rank_files) if plan is not None else None)
         times["total"] = time.time() - t_all

@@ -70,7 +70,7 @@ def test_substitute_without_impl_keeps_reference() -> None:
 def test_pipeline_dumps_before_and_after(tmp_path) -> None:
     ep = torch.export.export(Routed(), (torch.randn(4, 8),))
     ep, recs = run_passes(ep, "g", {"moe_router": torch.ops.qwen35_test.moe_router.default}, tmp_path)
-    assert [r.name for r in recs] == ["inline_ops", "substitute_custom_ops"]
+    assert [r.name for r in recs] == ["inline_ops", "substitute_custom_ops", "reinplace_state"]
     before = (tmp_path / "g.1.substitute_custom_ops.before.txt").read_text()
     after = (tmp_path / "g.1.substitute_custom_ops.after.txt").read_text()
     assert "qwen35.moe_router" in before and "qwen35_test.moe_router" in after

@@ -273,6 +273,72 @@ def test_triton_op_matches_reference_op(T, poison_empty):
     assert_close("ht of a 1-token row", ht[2:], h1, FP32_BOUND)
 
 
+@pytest.mark.parametrize("B,T", [(1, 1), (3, 1), (2, 5)])
+def test_inplace_op_matches_functional_op(B, T):
+    """`qwen35_triton::gated_delta_rule_` (graph/reinplace_state.py's op) writes into `state` exactly the
+    state the functional op returns and returns the same o: same kernel, same launch, h0 and ht one tensor."""
+    import qwen35_export.kernels.gated_delta_rule.op  # noqa: F401
+
+    q, k, v, g, beta, state = make_inputs(B, T, 2, 4, 32, 32, torch.bfloat16, seed=B * 10 + T)
+    state = state.to(DEVICE)
+    q, k, v, g, beta = (x.to(DEVICE) for x in (q, k, v, g, beta))
+    o_ref, ht_ref = torch.ops.qwen35_triton.gated_delta_rule(q, k, v, g, beta, state)
+    st = state.clone()
+    o = torch.ops.qwen35_triton.gated_delta_rule_(q, k, v, g, beta, st)
+    assert torch.equal(o, o_ref) and torch.equal(st, ht_ref)
+    assert not torch.equal(st, state)  # it did write (the random inputs move every state)
+
+
+def test_inplace_op_refuses_what_it_cannot_update():
+    """Prefill lengths (the chunked path keeps the functional op) and a state it cannot write in place are
+    errors naming the op and what it found, not wrong numbers."""
+    import qwen35_export.kernels.gated_delta_rule.op  # noqa: F401
+
+    q, k, v, g, beta, state = make_inputs(1, 9, 2, 4, 32, 32, torch.bfloat16)
+    with pytest.raises(ValueError, match=r"gated_delta_rule_: T=9 .* T <= 8"):
+        torch.ops.qwen35_triton.gated_delta_rule_(q, k, v, g, beta, state)
+    q, k, v, g, beta, state = make_inputs(2, 1, 2, 4, 32, 32, torch.bfloat16)
+    with pytest.raises(ValueError, match=r"state \(2, 4, 32, 32\) .*contiguous: False"):
+        torch.ops.qwen35_triton.gated_delta_rule_(q, k, v, g, beta, state.transpose(2, 3))
+
+
+def test_reinplaced_decode_graph_matches_functional():
+    """A GDN decode layer graph after graph/reinplace_state.py (Triton ops, state updated in place) against
+    the same graph before it: the same hidden states and conv state, bit for bit the same recurrent state
+    in the state input, and a padding row's state left alone."""
+    import copy
+
+    from qwen35_export.checkpoint.writer import random_tensor
+    from qwen35_export.config import preset
+    from qwen35_export.exporter import capture as C
+    from qwen35_export.graph.fuse_weights import fuse_layer_weights
+    from qwen35_export.graph.reinplace_state import reinplace_state
+    from qwen35_export.graph.substitute_custom_ops import substitute_custom_ops, triton_implementations
+    from qwen35_export.model.weights import layer_weight_shapes
+
+    cfg = preset("tiny", num_hidden_layers=4)
+    w = {n: random_tensor(f"layers.0.{n}", s, seed=0) for n, s in layer_weight_shapes(cfg, 0).items()}
+    w = fuse_layer_weights({n: t if n.endswith(("A_log", "dt_bias")) else t.bfloat16() for n, t in w.items()})[0]
+    w = {n: t.to(DEVICE) for n, t in w.items()}
+    ep, names = C.capture_gdn(cfg, w, "decode", C.CaptureShapes(max_batch=8, max_seq_len=64), torch.bfloat16,
+                              torch.device(DEVICE))
+    functional, _ = substitute_custom_ops(ep, triton_implementations())
+    inplace, counts = reinplace_state(copy.deepcopy(functional))
+    assert counts == {"gated_delta_rule_": 1}
+    gen = torch.Generator().manual_seed(1)
+    x = torch.randn(3, 1, cfg.hidden_size, generator=gen).bfloat16().to(DEVICE)
+    lengths = torch.tensor([1, 1, 0], device=DEVICE)  # row 2: a CUDA-graph bucket's padding row
+    conv = torch.randn(3, cfg.conv_dim, cfg.linear_conv_kernel_dim - 1, generator=gen).bfloat16().to(DEVICE)
+    rec = torch.randn(3, cfg.linear_num_value_heads, cfg.linear_key_head_dim, cfg.linear_value_head_dim,
+                      generator=gen).to(DEVICE)
+    states = [(conv.clone(), rec.clone()) for _ in range(2)]
+    outs = [m.module()(x, lengths, c, r, *[w[n] for n in names])
+            for m, (c, r) in zip((functional, inplace), states)]
+    assert torch.equal(outs[0], outs[1])
+    assert torch.equal(states[0][0], states[1][0]) and torch.equal(states[0][1], states[1][1])
+    assert not torch.equal(states[1][1][:2], rec[:2]) and torch.equal(states[1][1][2], rec[2])
+
+
 def test_triton_op_exports():
     """torch.export traces the op through its fake kernel (dynamic T), keeping it as one node."""
     import qwen35_export.kernels.gated_delta_rule.op  # noqa: F401
