@@ -10,7 +10,7 @@
 #    "1", no prefill; HF_MODE = torch.compile mode) compiles and warms up beside the builds, then waits; it is
 #    timed once the builds (and the GDN bench) are done, before ours -> $OUT/hf_compile (log: hf_compile.log).
 #    It shares the GPU with whatever runs beside the builds (TESTS, the GDN bench): GDN=none keeps those clean.
-#   [DTYPES="bf16 fp8"] [BUILD_FLAGS="--fused-route"] [CHECKS=1] [MOE_ALIGN=1] [GDN=bench|variants|after|none] [TESTS="pytest args"] [TESTS_TIMEOUT=120]
+#   [DTYPES="bf16 fp8"] [BUILD_FLAGS="--no-fused-route"] [CHECKS=1] [MOE_ALIGN=1] [GDN=bench|variants|after|none] [TESTS="pytest args"] [TESTS_TIMEOUT=120]
 #   [HF_COMPILE=1 [HF_BATCHES=1,8] [HF_MODE=max-autotune-no-cudagraphs] [HF_TIMEOUT=s]] bash bench/device_measure.sh h200 $OUT [SECONDS]
 set -u
 TARGET=${1:-h200}; OUT=${2:?out dir}; BUDGET=${3:-585}; W=/tmp/e35

@@ -167,9 +167,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--validate", action="store_true", help="run a short validate and record it in the manifest")
     s.add_argument("--no-fuse-projections", action="store_true",
                    help="keep every projection its own GEMM and the shared expert outside the MoE op")
-    s.add_argument("--fused-route", action="store_true",
-                   help="GPU targets: the MoE routing as two fused Triton kernels (faster standalone; not yet "
-                   "verified inside an engine on a GPU)")
+    s.add_argument("--no-fused-route", dest="fused_route", action="store_false",
+                   help="GPU targets: keep the decode graphs' MoE routing op by op instead of the two fused "
+                   "Triton kernels (the default)")
     s.add_argument("--tp", type=int, default=1, help="ranks the attention/GDN heads are split over (1 or N)")
     s.add_argument("--ep", type=int, default=1, help="ranks the routed experts are split over (1 or N); a "
                    "sharded engine runs under `torchrun --nproc-per-node N`")

@@ -61,12 +61,14 @@ class BuildSettings:
     # Fuse projections that read the same input, and the shared expert into the routed MoE op
     # (graph/fuse_weights.py); single-rank AOTI builds only.
     fuse_projections: bool = True
-    # Capture the MoE routing as one `qwen35::moe_route` node (layers.moe_block), run on GPU targets as two
-    # Triton kernels (qwen35_triton::moe_route: gate logits + route). Off: the op-by-op routing (F.linear, the
-    # Triton router, the shared slot and the padding redirect) every measured engine ran. The fused op is
-    # 2.4x faster standalone (H200: 9.8 vs 23.6 us per 35B layer at batch 1) but no engine with it has been
-    # built on a GPU yet (its first build failed in lowering, fixed since, not re-run).
-    fused_route: bool = False
+    # Capture the MoE routing of the decode graphs as one `qwen35::moe_route` node (layers.moe_block), run as
+    # two Triton kernels (qwen35_triton::moe_route: gate logits + route) instead of ~6 ops. H200, 35B-A3B at 8
+    # layers (bench/results/e2e_h200_session9/): BF16 decode 0.979 / 1.787 ms at batch 1 / 8 (op-by-op, sixth
+    # session: 1.01 / 1.79); validate PASS at batch 2 and 40 and padded buckets bit-identical for BF16 and
+    # FP8 (FP8 with the in-place state too: 1.046 / 1.631 / 3.692 -> 1.021 / 1.543 / 3.399 ms). Prefill keeps the
+    # op-by-op routing (launch count is what the fused op saves; prefill does not feel it), as do targets
+    # without the Triton op (cpu, ONNX, TensorRT) and sharded builds.
+    fused_route: bool = True
 
 
 def check_target(target: str) -> torch.device:
@@ -136,6 +138,19 @@ def write_weights(reader: CheckpointReader, tmp: Path, dtype: str, act: torch.dt
             examples[kind] = {k: v.to(device) for k, v in w.items()}
         del w
     return glob, layer_files, examples
+
+
+def capture_flags(settings: BuildSettings, kind: str, phase: str, impls: dict[str, object], device: torch.device,
+                  sharded: bool) -> dict[str, bool]:
+    """The capture options of one layer graph (only those that are on; the sharded layers take neither)."""
+    kw = {}
+    # GPU builds substituting the Triton attention op prefill through it (flash kernel over the cache)
+    # (single-rank builds only: the sharded attention layer keeps SDPA for prefill)
+    if kind == C.ATTN and not sharded and device.type == "cuda" and "decode_attention" in impls:
+        kw["cache_op"] = True
+    if settings.fused_route and not sharded and phase == C.DECODE and "moe_route" in impls:
+        kw["fused_route"] = True
+    return kw
 
 
 def _select_kernels(settings: BuildSettings, dtype: str) -> dict[str, object]:
@@ -244,12 +259,7 @@ def build_engine(checkpoint: str | Path, out: str | Path, settings: BuildSetting
         jobs = [(f"{k}_{p}", k, p) for k in (C.GDN, C.ATTN) if k in examples for p in (C.PREFILL, C.DECODE)]
         capture = {C.GDN: C.capture_gdn, C.ATTN: C.capture_attention} if plan is None else sharded_capture(plan)
         for name, kind, phase in tqdm(jobs, desc="capture", disable=not settings.progress):
-            # GPU builds substituting the Triton attention op prefill through it (flash kernel over the cache)
-            # (single-rank builds only: the sharded attention layer keeps SDPA for prefill)
-            flash = kind == C.ATTN and plan is None and device.type == "cuda" and "decode_attention" in impls
-            kw = {"cache_op": True} if flash else {}
-            if settings.fused_route and plan is None:  # sharded builds keep their gates unfused
-                kw["fused_route"] = True
+            kw = capture_flags(settings, kind, phase, impls, device, sharded=plan is not None)
             ep, names = capture[kind](cfg, examples[kind], phase, shapes, act, device, **kw)
             ep, recs = run_passes(ep, name, impls, dump)
             eps[name] = (ep, GraphEntry(f"graphs/{name}.pt2", kind, phase, names,

@@ -210,7 +210,7 @@ def moe_block(x: Tensor, w: dict[str, Tensor], cfg: Qwen35Config, expert_map: Te
     E = cfg.num_experts
     folded = w["mlp.experts.down_proj"].shape[0] == cfg.num_experts + 1 and expert_map is None
     if fused_route and folded and "mlp.gate_shared.weight" in w:
-        # Gate GEMM, router, shared slot and padding redirect as one op (a `--fused-route` GPU build runs it
+        # Gate GEMM, router, shared slot and padding redirect as one op (a GPU build's decode graph runs it
         # as two Triton launches at decode instead of ~6 ops); its math (ops.moe_route_math) is this folded
         # case of the sequence below, op for op.
         rw, ids = torch.ops.qwen35.moe_route(xf, w["mlp.gate_shared.weight"], E, cfg.num_experts_per_tok, real)

@@ -57,7 +57,7 @@ class Qwen35Model:
 
     def __init__(self, weights: ModelWeights, cache_op: bool = False, fused_route: bool = False):
         """`cache_op`: prefill attention through `qwen35::decode_attention` too, as GPU engines run it;
-        `fused_route`: MoE routing through `qwen35::moe_route` (layers.moe_block), as `--fused-route` builds."""
+        `fused_route`: MoE routing through `qwen35::moe_route` (layers.moe_block), as GPU builds capture their decode graphs."""
         self.w = weights
         self.cfg = weights.cfg
         self.cache_op = cache_op

@@ -71,10 +71,9 @@ def test_inlined_route_keeps_router_and_numbers(decode_gdn):
 
 
 def test_route_node_only_when_asked():
-    """Builds capture `qwen35::moe_route` only with BuildSettings.fused_route (not yet verified in a GPU
-    engine): by default the graph keeps the op-by-op routing engines ran (F.linear, qwen35::moe_router,
-    the shared slot, the padding redirect), for both layer kinds; `--kernels triton` then needs the fused
-    op only when asked for it."""
+    """The captures take `qwen35::moe_route` only when asked (default: the op-by-op routing, F.linear,
+    qwen35::moe_router, the shared slot, the padding redirect), for both layer kinds; `--kernels triton`
+    then needs the fused op only when the build asks for it."""
     from qwen35_export.exporter.build import BuildSettings, _select_kernels
 
     w = _layer(0, "bf16")
@@ -89,3 +88,24 @@ def test_route_node_only_when_asked():
     if "moe_route" not in impls:
         pytest.skip("triton is not importable: no Triton ops to substitute")
     assert "moe_route" in _select_kernels(BuildSettings(target="h100", fused_route=True, kernels="triton"), "bf16")
+    assert "moe_route" in _select_kernels(BuildSettings(target="h100", fused_route=False, kernels="triton"), "bf16")
+
+
+def test_build_fuses_the_route_of_gpu_decode_graphs_only():
+    """What a build asks the captures for (exporter/build.py capture_flags): the fused route by default in
+    the decode graphs of single-rank builds that substitute the Triton op; never in prefill graphs, sharded
+    builds, builds without the op (cpu target, ONNX, TensorRT) or with `--no-fused-route`."""
+    from qwen35_export.exporter.build import BuildSettings, capture_flags
+
+    gpu, cpu = torch.device("cuda"), torch.device("cpu")
+    impls = {"moe_route": object(), "decode_attention": object()}
+    on = BuildSettings(target="h100")
+    assert on.fused_route
+    assert capture_flags(on, C.GDN, C.DECODE, impls, gpu, sharded=False) == {"fused_route": True}
+    assert capture_flags(on, C.ATTN, C.DECODE, impls, gpu, sharded=False) == {"cache_op": True, "fused_route": True}
+    assert capture_flags(on, C.GDN, C.PREFILL, impls, gpu, sharded=False) == {}
+    assert capture_flags(on, C.ATTN, C.PREFILL, impls, gpu, sharded=False) == {"cache_op": True}
+    assert capture_flags(on, C.GDN, C.DECODE, impls, gpu, sharded=True) == {}
+    assert capture_flags(on, C.GDN, C.DECODE, {}, cpu, sharded=False) == {}
+    off = BuildSettings(target="h100", fused_route=False)
+    assert capture_flags(off, C.GDN, C.DECODE, impls, gpu, sharded=False) == {}
