@@ -394,7 +394,7 @@ def _launch_two_kernel(x2: Tensor, w: Tensor, w_scale: Tensor, out: Tensor, cfg:
     R, K = x2.shape
     N = w.shape[0]
     tiles = triton.cdiv(R, cfg["BLOCK_M"]) * triton.cdiv(N, cfg["BLOCK_N"])
-    _launch_split_k(_w8a8_gemm_kernel, (*quantize_act(x2), w, w_scale), triton.cdiv(K, cfg["BLOCK_K"]), tiles,
+    launch_split_k(_w8a8_gemm_kernel, (*quantize_act(x2), w, w_scale), triton.cdiv(K, cfg["BLOCK_K"]), tiles,
                     out, cfg)
 
 
@@ -415,7 +415,7 @@ def _split_k_sum(part: Tensor, out: Tensor, split: int) -> None:
         part, out, numel, SPLIT_K=split, BLOCK=block, num_warps=4)
 
 
-def _launch_split_k(kernel, inputs: tuple[Tensor, ...], steps: int, tiles: int, out: Tensor, cfg: dict,
+def launch_split_k(kernel, inputs: tuple[Tensor, ...], steps: int, tiles: int, out: Tensor, cfg: dict,
                     **consts) -> None:
     """Launch one of this file's GEMM kernels over `tiles` output tiles x the K splits cfg["SPLIT_K"] asks of
     its `steps` K steps (`_k_splits`), then sum the splits. The kernels share one argument order: the
@@ -438,7 +438,7 @@ def _launch_fused(x2: Tensor, w: Tensor, w_scale: Tensor, out: Tensor, cfg: dict
     R, K = x2.shape
     N = w.shape[0]
     tiles = triton.cdiv(R, cfg["BLOCK_M"]) * triton.cdiv(N, cfg["BLOCK_N"])
-    _launch_split_k(_fused_w8a8_gemm_kernel, (x2, w, w_scale), triton.cdiv(K, GROUP), tiles, out, cfg)
+    launch_split_k(_fused_w8a8_gemm_kernel, (x2, w, w_scale), triton.cdiv(K, GROUP), tiles, out, cfg)
 
 
 def _launch_wo(x2: Tensor, w: Tensor, w_scale: Tensor, out: Tensor, cfg: dict) -> None:
@@ -448,7 +448,7 @@ def _launch_wo(x2: Tensor, w: Tensor, w_scale: Tensor, out: Tensor, cfg: dict) -
     R, K = x2.shape
     N = w.shape[0]
     tiles = triton.cdiv(R, cfg["BLOCK_M"]) * triton.cdiv(N, cfg["BLOCK_N"])
-    _launch_split_k(_wo_gemm_kernel, (x2, w, w_scale), triton.cdiv(K, cfg["BLOCK_K"]), tiles, out, cfg,
+    launch_split_k(_wo_gemm_kernel, (x2, w, w_scale), triton.cdiv(K, cfg["BLOCK_K"]), tiles, out, cfg,
                     IEEE=x2.dtype == torch.float32)
 
 
@@ -461,7 +461,7 @@ def _launch_swap(x2: Tensor, w: Tensor, w_scale: Tensor, out: Tensor, cfg: dict)
     cfg.setdefault("HW_CVT", False)
     xa, xs = (x2, x2) if cfg.setdefault("QX", True) else quantize_act(x2)  # xs unused with QX
     tiles = triton.cdiv(N, cfg["BLOCK_N"]) * triton.cdiv(R, cfg["BLOCK_T"])
-    _launch_split_k(_swap_w8a8_gemm_kernel, (xa, xs, w, w_scale), triton.cdiv(K, GROUP), tiles, out, cfg)
+    launch_split_k(_swap_w8a8_gemm_kernel, (xa, xs, w, w_scale), triton.cdiv(K, GROUP), tiles, out, cfg)
 
 
 def scaled_mm_supported(N: int, K: int, device: torch.device) -> bool:
