@@ -155,6 +155,7 @@ def report(res: dict, out: Path) -> None:
     ax.legend()
     fig.tight_layout()
     fig.savefig(out / "linear_decode.png", dpi=120)
+    plt.close(fig)  # the report is rewritten after every row
 
 
 def main() -> None:

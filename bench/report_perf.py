@@ -38,7 +38,7 @@ def main() -> None:
     b = json.loads(a.big397.read_text())
     L, L_full = e["layers"], e["of_layers"]
     systems = [s for s in ("ours-bf16", "ours-fp8", "hf-eager", "hf-compile") if s in e]
-    lines = [f"# Performance on {e['gpu']} (torch {e['torch']}), 2026-12-01", "",
+    lines = [f"# Performance on {e['gpu']} (torch {e['torch']}), {e.get('date', '2026-12-01')}", "",
              f"## 35B-A3B full geometry, {L} of its {L_full} layers, one random BF16 checkpoint", "",
              "Decode: ms per step after a 512-token prompt (CUDA events over 24 steps; ours CUDA-graphed). "
              "Prefill: one sequence. `hf-*` = transformers `Qwen3_5MoeForCausalLM`, BF16, with fla-core 0.6.0 "

@@ -72,14 +72,14 @@ def test_small_m_linear_keeps_leading_dims_and_reads_column_slices():
 
 def test_small_m_config_covers_the_graph_rows():
     """The token tile covers every row count up to 64 the graph admits; wide outputs take 128-row weight
-    tiles; K splits are powers of two that leave each split >= 4 steps."""
+    tiles unsplit, narrow ones 64-row tiles with K split (each split >= 4 steps)."""
     assert small_m_config(1, 2048, 4096)["BLOCK_T"] == 16
     assert small_m_config(17, 2048, 4096)["BLOCK_T"] == 32
     assert small_m_config(64, 2048, 4096)["BLOCK_T"] == 64
-    assert small_m_config(1, 12288, 2048)["BLOCK_N"] == 128
-    for N, K in ((2048, 4096), (12288, 2048), (4096, 512)):
+    assert small_m_config(1, 12288, 2048)["BLOCK_N"] == 128 and small_m_config(1, 12288, 2048)["SPLIT_K"] == 1
+    for N, K in ((2048, 4096), (4096, 8192), (2048, 512)):
         c = small_m_config(1, N, K)
-        assert c["SPLIT_K"] in (1, 2, 4, 8) and K // 128 // c["SPLIT_K"] >= 4
+        assert c["BLOCK_N"] == 64 and c["SPLIT_K"] in (1, 2, 4) and K // 128 // c["SPLIT_K"] >= 4
 
 
 def test_small_m_linear_rejects_bad_shapes_and_tiles():

@@ -7,6 +7,10 @@ The weight tile takes the tensor-core instruction's M side (BLOCK_N weight rows,
 narrow N side (BLOCK_T >= 16, masked rows move no bytes), as the FP8 swapped kernels do
 (kernels/fp8_linear/gemm.py); the K loop is split over programs (fp32 partials summed in split order, as
 there) so that a few hundred programs stream the weights.
+
+Measured against cuBLAS on an H200 (bench/results/linear_decode_h200/): up to 1.15x faster on the 2048-wide
+out_proj / o_proj, slower on the wide projections in a 64-row graph (35B attention qkv 13.3 vs 12.1 us at one
+row). Engines keep F.linear (cuBLAS) for BF16; this kernel is not substituted anywhere.
 """
 
 from __future__ import annotations
@@ -50,22 +54,18 @@ def _swap_gemm_kernel(x_ptr, w_ptr, c_ptr, M, N, K, steps_per_split,
     tl.store(c_ptrs, cast_out(acc, c_ptr.dtype.element_ty), mask=n_ok[:, None] & t_ok[None, :])
 
 
-# K is split until the column tiles times the splits reach about this many programs (four per SM of an
-# H100 / H200), each split keeping at least SPLIT_MIN_STEPS BLOCK_K steps; a guess until the sweep runs.
-TARGET_PROGRAMS = 512
-SPLIT_MIN_STEPS = 4
-
-
 def small_m_config(R: int | torch.SymInt, N: int, K: int) -> dict:
-    """Tiles for R rows (a symbolic R: every value its graph admits): a token tile covering R up to 64, 64
-    weight rows per program up to 4096 columns and 128 beyond, K in 128-column steps split (a power of two)
-    until ~TARGET_PROGRAMS programs. Untuned defaults: bench/linear_decode.py sweeps them on the device."""
+    """Tiles for R rows (a symbolic R: every value its graph admits): a token tile covering R up to 64; for
+    outputs up to 4096 wide 64 weight rows per program and K split 4 ways, wider ones 128 rows unsplit.
+    From the sweep on an H200 (bench/results/linear_decode_h200/, 128-column K steps, 64-row graphs): the
+    35B / 397B out_proj and o_proj were fastest with 64 rows, split 4, 4 / 3 stages (K 4096 / 8192); the 35B
+    wide projections with 128 rows unsplit, 4 stages (the 397B wide ones' best took 64-row tiles; all of
+    them lose to cuBLAS there)."""
     bt = next((b for b in (16, 32, 64) if at_most(R, b)), 64)
-    bn = 64 if N <= 4096 else 128
-    steps = triton.cdiv(K, 128)
-    want = max(1, min(8, TARGET_PROGRAMS // triton.cdiv(N, bn), steps // SPLIT_MIN_STEPS))
-    return dict(BLOCK_N=bn, BLOCK_T=bt, BLOCK_K=128, SPLIT_K=1 << (want.bit_length() - 1), num_warps=4,
-                num_stages=4)
+    if N <= 4096:
+        return dict(BLOCK_N=64, BLOCK_T=bt, BLOCK_K=128, SPLIT_K=min(4, max(1, triton.cdiv(K, 128) // 4)),
+                    num_warps=4, num_stages=4 if K <= 4096 else 3)
+    return dict(BLOCK_N=128, BLOCK_T=bt, BLOCK_K=128, SPLIT_K=1, num_warps=4, num_stages=4)
 
 
 def linear_small_m(x: Tensor, w: Tensor, config: dict | None = None) -> Tensor:
