@@ -25,14 +25,20 @@ def _inplace_op():
     return getattr(ns, "gated_delta_rule_").default if ns is not None and hasattr(ns, "gated_delta_rule_") else None
 
 
-def _rewritable(node: Node, order: dict[Node, int]) -> tuple[Node, Node, Node | None] | None:
-    """(state placeholder, copy_ node, output getitem or None) when `node`'s new state is used only by a
-    copy back into the state input it read, nothing reads that input between the call and the copy, and T
-    is static and small enough for the recurrent kernel; else None."""
+def _rewritable(node: Node) -> tuple[Node, Node, Node | None] | None:
+    """(state placeholder, copy_ node, output getitem or None) when `node` reads an fp32 contiguous state
+    input that nothing else in the graph touches but the copy of `node`'s new state back into it (a view or
+    any other read of the state could see it updated early), and T is static and small enough for the
+    recurrent kernel; else None."""
     from ..kernels.gated_delta_rule.recurrent import MAX_T
 
+    if len(node.args) != 6 or node.kwargs:
+        return None
     state = node.args[5]
     if not isinstance(state, Node) or state.op != "placeholder":
+        return None
+    sv = state.meta.get("val")
+    if sv is None or sv.dtype != torch.float32 or not sv.is_contiguous():
         return None
     q = node.args[0].meta.get("val") if isinstance(node.args[0], Node) else None
     if q is None or not isinstance(q.shape[1], int) or q.shape[1] > MAX_T:
@@ -42,11 +48,9 @@ def _rewritable(node: Node, order: dict[Node, int]) -> tuple[Node, Node, Node | 
         return None
     copies = list(getters[1].users)
     if (len(copies) != 1 or copies[0].target is not torch.ops.aten.copy_.default
-            or copies[0].args != (state, getters[1])):
+            or copies[0].args != (state, getters[1]) or copies[0].users):
         return None
-    # in place, a read of the state between the call and the copy would see the new state instead of the old
-    # (reads after the copy saw the new one already)
-    if any(order[node] < order[u] < order[copies[0]] for u in state.users):
+    if set(state.users) != {node, copies[0]}:
         return None
     return state, copies[0], getters.get(0)
 
@@ -59,12 +63,11 @@ def reinplace_state(ep: ExportedProgram) -> tuple[ExportedProgram, dict[str, int
     if op is None or functional is None:
         return ep, {}
     g = ep.graph
-    order = {n: i for i, n in enumerate(g.nodes)}
     count = 0
     for node in list(g.nodes):
         if node.op != "call_function" or node.target is not functional.default:
             continue
-        found = _rewritable(node, order)
+        found = _rewritable(node)
         if found is None:
             continue
         state, copy, out = found
@@ -73,7 +76,6 @@ def reinplace_state(ep: ExportedProgram) -> tuple[ExportedProgram, dict[str, int
         new.meta = dict(out.meta) if out is not None else {}
         if out is not None:
             out.replace_all_uses_with(new)
-        copy.replace_all_uses_with(state)  # copy_ returns its destination: later reads take the state itself
         for n in (copy, *(u for u in list(node.users)), node):
             g.erase_node(n)
         count += 1

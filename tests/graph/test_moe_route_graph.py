@@ -73,7 +73,7 @@ def test_inlined_route_keeps_router_and_numbers(decode_gdn):
 def test_route_node_only_when_asked():
     """The captures take `qwen35::moe_route` only when asked (default: the op-by-op routing, F.linear,
     qwen35::moe_router, the shared slot, the padding redirect), for both layer kinds; `--kernels triton`
-    then needs the fused op only when the build asks for it."""
+    then needs the fused op only when the build asks for it (single-rank builds)."""
     from qwen35_export.exporter.build import BuildSettings, _select_kernels
 
     w = _layer(0, "bf16")
@@ -87,8 +87,16 @@ def test_route_node_only_when_asked():
     impls = triton_implementations()
     if "moe_route" not in impls:
         pytest.skip("triton is not importable: no Triton ops to substitute")
-    assert "moe_route" in _select_kernels(BuildSettings(target="h100", fused_route=True, kernels="triton"), "bf16")
-    assert "moe_route" in _select_kernels(BuildSettings(target="h100", fused_route=False, kernels="triton"), "bf16")
+    from qwen35_export.exporter import build as B
+
+    without = {k: v for k, v in impls.items() if k != "moe_route"}
+    with pytest.MonkeyPatch.context() as m:  # a Triton build whose kernels lack the fused route op
+        m.setattr(B, "triton_implementations", lambda: dict(without))
+        with pytest.raises(B.BuildError, match="moe_route"):
+            _select_kernels(BuildSettings(target="h100", fused_route=True, kernels="triton"), "bf16")
+        for s in (BuildSettings(target="h100", fused_route=False, kernels="triton"),
+                  BuildSettings(target="h100", tp=2, kernels="triton")):  # sharded builds never capture it
+            assert "moe_route" not in _select_kernels(s, "bf16")
 
 
 def test_build_fuses_the_route_of_gpu_decode_graphs_only():
@@ -107,5 +115,6 @@ def test_build_fuses_the_route_of_gpu_decode_graphs_only():
     assert capture_flags(on, C.ATTN, C.PREFILL, impls, gpu, sharded=False) == {"cache_op": True}
     assert capture_flags(on, C.GDN, C.DECODE, impls, gpu, sharded=True) == {}
     assert capture_flags(on, C.GDN, C.DECODE, {}, cpu, sharded=False) == {}
+    assert capture_flags(on, C.GDN, C.DECODE, impls, cpu, sharded=False) == {}  # `--target cpu --kernels triton`
     off = BuildSettings(target="h100", fused_route=False)
     assert capture_flags(off, C.GDN, C.DECODE, impls, gpu, sharded=False) == {}

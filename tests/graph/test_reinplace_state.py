@@ -61,33 +61,58 @@ def test_prefill_and_reference_graphs_unchanged(gdn_decode):
 
 
 class _Step(torch.nn.Module):
-    """One recurrent call whose new state is copied back, with a read of the state before the copy or
-    after it."""
+    """One recurrent call whose new state is copied back, plus (`extra`) another use of the state: a read
+    before the copy, a read after it, a view taken before the call and read after it, a second call on the
+    same state; or none."""
 
-    def __init__(self, read: str):
+    def __init__(self, extra: str):
         super().__init__()
-        self.read = read
+        self.extra = extra
 
     def forward(self, q, k, v, g, beta, h):
+        hv = h.view(h.shape[0], -1) if self.extra == "view" else None
         o, hn = torch.ops.qwen35_triton.gated_delta_rule(q, k, v, g, beta, h)
-        s = h.sum() if self.read == "before-copy" else None
+        out = o.float().sum()
+        if self.extra == "read-before-copy":
+            out = out + h.sum()
+        if self.extra == "view":
+            out = out + hv.sum()
         h.copy_(hn)
-        if self.read == "after-copy":
-            s = h.sum()
-        return o.float().sum() + s
+        if self.extra == "read-after-copy":
+            out = out + h.sum()
+        if self.extra == "second-call":
+            o2, hn2 = torch.ops.qwen35_triton.gated_delta_rule(q, k, v, g, beta, h)
+            h.copy_(hn2)
+            out = out + o2.float().sum()
+        return out
 
 
-@pytest.mark.parametrize("read,rewritten", [("before-copy", False), ("after-copy", True)])
-def test_read_of_old_state_blocks_rewrite(read, rewritten):
-    """A read between the call and the copy sees the old state: in place it would see the new one, so that
-    graph keeps the functional op; a read after the copy saw the new state anyway."""
-    _impls()
+def _step_inputs(state_dtype=torch.float32):
     gen = torch.Generator().manual_seed(0)
     q, k = torch.randn(2, 1, 2, 16, generator=gen), torch.randn(2, 1, 2, 16, generator=gen)
     v = torch.randn(2, 1, 4, 16, generator=gen)
     g, beta = -torch.rand(2, 1, 4, generator=gen), torch.rand(2, 1, 4, generator=gen)
-    h = torch.randn(2, 4, 16, 16, generator=gen)
-    ep = torch.export.export(_Step(read), (q, k, v, g, beta, h))
+    return q, k, v, g, beta, torch.randn(2, 4, 16, 16, generator=gen).to(state_dtype)
+
+
+@pytest.mark.parametrize("extra", ["none", "read-before-copy", "read-after-copy", "view", "second-call"])
+def test_only_a_state_nothing_else_touches_is_rewritten(extra):
+    """In place, any other read of the state (directly, through a view, or by a second call) could see it
+    updated at another point than the functional graph does: only the plain call + copy is rewritten; the
+    others keep the functional op and their copies (a second call on the same state included, no error)."""
+    _impls()
+    ep = torch.export.export(_Step(extra), _step_inputs())
+    n_copies = len(_copies(ep))
     ep, counts = reinplace_state(ep)
+    rewritten = extra == "none"
     assert counts == ({"gated_delta_rule_": 1} if rewritten else {})
-    assert _copies(ep) == ([] if rewritten else ["h"])
+    assert len(_copies(ep)) == n_copies - rewritten
+
+
+def test_non_fp32_state_keeps_the_functional_op():
+    """The in-place kernel updates an fp32 state; a state of another dtype keeps the functional op (which
+    computes in fp32 and casts back through the copy)."""
+    _impls()
+    ep = torch.export.export(_Step("none"), _step_inputs(torch.bfloat16))
+    ep, counts = reinplace_state(ep)
+    assert counts == {} and _copies(ep) == ["h"]

@@ -60,8 +60,9 @@ def models(request, tmp_path_factory):
 
 @pytest.mark.parametrize("fused_route", [False, True], ids=["op-by-op-route", "fused-route"])
 def test_prefill_and_decode_match_reference(models, fused_route, monkeypatch):
-    """Both routings a build may capture: the op-by-op one (moe_router's kernel) and `--fused-route`'s
-    qwen35::moe_route (its two kernels; moe_router then runs only inside its reference)."""
+    """Both routings a build may capture: the op-by-op one (moe_router's kernel; prefill graphs and
+    `--no-fused-route` builds) and qwen35::moe_route (decode graphs by default: its two kernels; moe_router
+    then runs only inside its reference)."""
     ref, tri, dtype = models
     tri = Qwen35Model(tri.w, cache_op=True, fused_route=fused_route)
     impls = triton_implementations()

@@ -13,7 +13,9 @@ import torch
 from qwen35_export.checkpoint.writer import random_tensor
 from qwen35_export.config import preset
 from qwen35_export.graph.fuse_weights import fuse_layer_weights
-from qwen35_export.kernels.moe import gate_logits_triton, moe_route_triton, route_from_logits_triton
+from qwen35_export.kernels.moe import (gate_logit_partials, gate_logits_triton, moe_route_triton,
+                                       route_from_logits_triton)
+from qwen35_export.kernels.moe import router
 from qwen35_export.model import layers
 from qwen35_export.model.ops import moe_route_math, route_from_logits_math
 from qwen35_export.model.weights import layer_weight_shapes
@@ -160,6 +162,25 @@ def test_gate_logits_kernel_vs_fp64(N, L, H, dtype, poison_empty):
             f"err/bound {(err / bound).max():.3g}"
 
 
+@pytest.mark.parametrize("H,splits", [(256, 2), (256, 3), (200, 4), (64, 3)])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_gate_logit_partials_sum_to_the_product(H, splits, dtype, poison_empty):
+    """H split over programs (64-column steps): fp32 partials, whole steps per split, none empty (H = 64 is
+    one step: one split), whose sum is the fp32-accumulated product before any rounding (fp32 bound)."""
+    N, L = 3, 264
+    g = torch.Generator().manual_seed(H + splits)
+    x = torch.randn(N, H, generator=g).to(dtype).to(DEVICE)
+    w = (torch.randn(L, H, generator=g) * H ** -0.5).to(dtype).to(DEVICE)
+    parts = gate_logit_partials(x, w, splits, dict(BLOCK_H=64))
+    steps = -(-H // 64)
+    want = -(-steps // -(-steps // splits))  # splits of whole steps, none empty
+    assert parts.dtype == torch.float32 and parts.shape == (want, N, L)
+    err = (parts.double().sum(0) - x.double() @ w.double().T).abs()
+    # one more fp32 rounding per partial sum than one accumulation: S - 1 more terms in the gamma of the bound
+    bound = logits_bound(x, w, torch.float32) * (H + want) / (H + 1)
+    assert torch.isfinite(parts).all() and (err <= bound).all(), f"worst err/bound {(err / bound).max():.3g}"
+
+
 # -- the op: logits kernel + route kernel --------------------------------------------------------------------
 def exact_inputs(N: int, H: int, L: int, dtype: torch.dtype, seed: int, device: str = DEVICE
                  ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -198,6 +219,30 @@ def test_moe_route_op(N, E, k, H, dtype, mode, poison_empty):
     rw_ref, ids_ref = torch.ops.qwen35.moe_route(x, w, E, k, real)
     assert rw_ref.shape == rw.shape and ids_ref.dtype == ids.dtype == torch.int64
     assert (ids[:, k] == E).all() and torch.equal(ids_ref[:, k], ids[:, k])
+
+
+@pytest.mark.parametrize("N,E,k,H,dtype,mode", _op_cases()[::2])
+def test_moe_route_op_split_gate(N, E, k, H, dtype, mode, poison_empty, monkeypatch):
+    """With the gate GEMV split over H (GATE_LOGITS_CONFIG SPLIT_H 3, 64-column steps) the op routes exactly
+    as the unsplit one: on exact inputs the partials sum to the exact logit, rounded once as F.linear's."""
+    x, w = exact_inputs(N, H, L_OF[E], dtype, seed=N + E + k)
+    real = real_mask(mode, N)
+    want = moe_route_triton(x, w, E, k, real)
+    monkeypatch.setitem(router.GATE_LOGITS_CONFIG, "SPLIT_H", 3)
+    monkeypatch.setitem(router.GATE_LOGITS_CONFIG, "BLOCK_H", 64)
+    got = moe_route_triton(x, w, E, k, real)
+    assert torch.equal(got[1], want[1]) and torch.equal(got[0], want[0])
+    if N <= 64:  # the decode path took the partials: 3 splits of whole 64-column steps, none empty
+        parts = gate_logit_partials(x, w, 3)
+        steps = -(-H // 64)
+        assert parts.shape[0] == -(-steps // -(-steps // 3))
+        assert torch.equal(parts.sum(0).to(dtype), torch.nn.functional.linear(x, w))
+
+
+def test_route_partials_need_the_logit_dtype():
+    parts = torch.zeros(2, 3, 20, device=DEVICE)
+    with pytest.raises(ValueError, match="partials .* need the logits' dtype"):
+        route_from_logits_triton(parts, 16, 4, None)
 
 
 # -- the MoE layer on the op against the op-by-op path it replaced ---------------------------------------

@@ -56,6 +56,8 @@ def gated_delta_rule_(q: Tensor, k: Tensor, v: Tensor, g: Tensor, beta: Tensor, 
         raise ValueError(f"qwen35_triton::gated_delta_rule_: state {tuple(state.shape)} {state.dtype} "
                          f"(contiguous: {state.is_contiguous()}); expected contiguous [B, {HV}, {K}, {V}] "
                          f"float32")
+    torch._check(state.shape[0] == B, lambda: f"qwen35_triton::gated_delta_rule_: state has {state.shape[0]} "
+                 f"rows for a batch of {B}")
     # h0 and ht the same tensor: each program loads its state tile before its first step and stores it after
     # its last, and no two programs share a tile
     o, _ = fused_recurrent_gated_delta_rule_fwd(q, k, v, g, beta, K ** -0.5, state, state, None, None, False)

@@ -9,7 +9,7 @@ narrow N side (BLOCK_T >= 16, masked rows move no bytes), as the FP8 swapped ker
 there) so that a few hundred programs stream the weights.
 
 Measured against cuBLAS on an H200 (bench/results/linear_decode_h200/): up to 1.15x faster on the 2048-wide
-out_proj / o_proj, slower on the wide projections in a 64-row graph (35B attention qkv 13.3 vs 12.1 us at one
+out_proj / o_proj, slower on the wide projections in a 64-row graph (35B attention qkv 13.4 vs 12.1 us at one
 row). Engines keep F.linear (cuBLAS) for BF16; this kernel is not substituted anywhere.
 """
 
@@ -55,12 +55,12 @@ def _swap_gemm_kernel(x_ptr, w_ptr, c_ptr, M, N, K, steps_per_split,
 
 
 def small_m_config(R: int | torch.SymInt, N: int, K: int) -> dict:
-    """Tiles for R rows (a symbolic R: every value its graph admits): a token tile covering R up to 64; for
-    outputs up to 4096 wide 64 weight rows per program and K split 4 ways, wider ones 128 rows unsplit.
-    From the sweep on an H200 (bench/results/linear_decode_h200/, 128-column K steps, 64-row graphs): the
-    35B / 397B out_proj and o_proj were fastest with 64 rows, split 4, 4 / 3 stages (K 4096 / 8192); the 35B
-    wide projections with 128 rows unsplit, 4 stages (the 397B wide ones' best took 64-row tiles; all of
-    them lose to cuBLAS there)."""
+    """Tiles for R rows (a symbolic R: every value its graph admits): a token tile covering R up to 64; outputs
+    up to 4096 wide take 64 weight rows per program with K split in 4 (fewer for short K, each split >= 4
+    steps), wider ones 128 rows unsplit. From the H200 sweep (bench/results/linear_decode_h200/, 64-row
+    graphs): the 35B / 397B out_proj and o_proj's best at M = 1 and 8 (4 / 3 stages for K 4096 / 8192; at M =
+    64 the 397B one's best split 2, 1% faster); the wide tile is the 35B wide projections' best, not among the
+    397B ones' best eight (all lose to cuBLAS there)."""
     bt = next((b for b in (16, 32, 64) if at_most(R, b)), 64)
     if N <= 4096:
         return dict(BLOCK_N=64, BLOCK_T=bt, BLOCK_K=128, SPLIT_K=min(4, max(1, triton.cdiv(K, 128) // 4)),
@@ -69,8 +69,8 @@ def small_m_config(R: int | torch.SymInt, N: int, K: int) -> dict:
 
 
 def linear_small_m(x: Tensor, w: Tensor, config: dict | None = None) -> Tensor:
-    """x [..., K] @ w [N, K].T in fp32 accumulation (x taken in w's dtype), output in x's dtype; meant for up
-    to 64 rows.
+    """x [..., K] @ w [N, K].T in fp32 accumulation (x taken in w's dtype; fp32 operands multiply in TF32 on
+    the GPU, as tl.dot's default), output in x's dtype; meant for up to 64 rows.
     `config`: the launch tiles (`small_m_config` when None): BLOCK_N, BLOCK_T, BLOCK_K (>= 16 each, tl.dot's
     smallest tile), SPLIT_K, num_warps, num_stages."""
     if x.shape[-1] != w.shape[1] or w.dim() != 2:
