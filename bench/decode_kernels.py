@@ -302,7 +302,15 @@ def bench_moe_route(bw: float) -> list[dict]:
                 except Exception as e:  # a tile that does not compile (shared memory, registers): no time
                     print(f"  gate logits {c}: {type(e).__name__}", flush=True)
             best = min(tiles.items(), key=lambda t: t[1], default=(None, None))
+            # the gate GEMV split over H (fp32 partials the route kernel sums): the whole op per split, its
+            # picks against the unsplit op's
+            split_us, split_same = {}, {}
+            for sh in GATE_SPLITS:
+                with mock.patch.dict(GATE_LOGITS_CONFIG, {"SPLIT_H": sh}):
+                    split_us[sh] = per_w(lambda w: moe_route_triton(x, w, E, k, real))
+                    split_same[sh] = float((moe_route_triton(x, ws[0], E, k, real)[1] == ids).all(1).float().mean())
             rows.append(dict(geom=geom, H=H, E=E, L=L, k=k, B=B, old_us=old_us, new_us=new_us,
+                             split_h_us=split_us, split_h_rows_same_ids=split_same,
                              linear_us=linear_us, logits_us=logits_us, route_us=route_us,
                              logits_hbm_pct=L * H * 2 / bw / (logits_us * 1e-6) * 100,
                              logits_default=GATE_LOGITS_CONFIG, logits_candidates_us=tiles,
@@ -310,10 +318,13 @@ def bench_moe_route(bw: float) -> list[dict]:
             print(f"moe_route {geom:4s} B={B:2d}: new {new_us:5.2f} us (logits {logits_us:5.2f} = "
                   f"{rows[-1]['logits_hbm_pct']:4.1f}% HBM, route {route_us:5.2f}) vs old {old_us:5.2f} us "
                   f"(F.linear alone {linear_us:5.2f}); best logits tile {best[0]} {best[1] or 0:5.2f} us; "
-                  f"rows with the old ids {same_ids:.3f}, max |rw diff| {rw_err:.1e}", flush=True)
+                  f"rows with the old ids {same_ids:.3f}, max |rw diff| {rw_err:.1e}; split H "
+                  + ", ".join(f"{sh}: {u:5.2f} us ({split_same[sh]:.3f} same ids)" for sh, u in split_us.items()),
+                  flush=True)
     return rows
 
 
+GATE_SPLITS = (2, 4, 8)  # SPLIT_H values of the gate GEMV timed in bench_moe_route
 FUSED_MS = (1, 8, 16)  # decode token counts of the fused-vs-two-kernel rows
 FUSED_SPLITS = (2, 4, 8)
 
@@ -517,6 +528,8 @@ def main() -> None:
     ap.add_argument("--router-only", action="store_true", help="only the router GEMM paddings / layouts")
     ap.add_argument("--route-only", action="store_true",
                     help="only qwen35::moe_route: Triton gate logits + route kernels vs the op sequence they replace")
+    ap.add_argument("--route-quick", action="store_true",
+                    help="with --route-only: skip the gate-logits tile candidates (the H splits stay)")
     ap.add_argument("--fp8-wo-only", action="store_true",
                     help="only the weight-only FP8 linear sweep (engine linears, M = 1, 8, 64)")
     ap.add_argument("--fp8-split-only", action="store_true",
@@ -539,6 +552,8 @@ def main() -> None:
         (a.out / "decode_kernels.json").write_text(json.dumps(res, indent=1))
         return
     if a.route_only:
+        if a.route_quick:
+            GATE_LOGITS_CANDIDATES.clear()
         res["moe_route"] = bench_moe_route(bw)
         (a.out / "moe_route.json").write_text(json.dumps(res, indent=1))
         return
