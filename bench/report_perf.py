@@ -66,9 +66,10 @@ def main() -> None:
         # a batch without a valid measurement (dropped from the JSON) reads "-"
         dec = {B: (f"{hf['decode'][B]['ms_per_step'] / r['decode'][B]['ms_per_step']:.0f}x" if B in r["decode"]
                    else "-") for B in ("1", "8", "64")}
-        pre = hf["prefill"]["8192"]["ms"] / r["prefill"]["8192"]["ms"]
+        pre = (f"{hf['prefill']['8192']['ms'] / r['prefill']['8192']['ms']:.2f}x"
+               if "8192" in r.get("prefill", {}) and "8192" in hf.get("prefill", {}) else "-")
         lines.append(f"- {s}: decode {dec['1']} / {dec['8']} / {dec['64']} at batch 1 / 8 / 64; "
-                     f"prefill 8192 {pre:.2f}x.")
+                     f"prefill 8192 {pre}.")
     hc = e.get("hf-compile", {})
     if "1" in hc.get("decode", {}):
         ms = hc["decode"]["1"]["ms_per_step"]
@@ -78,7 +79,8 @@ def main() -> None:
                   f"{hc.get('graphs_compiled', '?')} graphs, {hc.get('graphs_while_timing', '?')} compiled while "
                   f"timing, warm-up {hc.get('warmup_total_s', 0):.0f} s) at batch 1 decode: {ms:.2f} ms per step, "
                   f"{hf['decode']['1']['ms_per_step'] / ms:.1f}x faster than eager; ours "
-                  + " / ".join(f"{ms / e[s]['decode']['1']['ms_per_step']:.1f}x" for s in ("ours-bf16", "ours-fp8"))
+                  + " / ".join(f"{ms / e[s]['decode']['1']['ms_per_step']:.1f}x" if "1" in e[s]["decode"] else "-"
+                               for s in ("ours-bf16", "ours-fp8"))
                   + " faster than it (BF16 / FP8)."]
     # 40-layer projection from our per-layer times (30 GDN + 10 attention)
     n_gdn, n_attn = L_full * 3 // 4, L_full // 4
@@ -89,7 +91,8 @@ def main() -> None:
         t = per_layer(e[s]["layers"])
         proj[s] = {B: step_ms(t, B, n_gdn, n_attn) for B in (1, 8, 64) if ("gdn", "decode", B, 1) in t}
         cell = {B: f"{proj[s][B]:.2f}" if B in proj[s] else "-" for B in (1, 8, 64)}
-        lines.append(f"| {s} | {cell[1]} | {1e3 / proj[s][1]:.0f} | {cell[8]} | {cell[64]} |")
+        tok = f"{1e3 / proj[s][1]:.0f}" if 1 in proj[s] else "-"
+        lines.append(f"| {s} | {cell[1]} | {tok} | {cell[8]} | {cell[64]} |")
     hf40 = hf["decode"]["1"]["ms_per_step"] * L_full / L
     lines.append(f"| hf-eager (x {L_full}/{L}) | {hf40:.0f} | {1e3 / hf40:.1f} | | |")
     lines += ["", "Per-layer decode (us, CUDA graph of one layer call, 512 cached tokens):", "",
@@ -99,7 +102,7 @@ def main() -> None:
         t = per_layer(e[s]["layers"])
         lines.append(f"| {s} | " + " | ".join(f"{t[(g, 'decode', B, 1)]:.0f}" if (g, "decode", B, 1) in t else "-"
                                                for B in (1, 8, 64) for g in ("gdn", "attn"))
-                     + f" | {t[('final', 'decode', 1, 1)]:.0f} |")
+                     + (f" | {t[('final', 'decode', 1, 1)]:.0f} |" if ("final", "decode", 1, 1) in t else " | - |"))
 
     # 397B
     t = per_layer(b["run"]["layers"])
