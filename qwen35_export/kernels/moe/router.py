@@ -81,10 +81,10 @@ def moe_router_triton(logits: Tensor, top_k: int) -> tuple[Tensor, Tensor]:
 @triton.jit
 def _gate_logits_kernel(x_ptr, w_ptr, out_ptr, N, L, H, h_per_split, stride_x, stride_w, stride_o, stride_s,
                         BLOCK_N: tl.constexpr, BLOCK_L: tl.constexpr, BLOCK_H: tl.constexpr,
-                        IEEE: tl.constexpr):
-    """out[s, n, l] = sum over split s's H columns of x[n, h] w[l, h], fp32 accumulation rounded once to out's
-    dtype; program (l, n, s) does BLOCK_L gate rows for BLOCK_N tokens (the token tile is masked: tl.dot needs
-    >= 16 rows) over columns [s * h_per_split, (s + 1) * h_per_split) (one split: all of H, stride_s 0)."""
+                        IEEE: tl.constexpr, SPLIT: tl.constexpr = False):
+    """out[n, l] = sum_h x[n, h] w[l, h], fp32 accumulation rounded once to out's dtype; program (l, n) does
+    BLOCK_L gate rows for BLOCK_N tokens (the token tile is masked: tl.dot needs >= 16 rows). SPLIT: program
+    (l, n, s) sums columns [s * h_per_split, (s + 1) * h_per_split) into out[s] (fp32 partials)."""
     pid_l = tl.program_id(0)
     pid_n = tl.program_id(1)
     pid_s = tl.program_id(2)
@@ -93,8 +93,12 @@ def _gate_logits_kernel(x_ptr, w_ptr, out_ptr, N, L, H, h_per_split, stride_x, s
     offs_h = tl.arange(0, BLOCK_H)
     x_rows = x_ptr + offs_n.to(tl.int64)[:, None] * stride_x
     w_rows = w_ptr + offs_l.to(tl.int64)[:, None] * stride_w
-    h_lo = pid_s * h_per_split
-    h_hi = tl.minimum(h_lo + h_per_split, H)
+    if SPLIT:
+        h_lo = pid_s * h_per_split
+        h_hi = tl.minimum(h_lo + h_per_split, H)
+    else:  # the unsplit form as every engine ran it
+        h_lo = 0
+        h_hi = H
     acc = tl.zeros((BLOCK_N, BLOCK_L), dtype=tl.float32)
     for h0 in range(h_lo, h_hi, BLOCK_H):
         h_ok = (h0 + offs_h) < h_hi
@@ -110,9 +114,8 @@ def _gate_logits_kernel(x_ptr, w_ptr, out_ptr, N, L, H, h_per_split, stride_x, s
 
 @triton.jit
 def _load_logits(lg_ptr, stride_s, offs, ok, like_ptr, SPLITS: tl.constexpr):
-    """The logits at `lg_ptr + offs` in fp32: the sum of the SPLITS rows `stride_s` apart (fp32 partials; one
-    row: the logits as stored) rounded once to like_ptr's dtype, the dtype F.linear's logits would have
-    (for logits stored in that dtype the rounding changes nothing)."""
+    """The logits at `lg_ptr + offs` in fp32: the sum of the SPLITS fp32 partial rows `stride_s` apart, rounded
+    once to like_ptr's dtype, the dtype F.linear's logits would have."""
     x = tl.load(lg_ptr + offs, mask=ok, other=0.0).to(tl.float32)
     for s in tl.static_range(1, SPLITS):
         x += tl.load(lg_ptr + s * stride_s + offs, mask=ok, other=0.0)
@@ -121,10 +124,10 @@ def _load_logits(lg_ptr, stride_s, offs, ok, like_ptr, SPLITS: tl.constexpr):
 
 @triton.jit
 def _route_kernel(lg_ptr, real_ptr, w_ptr, ids_ptr, N, E, stride_l, stride_s, TOP_K: tl.constexpr,
-                  HAS_REAL: tl.constexpr, SPLITS: tl.constexpr,
+                  HAS_REAL: tl.constexpr, PARTIALS: tl.constexpr, SPLITS: tl.constexpr,
                   BLOCK_E: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr):
-    """Row `row` of qwen35::moe_route from the logits [N, >= E+1] (or SPLITS fp32 partials of them, rows
-    `stride_s` apart, summed and rounded to w's dtype): TOP_K routed slots, then the shared slot (id E,
+    """Row `row` of qwen35::moe_route from the logits [N, >= E+1] (or, PARTIALS, SPLITS fp32 partials of them,
+    rows `stride_s` apart, summed and rounded to w's dtype): TOP_K routed slots, then the shared slot (id E,
     weight sigmoid(logit E)), weights in w's dtype; a padding row (real 0) routes as real row
     row mod max(sum(real), 1) with weight 0."""
     row = tl.program_id(0).to(tl.int64)
@@ -139,12 +142,16 @@ def _route_kernel(lg_ptr, real_ptr, w_ptr, ids_ptr, N, E, stride_l, stride_s, TO
         src = tl.where(keep, row, row % n_real)
     offs = tl.arange(0, BLOCK_E)
     ok = offs < E
-    x = tl.where(ok, _load_logits(lg_ptr + src * stride_l, stride_s, offs, ok, w_ptr, SPLITS), -float("inf"))
+    if not PARTIALS:  # logits as F.linear gives them (the form every engine ran)
+        x = tl.load(lg_ptr + src * stride_l + offs, mask=ok, other=-float("inf")).to(tl.float32)
+        sg = tl.load(lg_ptr + row * stride_l + E).to(tl.float32)
+    else:
+        x = tl.where(ok, _load_logits(lg_ptr + src * stride_l, stride_s, offs, ok, w_ptr, SPLITS), -float("inf"))
+        # the shared gate's logit (column E; BLOCK_E may end before it): one lane
+        first = offs == 0
+        sg = tl.sum(tl.where(first, _load_logits(lg_ptr + row * stride_l + E, stride_s, offs, first, w_ptr,
+                                                 SPLITS), 0.0), axis=0)
     vals, idxs = _softmax_topk(x, offs, ok, TOP_K, BLOCK_K)
-    # the shared gate's logit (column E; BLOCK_E may end before it): one lane
-    first = offs == 0
-    sg = tl.sum(tl.where(first, _load_logits(lg_ptr + row * stride_l + E, stride_s, offs, first, w_ptr, SPLITS),
-                         0.0), axis=0)
     sg = tl.sigmoid(sg)
     offs_k = tl.arange(0, BLOCK_K)
     vals = tl.where(offs_k == TOP_K, sg, vals)
@@ -178,8 +185,8 @@ def _launch_gate_logits(x: Tensor, w_gate: Tensor, out: Tensor, splits: int, cfg
     wrap_triton(_gate_logits_kernel)[grid](x, w_gate, out, N, L, H, h_per_split, x.stride(0), w_gate.stride(0),
                                            out.stride(-2), out.stride(0) if out.dim() == 3 else 0,
                                            BLOCK_N=bn, BLOCK_L=bl, BLOCK_H=bh,
-                                           IEEE=x.dtype == torch.float32, num_warps=cfg["num_warps"],
-                                           num_stages=cfg["num_stages"])
+                                           IEEE=x.dtype == torch.float32, SPLIT=out.dim() == 3,
+                                           num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
 
 
 def _check_gate(x: Tensor, w_gate: Tensor) -> None:
@@ -242,7 +249,8 @@ def route_from_logits_triton(logits: Tensor, num_experts: int, top_k: int, real:
     block_e = triton.next_power_of_2(E)
     wrap_triton(_route_kernel)[(N,)](logits, flags, w, ids, N, E, logits.stride(-2),
                                     logits.stride(0) if S > 1 else 0, TOP_K=top_k,
-                                    HAS_REAL=real is not None, SPLITS=S, BLOCK_E=block_e,
+                                    HAS_REAL=real is not None, PARTIALS=logits.dim() == 3, SPLITS=S,
+                                    BLOCK_E=block_e,
                                     BLOCK_K=triton.next_power_of_2(top_k + 1), BLOCK_R=DECODE_MAX_TOKENS,
                                     num_warps=4 if block_e >= 512 else 1)
     return w, ids
