@@ -127,21 +127,10 @@ def test_sharded_decode_state_updated_in_place():
     from qwen35_export.parallel.shard import shard_layer
 
     plan = ParallelPlan(2, 1)
-    shard = shard_layer(_layer_unfused(0), CFG, plan, 0, rank=0)
+    shard = shard_layer(_layer(0, "bf16", fuse=False), CFG, plan, 0, rank=0)
     ep, _ = sharded_capture(plan)[C.GDN](CFG, shard, "decode", SHAPES, torch.bfloat16, torch.device("cpu"))
     ep, _ = substitute_custom_ops(ep, impls)
     assert _copies(ep) == ["conv_state", "rec_state"]
     ep, counts = reinplace_state(ep)
     assert counts == {"gated_delta_rule_": 1} and _copies(ep) == ["conv_state"]
 
-
-def _layer_unfused(i: int) -> dict[str, torch.Tensor]:
-    """Layer i's BF16 weights as a sharded build takes them (no fused projections)."""
-    from qwen35_export.checkpoint.writer import random_tensor
-    from qwen35_export.model.weights import layer_weight_shapes
-
-    w = {}
-    for name, shape in layer_weight_shapes(CFG, i).items():
-        t = random_tensor(f"layers.{i}.{name}", shape, seed=0)
-        w[name] = t if name.endswith(("A_log", "dt_bias")) else t.to(torch.bfloat16)
-    return w

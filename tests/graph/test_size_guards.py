@@ -28,14 +28,16 @@ CFG = preset("tiny", num_experts=300, num_hidden_layers=4)  # layers 0-2 GDN, 3 
 SHAPES = C.CaptureShapes(max_batch=64, max_seq_len=8256)
 
 
-def _layer(i: int, dtype: str) -> dict[str, torch.Tensor]:
+def _layer(i: int, dtype: str, fuse: bool = True) -> dict[str, torch.Tensor]:
+    """Layer i's random weights in `dtype` (bf16 | fp8), with the projections fused as a single-rank build
+    fuses them unless `fuse` is off (sharded builds do not fuse)."""
     w = {}
     for name, shape in layer_weight_shapes(CFG, i).items():
         t = random_tensor(f"layers.{i}.{name}", shape, seed=0)
         w[name] = t if name.endswith(("A_log", "dt_bias")) else t.to(torch.bfloat16)
     if dtype == "fp8":
         w, _ = quantize_layer_fp8(w)
-    return fuse_layer_weights(w)[0]
+    return fuse_layer_weights(w)[0] if fuse else w
 
 
 class _Launch:

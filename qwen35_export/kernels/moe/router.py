@@ -174,13 +174,19 @@ def _route_kernel(lg_ptr, real_ptr, w_ptr, ids_ptr, N, E, stride_l, stride_s, TO
 GATE_LOGITS_CONFIG = dict(BLOCK_N=16, BLOCK_L=16, BLOCK_H=512, num_warps=4, num_stages=4, SPLIT_H=1)
 
 
+def _h_splits(H: int, splits: int, block_h: int) -> tuple[int, int]:
+    """(columns per split, splits) for H split `splits` ways in whole BLOCK_H steps: the last split may be
+    short, none is empty (so there may be fewer than asked)."""
+    per = triton.cdiv(triton.cdiv(H, splits), block_h) * block_h
+    return per, triton.cdiv(H, per)
+
+
 def _launch_gate_logits(x: Tensor, w_gate: Tensor, out: Tensor, splits: int, cfg: dict) -> None:
-    """`_gate_logits_kernel` into out [N, L] (one split) or [splits, N, L] (fp32 partials)."""
+    """`_gate_logits_kernel` into out [N, L] (one split) or [S, N, L] (fp32 partials, S from `_h_splits`)."""
     N, H = x.shape
     L = w_gate.shape[0]
     bn, bl, bh = cfg["BLOCK_N"], cfg["BLOCK_L"], cfg["BLOCK_H"]
-    h_per_split = triton.cdiv(triton.cdiv(H, splits), bh) * bh  # whole BLOCK_H steps; the last split is short
-    splits = triton.cdiv(H, h_per_split)  # none empty
+    h_per_split, splits = _h_splits(H, splits, bh)
     grid = ((L + bl - 1) // bl, (N + bn - 1) // bn, splits)
     wrap_triton(_gate_logits_kernel)[grid](x, w_gate, out, N, L, H, h_per_split, x.stride(0), w_gate.stride(0),
                                            out.stride(-2), out.stride(0) if out.dim() == 3 else 0,
@@ -215,7 +221,7 @@ def gate_logit_partials(x: Tensor, w_gate: Tensor, splits: int, config: dict | N
     cfg = {**GATE_LOGITS_CONFIG, **(config or {})}
     x, w_gate = x.contiguous(), w_gate.contiguous()
     H, bh = x.shape[1], cfg["BLOCK_H"]
-    S = triton.cdiv(H, triton.cdiv(triton.cdiv(H, splits), bh) * bh)
+    S = _h_splits(H, splits, bh)[1]
     out = torch.empty(S, x.shape[0], w_gate.shape[0], dtype=torch.float32, device=x.device)
     if x.shape[0]:
         _launch_gate_logits(x, w_gate, out, splits, cfg)
