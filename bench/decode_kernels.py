@@ -535,6 +535,7 @@ def main() -> None:
     ap.add_argument("--fp8-split-only", action="store_true",
                     help="only the two-kernel FP8 linear sweep with split-K (1, 2, 4, 8) at M = 1, 8, 64")
     a = ap.parse_args()
+    a.out.mkdir(parents=True, exist_ok=True)  # every mode writes its JSON there: a fresh $OUT/sub lacks it
     if a.report:
         report(json.loads(a.report.read_text()), a.out / "decode_kernels_h200.md", a.out / "decode_kernels_h200.png")
         return
