@@ -161,6 +161,12 @@ def run_ours(ckpt: Path, work: Path, dtype: str, profile: bool, target: str, che
         r = validate(eng, ckpt, reference="ours", random_n=2, gen=32, report_dir=checks / dtype, progress=False)
         res["validate"] = {"passed": r.passed, "headline": r.headline(), "seconds": r.seconds}
         print(f"ours-{dtype} validate: {r.headline()}", flush=True)
+        # one row: the static batch-1 decode graphs (exporter/capture.py DECODE1), which engines use at batch 1
+        if any(g.phase == "decode1" for g in eng.manifest.graphs.values()):
+            r = validate(eng, ckpt, reference="ours", random_n=1, gen=32, report_dir=checks / f"{dtype}_b1",
+                         progress=False)
+            res["validate_b1"] = {"batch": 1, "passed": r.passed, "headline": r.headline(), "seconds": r.seconds}
+            print(f"ours-{dtype} validate at batch 1: {r.headline()}", flush=True)
         # 40 rows: the batch-64 bucket's graphs (a decode graph traced for too few rows shows here, not at 2)
         r = validate(eng, ckpt, reference="ours", random_n=VALIDATE_WIDE, gen=8, report_dir=checks / f"{dtype}_b40",
                      progress=False)

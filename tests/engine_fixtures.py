@@ -30,10 +30,11 @@ def engine_ckpt_fp32(engine_root: Path) -> Path:
 
 @pytest.fixture(scope="session")
 def cpu_engine_fp32(engine_root: Path, engine_ckpt_fp32: Path) -> Path:
-    """tiny fp32 checkpoint -> `build --target cpu` (fp32, reference ops through the proxy executor)."""
+    """tiny fp32 checkpoint -> `build --target cpu` (fp32, reference ops through the proxy executor), with the
+    static batch-1 decode graphs GPU builds make by default, so that batch-1 steps run them here too."""
     return build_engine(engine_ckpt_fp32, engine_root / "cpu_fp32",
                         BuildSettings(target="cpu", max_batch=ENGINE_BATCH, max_seq_len=ENGINE_SEQ,
-                                      dump_graphs=True, progress=False))
+                                      dump_graphs=True, progress=False, batch1_decode=True))
 
 
 @pytest.fixture(scope="session")

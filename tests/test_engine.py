@@ -319,3 +319,50 @@ def test_decode_bucket_padding_rows(engine: Engine) -> None:
     for p, a, b in zip(after_padded, pools, before):
         torch.testing.assert_close(p[:3], a[:3], rtol=1e-5, atol=1e-5)
         assert torch.equal(p[3], b[3]), "a padding row moved its slot's state"
+
+
+@pytest.mark.parametrize("target,flag,sharded,has_b1", [
+    ("cpu", None, False, False), ("h100", None, False, True), ("h200", None, False, True),
+    ("cpu", True, False, True), ("h100", False, False, False), ("h100", None, True, False)])
+def test_layer_phases(target: str, flag: bool | None, sharded: bool, has_b1: bool) -> None:
+    from qwen35_export.exporter.build import layer_phases
+
+    phases = layer_phases(BuildSettings(target=target, batch1_decode=flag), sharded)
+    assert phases[:2] == ("prefill", "decode") and ("decode1" in phases) == has_b1
+
+
+def test_batch1_decode_graph(engine: Engine, reference: Qwen35Model, cpu_engine_fp32: Path, monkeypatch) -> None:
+    """The static batch-1 decode graphs (exporter/capture.py DECODE1): built, used for one-row decode steps
+    only, and equal to the dynamic decode graph there; one-prompt generation still gives the reference's
+    tokens."""
+    graphs = json.loads((cpu_engine_fp32 / "manifest.json").read_text())["graphs"]
+    for kind in ("gdn", "attn"):
+        assert graphs[f"{kind}_decode1"]["phase"] == "decode1"
+        assert graphs[f"{kind}_decode1"]["weight_names"] == graphs[f"{kind}_decode"]["weight_names"]
+        assert engine.layer_graph(kind, "decode", 1) is engine.graphs[f"{kind}_decode1"]
+        assert engine.layer_graph(kind, "decode", 2) is engine.graphs[f"{kind}_decode"]
+        assert engine.layer_graph(kind, "prefill", 1) is engine.graphs[f"{kind}_prefill"]
+    calls = {"gdn_decode1": 0, "attn_decode1": 0}
+    for name in calls:
+        g = engine.graphs[name]
+        monkeypatch.setitem(engine.graphs, name, lambda *a, _g=g, _n=name: calls.__setitem__(_n, calls[_n] + 1) or _g(*a))
+    prompt = [[11, 12, 13, 14, 15]]
+    assert engine.generate(prompt, SamplingParams(max_new_tokens=GEN)) == reference.generate_greedy(prompt, GEN)
+    n_gdn, n_attn = len(engine.cfg.gdn_layers), len(engine.cfg.attention_layers)
+    assert calls == {"gdn_decode1": (GEN - 1) * n_gdn, "attn_decode1": (GEN - 1) * n_attn}
+
+    # One step from the same slot state through each graph: same logits and states.
+    s = engine.reset(1)
+    engine.prefill(torch.tensor(prompt), torch.tensor([5]), s)
+    pools = (*s.conv, *s.rec, *s.k, *s.v, s.lengths)
+    before = [t.clone() for t in pools]
+    static = engine.decode(torch.tensor([9]), s)
+    after_static = [t.clone() for t in pools]
+    for t, b in zip(pools, before):
+        t.copy_(b)
+    for kind in ("gdn", "attn"):
+        monkeypatch.delitem(engine.graphs, f"{kind}_decode1")
+    dynamic = engine.decode(torch.tensor([9]), s)
+    torch.testing.assert_close(static, dynamic, rtol=1e-5, atol=1e-5)  # fp32, same ops: compile order only
+    for a, b in zip(after_static, pools):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)

@@ -69,6 +69,10 @@ class BuildSettings:
     # op-by-op routing (launch count is what the fused op saves; prefill does not feel it), as do targets
     # without the Triton op (cpu, ONNX, TensorRT) and sharded builds.
     fused_route: bool = True
+    # Also capture each layer kind's decode graph at a static batch of 1 (capture.DECODE1), which the runtime
+    # uses for batch-1 steps. None: on for GPU targets (where kernels pick tiles from the row count), off on
+    # cpu (reference ops: nothing to pick; one more compile per layer kind). Single-rank AOTI builds only.
+    batch1_decode: bool | None = None
 
 
 def check_target(target: str) -> torch.device:
@@ -148,9 +152,15 @@ def capture_flags(settings: BuildSettings, kind: str, phase: str, impls: dict[st
     # (single-rank builds only: the sharded attention layer keeps SDPA for prefill)
     if kind == C.ATTN and not sharded and device.type == "cuda" and "decode_attention" in impls:
         kw["cache_op"] = True
-    if settings.fused_route and not sharded and phase == C.DECODE and device.type == "cuda" and "moe_route" in impls:
+    if settings.fused_route and not sharded and phase in C.DECODE_PHASES and device.type == "cuda" and "moe_route" in impls:
         kw["fused_route"] = True
     return kw
+
+
+def layer_phases(settings: BuildSettings, sharded: bool) -> tuple[str, ...]:
+    """The phases each layer kind is captured for: prefill, decode, and decode1 (see BuildSettings)."""
+    b1 = settings.batch1_decode if settings.batch1_decode is not None else settings.target != "cpu"
+    return (C.PREFILL, C.DECODE) + ((C.DECODE1,) if b1 and not sharded else ())
 
 
 def _select_kernels(settings: BuildSettings, dtype: str) -> dict[str, object]:
@@ -256,7 +266,8 @@ def build_engine(checkpoint: str | Path, out: str | Path, settings: BuildSetting
         t0 = time.time()
         dump = tmp / "graphs_dump" if settings.dump_graphs else None
         eps: dict[str, tuple] = {}
-        jobs = [(f"{k}_{p}", k, p) for k in (C.GDN, C.ATTN) if k in examples for p in (C.PREFILL, C.DECODE)]
+        phases = layer_phases(settings, sharded=plan is not None)
+        jobs = [(f"{k}_{p}", k, p) for k in (C.GDN, C.ATTN) if k in examples for p in phases]
         capture = {C.GDN: C.capture_gdn, C.ATTN: C.capture_attention} if plan is None else sharded_capture(plan)
         for name, kind, phase in tqdm(jobs, desc="capture", disable=not settings.progress):
             kw = capture_flags(settings, kind, phase, impls, device, sharded=plan is not None)

@@ -20,6 +20,11 @@ from ..model import layers
 # Graph names, in the order a step runs them.
 EMBED, GDN, ATTN, FINAL = "embed", "gdn", "attn", "final"
 PREFILL, DECODE = "prefill", "decode"
+# Decode at batch 1 with the batch static: what the kernels choose from the row count (MoE PAIRS mode and
+# one-token tiles, FP8 linear tiles for <= 16 rows) is then chosen for one row, where a graph serving every
+# batch up to max_batch must take tiles good at its largest batch. The runtime uses it for batch-1 steps.
+DECODE1 = "decode1"
+DECODE_PHASES = (DECODE, DECODE1)
 
 
 class GDNLayer(nn.Module):
@@ -80,15 +85,30 @@ class CaptureShapes:
     max_seq_len: int
 
 
-def _dims(phase: str, shapes: CaptureShapes) -> tuple[Dim, Dim | None]:
-    # Example sizes must be >= 2, or export specialises the dim to 1 (toolchain-notes).
-    B = Dim("B", min=1, max=max(shapes.max_batch, 2))
+def _dims(phase: str, shapes: CaptureShapes) -> tuple[Dim | None, Dim | None]:
+    """(batch Dim, length Dim) of a layer graph; None where the size is static (decode's T = 1, DECODE1's
+    batch of 1)."""
+    if phase not in (PREFILL, *DECODE_PHASES):
+        raise ValueError(f"phase: expected one of {(PREFILL, *DECODE_PHASES)}, found {phase!r}")
+    # Example sizes must be >= 2, or export specialises the dim to 1 (toolchain-notes): DECODE1 wants that.
+    B = None if phase == DECODE1 else Dim("B", min=1, max=max(shapes.max_batch, 2))
     T = Dim("T", min=1, max=max(shapes.max_seq_len, 2)) if phase == PREFILL else None
     return B, T
 
 
 def example_T(phase: str) -> int:
     return 3 if phase == PREFILL else 1
+
+
+def example_B(phase: str) -> int:
+    return 1 if phase == DECODE1 else 2
+
+
+def _batch_dims(B: Dim | None, T: Dim | None, n_state: int, n_weights: int) -> tuple:
+    """dynamic_shapes of (x, n_state batch-leading inputs, weights): x [B, T, H] and the states [B, ...]."""
+    x = {k: d for k, d in ((0, B), (1, T)) if d is not None} or None
+    row = {0: B} if B is not None else None
+    return (x, *(row,) * n_state, (None,) * n_weights)
 
 
 def capture_gdn(cfg: Qwen35Config, weights: dict[str, Tensor], phase: str, shapes: CaptureShapes,
@@ -99,14 +119,14 @@ def capture_gdn(cfg: Qwen35Config, weights: dict[str, Tensor], phase: str, shape
     see GDNLayer."""
     names = sorted(weights)
     B, T = _dims(phase, shapes)
-    b, t = 2, example_T(phase)
+    b, t = example_B(phase), example_T(phase)
     x = torch.randn(b, t, cfg.hidden_size, dtype=act_dtype, device=device)
     lengths = torch.full((b,), t, dtype=torch.int64, device=device)
     conv = torch.zeros(b, cfg.conv_dim, cfg.linear_conv_kernel_dim - 1, dtype=act_dtype, device=device)
     rec = torch.zeros(b, cfg.linear_num_value_heads, cfg.linear_key_head_dim, cfg.linear_value_head_dim,
                       dtype=torch.float32, device=device)
     args = (x, lengths, conv, rec, *[weights[n] for n in names])
-    dyn = ({0: B, 1: T} if T is not None else {0: B}, {0: B}, {0: B}, {0: B}, (None,) * len(names))
+    dyn = _batch_dims(B, T, 3, len(names))  # lengths, conv, rec
     # only flags that are on: the sharded layers (parallel/capture.py) take no fused_route
     ep = torch.export.export(layer(cfg, names, **({"fused_route": True} if fused_route else {})), args,
                              dynamic_shapes=dyn, strict=False)
@@ -121,7 +141,7 @@ def capture_attention(cfg: Qwen35Config, weights: dict[str, Tensor], phase: str,
     flash kernel); else through SDPA. `fused_route`: see GDNLayer."""
     names = sorted(weights)
     B, T = _dims(phase, shapes)
-    b, t = 2, example_T(phase)
+    b, t = example_B(phase), example_T(phase)
     x = torch.randn(b, t, cfg.hidden_size, dtype=act_dtype, device=device)
     start = torch.zeros(b, dtype=torch.int64, device=device)
     lengths = torch.full((b,), t, dtype=torch.int64, device=device)
@@ -129,7 +149,7 @@ def capture_attention(cfg: Qwen35Config, weights: dict[str, Tensor], phase: str,
     kc = torch.zeros(kv, dtype=act_dtype, device=device)
     vc = torch.zeros(kv, dtype=act_dtype, device=device)
     args = (x, start, lengths, kc, vc, *[weights[n] for n in names])
-    dyn = ({0: B, 1: T} if T is not None else {0: B}, {0: B}, {0: B}, {0: B}, {0: B}, (None,) * len(names))
+    dyn = _batch_dims(B, T, 4, len(names))  # start, lengths, k cache, v cache
     with _attention_backends(device):
         kw = {k: True for k, on in (("cache_op", cache_op), ("fused_route", fused_route)) if on}
         module = layer(cfg, names, **kw)

@@ -210,7 +210,7 @@ def layer_times(eng: Engine, batches: list[int], prompt_lens: list[int], context
             use_graph = graphed and phase == "decode"
             iters = 20 if phase == "decode" else 1
             for kind, i in kinds.items():
-                graph, w = eng.graphs[f"{kind}_{phase}"], eng.layer_weights[i]
+                graph, w = eng.layer_graph(kind, phase, B), eng.layer_weights[i]
                 if kind == "gdn":
                     j = cfg.gdn_layers.index(i)
                     fn = lambda: graph(x, lengths, s.conv[j], s.rec[j], *w)  # noqa: E731

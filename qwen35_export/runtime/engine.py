@@ -178,9 +178,16 @@ class Engine:
         return s
 
     # -- forward ---------------------------------------------------------------------------------------
+    def layer_graph(self, kind: str, phase: str, batch: int):
+        """The compiled graph of layer `kind` ("gdn" | "attn") for `phase` at `batch` rows: a decode step of
+        one row takes the static batch-1 graph when the engine has one (exporter/capture.py DECODE1)."""
+        if phase == "decode" and batch == 1 and f"{kind}_decode1" in self.graphs:
+            return self.graphs[f"{kind}_decode1"]
+        return self.graphs[f"{kind}_{phase}"]
+
     def _layers(self, x: Tensor, s: Slots, lengths: Tensor, phase: str, hook: LayerHook | None) -> Tensor:
         g = a = 0
-        gdn, attn = self.graphs[f"gdn_{phase}"], self.graphs[f"attn_{phase}"]
+        gdn, attn = self.layer_graph("gdn", phase, x.shape[0]), self.layer_graph("attn", phase, x.shape[0])
         for i, w in enumerate(self.layer_weights):
             if self.cfg.layer_types[i] == LINEAR_ATTENTION:
                 x = gdn(x, lengths, s.conv[g], s.rec[g], *w)

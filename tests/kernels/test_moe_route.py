@@ -294,3 +294,18 @@ def test_route_op_picks_are_recorded():
     _, ids = moe_route_math(x.reshape(6, -1), fused["mlp.gate_shared.weight"], cfg.num_experts,
                             cfg.num_experts_per_tok, None)
     assert len(calls) == 1 and torch.equal(calls[0], ids[:, :cfg.num_experts_per_tok])
+
+
+@pytest.mark.parametrize("N", [1, 2])
+def test_one_row_takes_its_own_gate_split(N, poison_empty, monkeypatch):
+    """A call of one row (known statically, as in an engine's batch-1 decode graph) splits the gate GEMV
+    SPLIT_H_ONE_ROW ways; two rows keep GATE_LOGITS_CONFIG's split. Routing is the same either way."""
+    E, k, H = 257, 8, 256
+    x, w = exact_inputs(N, H, L_OF[E], torch.bfloat16, seed=7)
+    asked = []
+    real_partials = router.gate_logit_partials
+    monkeypatch.setattr(router, "gate_logit_partials", lambda x, w, s, *a: asked.append(s) or real_partials(x, w, s, *a))
+    monkeypatch.setitem(router.GATE_LOGITS_CONFIG, "BLOCK_H", 64)  # 4 whole steps: 4 splits stay 4
+    rw, ids = moe_route_triton(x, w, E, k, None)
+    assert asked == ([router.SPLIT_H_ONE_ROW] if N == 1 else [])
+    check_route(rw, ids, torch.nn.functional.linear(x, w), E, k, None)
