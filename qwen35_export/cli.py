@@ -68,7 +68,7 @@ def cmd_build(a: argparse.Namespace) -> int:
     settings = BuildSettings(target=a.target, dtype=a.dtype, max_batch=a.max_batch, max_seq_len=a.max_seq_len,
                              dump_graphs=a.dump_graphs, force=a.force, backend=a.backend,
                              kernels=a.kernels, tp=a.tp, ep=a.ep, fuse_projections=not a.no_fuse_projections,
-                             fused_route=a.fused_route, batch1_decode=a.batch1_decode)
+                             fused_route=a.fused_route, batch1_decode=a.batch1_decode, jobs=a.jobs)
     if a.backend == "aoti":
         build_engine(a.checkpoint, a.out, settings)
     else:
@@ -173,6 +173,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--batch1-decode", dest="batch1_decode", action=argparse.BooleanOptionalAction, default=None,
                    help="also compile each layer's decode graph for a static batch of 1, used for batch-1 steps "
                    "(default: on for GPU targets, off for cpu)")
+    s.add_argument("--jobs", type=int, default=0, help="graphs compiled at once, each in its own process (0: one "
+                   "per 4 CPU cores, at most one per graph)")
     s.add_argument("--tp", type=int, default=1, help="ranks the attention/GDN heads are split over (1 or N)")
     s.add_argument("--ep", type=int, default=1, help="ranks the routed experts are split over (1 or N); a "
                    "sharded engine runs under `torchrun --nproc-per-node N`")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import re
 
+import pytest
 import torch
 
 from qwen35_export.checkpoint.reader import load_model_weights
@@ -91,3 +92,16 @@ def test_init_checkpoint_layers_keeps_geometry_at_reduced_depth(tmp_path) -> Non
     assert cfg["layer_types"] == ["linear_attention"] * 3 + ["full_attention", "linear_attention"]
     assert cli_main(["init-checkpoint", "--preset", "tiny", "--layers", "-2", "--out", str(tmp_path / "d")]) == 2
     assert not (tmp_path / "d").exists()
+
+
+@pytest.mark.parametrize("argv,b1,jobs", [([], None, 0), (["--batch1-decode"], True, 0),
+                                          (["--no-batch1-decode", "--jobs", "3"], False, 3)])
+def test_build_flags_reach_the_settings(argv, b1, jobs, monkeypatch, tmp_path) -> None:
+    """`build --batch1-decode / --no-batch1-decode / --jobs` become BuildSettings fields (None: the target's
+    default, exporter/build.py layer_phases)."""
+    from qwen35_export.exporter import build
+
+    seen = {}
+    monkeypatch.setattr(build, "build_engine", lambda ckpt, out, settings: seen.setdefault("s", settings))
+    assert main(["build", str(tmp_path), "--target", "cpu", "--out", str(tmp_path / "e"), *argv]) == 0
+    assert seen["s"].batch1_decode is b1 and seen["s"].jobs == jobs

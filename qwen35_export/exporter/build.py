@@ -200,19 +200,45 @@ def _compile_all(eps: dict[str, tuple], tmp: Path, settings: BuildSettings, kern
     for name, (ep, _) in eps.items():  # torch.export.save is not thread-safe: save first, one by one
         torch.export.save(ep, str(saved / f"{name}.pt2"))
 
-    def one(item: tuple[str, tuple]) -> None:
-        name, (_, entry) = item
+    def one(name: str, alone: bool = False) -> tuple[str, int] | None:
+        """Compile graph `name` in a worker. When the worker is killed by a signal while others run beside it,
+        returns (name, exit status) instead of failing: it is retried alone below."""
         src = saved / f"{name}.pt2"
-        cmd = [sys.executable, "-m", "qwen35_export.exporter.compile_worker", str(src), str(tmp / entry.file)]
+        cmd = [sys.executable, "-m", "qwen35_export.exporter.compile_worker", str(src), str(tmp / eps[name][1].file)]
         p = subprocess.run(cmd + (["--kernels"] if kernels else []), capture_output=True, text=True)
+        if p.returncode < 0 and not alone:
+            return name, p.returncode
         if p.returncode != 0:
-            raise BuildError(f"compiling graph '{name}' failed:\n{p.stderr[-4000:]}")
+            raise BuildError(f"compiling graph '{name}' failed ({_exit_reason(p.returncode)}):\n"
+                             f"{p.stderr[-4000:]}")
         bar.update()
+        return None
 
     with ThreadPoolExecutor(jobs) as pool:
-        list(pool.map(one, eps.items()))
+        killed = [k for k in pool.map(one, eps) if k is not None]
+    # A worker killed by a signal leaves no traceback: with several large compiles at once that is most often
+    # the host's OOM killer (a 397B build on an H200, 2026-12-02, lost `gdn_decode1` this way beside five other
+    # compiles; the OOM killer was the likely cause, not confirmed). Those graphs get a second try one at a
+    # time, with the machine to themselves.
+    for name, rc in killed:
+        bar.write(f"compile worker for graph '{name}' was {_exit_reason(rc)}; retrying it alone")
+        one(name, alone=True)
     bar.close()
     shutil.rmtree(saved)
+
+
+def _exit_reason(returncode: int) -> str:
+    """A compile worker's exit status in words: the signal that killed it, or its exit code."""
+    if returncode >= 0:
+        return f"exit code {returncode}"
+    import signal
+
+    try:
+        sig = signal.Signals(-returncode).name
+    except ValueError:
+        sig = f"signal {-returncode}"
+    hint = " (most often the out-of-memory killer: build with fewer --jobs)" if sig == "SIGKILL" else ""
+    return f"killed by {sig}{hint}"
 
 
 def _parallel_plan(settings: BuildSettings, cfg) -> "ParallelPlan | None":
@@ -233,6 +259,8 @@ def build_engine(checkpoint: str | Path, out: str | Path, settings: BuildSetting
         raise BuildError(f"--backend {settings.backend}: build_engine compiles AOTInductor engines; other "
                          "backends are built by their plugin package")
     check_out(out, settings.force)
+    if settings.jobs < 0:
+        raise BuildError(f"--jobs: expected >= 0 (0: one per 4 CPU cores), found {settings.jobs}")
     if settings.max_batch < 1 or settings.max_seq_len < 2:
         raise BuildError(f"--max-batch >= 1 and --max-seq-len >= 2 expected, found {settings.max_batch}, "
                          f"{settings.max_seq_len}")
