@@ -345,9 +345,14 @@ def test_batch1_decode_graph(engine: Engine, reference: Qwen35Model, cpu_engine_
         assert engine.layer_graph(kind, "decode", 2) is engine.graphs[f"{kind}_decode"]
         assert engine.layer_graph(kind, "prefill", 1) is engine.graphs[f"{kind}_prefill"]
     calls = {"gdn_decode1": 0, "attn_decode1": 0}
+    def counted(name: str, g):
+        def call(*a):
+            calls[name] += 1
+            return g(*a)
+        return call
+
     for name in calls:
-        g = engine.graphs[name]
-        monkeypatch.setitem(engine.graphs, name, lambda *a, _g=g, _n=name: calls.__setitem__(_n, calls[_n] + 1) or _g(*a))
+        monkeypatch.setitem(engine.graphs, name, counted(name, engine.graphs[name]))
     prompt = [[11, 12, 13, 14, 15]]
     assert engine.generate(prompt, SamplingParams(max_new_tokens=GEN)) == reference.generate_greedy(prompt, GEN)
     n_gdn, n_attn = len(engine.cfg.gdn_layers), len(engine.cfg.attention_layers)

@@ -152,7 +152,8 @@ def capture_flags(settings: BuildSettings, kind: str, phase: str, impls: dict[st
     # (single-rank builds only: the sharded attention layer keeps SDPA for prefill)
     if kind == C.ATTN and not sharded and device.type == "cuda" and "decode_attention" in impls:
         kw["cache_op"] = True
-    if settings.fused_route and not sharded and phase in C.DECODE_PHASES and device.type == "cuda" and "moe_route" in impls:
+    if (settings.fused_route and not sharded and phase in C.DECODE_PHASES and device.type == "cuda"
+            and "moe_route" in impls):
         kw["fused_route"] = True
     return kw
 

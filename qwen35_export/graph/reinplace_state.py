@@ -1,4 +1,4 @@
-"""Update a decode graph's recurrent state in place instead of copying a new state back into it.
+"""Update a decode graph's recurrent and conv states in place instead of copying new states back into them.
 
 The captured GDN layer calls the functional `gated_delta_rule` (a new state out) and then copies that
 state into its state input (`rec_state.copy_(ht)`, exporter/capture.py). For a custom op Inductor cannot
@@ -6,12 +6,16 @@ write the output into the input, so the copy is a kernel of its own: one more re
 state, as many bytes again as the recurrence moves itself (4 MB per 35B-A3B layer at batch 1, 268 MB per
 397B layer at batch 64). Where the Triton op was substituted and the call is the recurrent (decode) path,
 this pass puts the in-place op `qwen35_triton::gated_delta_rule_` in its place and drops the copy.
+The conv state's copy (a few KB per row, but a launch of its own in every GDN layer's decode step) goes the
+same way: `qwen35_triton::causal_conv1d_` at T = 1.
 """
 
 from __future__ import annotations
 
 import logging
 import operator
+from dataclasses import dataclass
+from typing import Callable
 
 import torch
 from torch.export import ExportedProgram
@@ -20,28 +24,55 @@ from torch.fx import Node
 log = logging.getLogger(__name__)
 
 
-def _inplace_op():
-    ns = getattr(torch.ops, "qwen35_triton", None)
-    return getattr(ns, "gated_delta_rule_").default if ns is not None and hasattr(ns, "gated_delta_rule_") else None
+@dataclass(frozen=True)
+class _Rewrite:
+    """A functional state op and its in-place twin: the state is argument `state_arg`, the new state output
+    1, the other output 0; `small_T` holds for the calls the in-place op takes (decode); `state_dtypes`: the
+    state dtypes it updates (None: any)."""
+
+    functional: str
+    inplace: str
+    state_arg: int
+    small_T: Callable[[Node], bool]
+    state_dtypes: tuple[torch.dtype, ...] | None = None
 
 
-def _rewritable(node: Node) -> tuple[Node, Node, Node | None] | None:
-    """(state placeholder, copy_ node, output getitem or None) when `node` reads an fp32 contiguous state
-    input that nothing else in the graph touches but the copy of `node`'s new state back into it (a view or
-    any other read of the state could see it updated early), and T is static and small enough for the
-    recurrent kernel; else None."""
+def _recurrent_T(node: Node) -> bool:
     from ..kernels.gated_delta_rule.recurrent import MAX_T
 
-    if len(node.args) != 6 or node.kwargs:
+    q = node.args[0].meta.get("val") if isinstance(node.args[0], Node) else None
+    return q is not None and isinstance(q.shape[1], int) and q.shape[1] <= MAX_T
+
+
+def _one_step(node: Node) -> bool:
+    x = node.args[0].meta.get("val") if isinstance(node.args[0], Node) else None
+    return x is not None and isinstance(x.shape[1], int) and x.shape[1] == 1
+
+
+# The recurrent state (fp32: the in-place kernel updates fp32 only) and the conv state (activation dtype:
+# the update kernel stores in the state's own dtype, as the functional op's copy did).
+_REWRITES = (_Rewrite("gated_delta_rule", "gated_delta_rule_", 5, _recurrent_T, (torch.float32,)),
+             _Rewrite("causal_conv1d", "causal_conv1d_", 2, _one_step))
+
+
+def _op(name: str):
+    ns = getattr(torch.ops, "qwen35_triton", None)
+    return getattr(ns, name).default if ns is not None and hasattr(ns, name) else None
+
+
+def _rewritable(node: Node, rw: _Rewrite) -> tuple[Node, Node, Node | None] | None:
+    """(state placeholder, copy_ node, output-0 getitem or None) when `node` reads a contiguous state input
+    that nothing else in the graph touches but the copy of `node`'s new state back into it (a view or any
+    other read of the state could see it updated early), and T is what the in-place op takes; else None."""
+    if node.kwargs or len(node.args) <= rw.state_arg:
         return None
-    state = node.args[5]
+    state = node.args[rw.state_arg]
     if not isinstance(state, Node) or state.op != "placeholder":
         return None
     sv = state.meta.get("val")
-    if sv is None or sv.dtype != torch.float32 or not sv.is_contiguous():
+    if sv is None or not sv.is_contiguous() or (rw.state_dtypes is not None and sv.dtype not in rw.state_dtypes):
         return None
-    q = node.args[0].meta.get("val") if isinstance(node.args[0], Node) else None
-    if q is None or not isinstance(q.shape[1], int) or q.shape[1] > MAX_T:
+    if not rw.small_T(node):
         return None
     getters = {u.args[1]: u for u in node.users if u.target is operator.getitem}
     if len(getters) != len(node.users) or 1 not in getters:
@@ -56,31 +87,31 @@ def _rewritable(node: Node) -> tuple[Node, Node, Node | None] | None:
 
 
 def reinplace_state(ep: ExportedProgram) -> tuple[ExportedProgram, dict[str, int]]:
-    """Rewrite each qualifying `qwen35_triton::gated_delta_rule` call (see module docstring); returns the
-    program (changed in place) and {"gated_delta_rule_": count}."""
-    op = _inplace_op()
-    functional = getattr(getattr(torch.ops, "qwen35_triton", None), "gated_delta_rule", None)
-    if op is None or functional is None:
-        return ep, {}
+    """Rewrite each qualifying `qwen35_triton::gated_delta_rule` / `causal_conv1d` call (see module
+    docstring); returns the program (changed in place) and {in-place op name: count}."""
     g = ep.graph
-    count = 0
-    for node in list(g.nodes):
-        if node.op != "call_function" or node.target is not functional.default:
+    counts: dict[str, int] = {}
+    for rw in _REWRITES:
+        functional, op = _op(rw.functional), _op(rw.inplace)
+        if functional is None or op is None:
             continue
-        found = _rewritable(node)
-        if found is None:
-            continue
-        state, copy, out = found
-        with g.inserting_before(node):
-            new = g.call_function(op, tuple(node.args[:6]))
-        new.meta = dict(out.meta) if out is not None else {}
-        if out is not None:
-            out.replace_all_uses_with(new)
-        for n in (copy, *(u for u in list(node.users)), node):
-            g.erase_node(n)
-        count += 1
-    if count:
+        for node in list(g.nodes):
+            if node.op != "call_function" or node.target is not functional:
+                continue
+            found = _rewritable(node, rw)
+            if found is None:
+                continue
+            state, copy, out = found
+            with g.inserting_before(node):
+                new = g.call_function(op, tuple(node.args))
+            new.meta = dict(out.meta) if out is not None else {}
+            if out is not None:
+                out.replace_all_uses_with(new)
+            for n in (copy, *(u for u in list(node.users)), node):
+                g.erase_node(n)
+            counts[rw.inplace] = counts.get(rw.inplace, 0) + 1
+    if counts:
         g.lint()
         ep.graph_module.recompile()
-    log.info("reinplace_state: %d", count)
-    return ep, {"gated_delta_rule_": count} if count else {}
+    log.info("reinplace_state: %s", counts)
+    return ep, counts

@@ -254,8 +254,12 @@ def moe_block(x: Tensor, w: dict[str, Tensor], cfg: Qwen35Config, expert_map: Te
 # -- decoder layers (one per kind) ---------------------------------------------------------------
 def _decode_rows_real(x: Tensor, lengths: Tensor) -> Tensor | None:
     """Decode (one token per row, T static): rows with length 0 are a bucket's padding, real rows first
-    (runtime/engine.py); None for prefill, where every row holds real tokens."""
-    T = x.shape[1]
+    (runtime/engine.py); None for prefill, where every row holds real tokens, and for a batch that is the
+    int 1 (a batch-1 decode graph, exporter/capture.py DECODE1: the runtime pads batches to buckets of 2 and
+    more, so its one row is real; the mask would be a launch per layer)."""
+    B, T = x.shape[0], x.shape[1]
+    if isinstance(B, int) and B == 1:
+        return None
     return lengths > 0 if isinstance(T, int) and T == 1 else None
 
 

@@ -118,3 +118,21 @@ def test_build_fuses_the_route_of_gpu_decode_graphs_only():
     assert capture_flags(on, C.GDN, C.DECODE, impls, cpu, sharded=False) == {}  # `--target cpu --kernels triton`
     off = BuildSettings(target="h100", fused_route=False)
     assert capture_flags(off, C.GDN, C.DECODE, impls, gpu, sharded=False) == {}
+
+
+@pytest.mark.parametrize("kind", ["gdn", "attn"])
+def test_batch1_decode_graph_routes_without_a_padding_mask(kind):
+    """The static batch-1 decode graph (capture.DECODE1) has no padding rows to redirect: its route node
+    takes no `real` mask (one launch fewer per layer), while the dynamic decode graph's does."""
+    w = _layer(0 if kind == "gdn" else CFG.layer_types.index("full_attention"), "bf16")
+    capture = C.capture_gdn if kind == "gdn" else C.capture_attention
+    real = {}
+    for phase in (C.DECODE, C.DECODE1):
+        ep, _ = capture(CFG, w, phase, SHAPES, torch.bfloat16, torch.device("cpu"), fused_route=True)
+        route = torch.ops.qwen35.moe_route.default
+        (node,) = [n for n in ep.graph.nodes if n.op == "call_function" and n.target is route]
+        real[phase] = node.args[4]
+        x = next(n for n in ep.graph.nodes if n.op == "placeholder").meta["val"]
+        static = isinstance(x.shape[0], int)  # a SymInt in the dynamic graph
+        assert static == (phase == C.DECODE1) and (not static or x.shape[0] == 1)
+    assert real[C.DECODE1] is None and real[C.DECODE] is not None

@@ -1,5 +1,5 @@
-"""graph/reinplace_state.py: a decode graph's recurrent state updated in place by the Triton op, its copy
-dropped; everything else (prefill, the reference ops, a read of the old state) left as it was. The numbers
+"""graph/reinplace_state.py: a decode graph's recurrent and conv states updated in place by the Triton ops,
+their copies dropped; everything else (prefill, the reference ops, a read of the old state) left as it was. The numbers
 of a rewritten layer graph: tests/kernels/test_gated_delta_rule.py (`test_reinplaced_decode_graph_*`)."""
 
 from __future__ import annotations
@@ -41,11 +41,13 @@ def test_decode_state_updated_in_place(gdn_decode, monkeypatch):
     ep, _ = substitute_custom_ops(copy.deepcopy(gdn_decode), _impls())
     assert _copies(ep) == ["conv_state", "rec_state"]
     ep, counts = reinplace_state(ep)
-    assert counts == {"gated_delta_rule_": 1}
-    assert _copies(ep) == ["conv_state"]  # the conv state (a few KB per row) keeps its copy
-    assert "gated_delta_rule" not in _targets(ep, "qwen35_triton")
+    assert counts == {"gated_delta_rule_": 1, "causal_conv1d_": 1}
+    assert _copies(ep) == []
+    assert not {"gated_delta_rule", "causal_conv1d"} & set(_targets(ep, "qwen35_triton"))
     node = next(n for n in ep.graph.nodes if n.target is torch.ops.qwen35_triton.gated_delta_rule_.default)
     assert node.args[5].op == "placeholder" and node.args[5].name == "rec_state"
+    node = next(n for n in ep.graph.nodes if n.target is torch.ops.qwen35_triton.causal_conv1d_.default)
+    assert node.args[2].op == "placeholder" and node.args[2].name == "conv_state"
     assert relational_guards(ep, monkeypatch) == []  # no guard on the decode batch
 
 
@@ -132,5 +134,42 @@ def test_sharded_decode_state_updated_in_place():
     ep, _ = substitute_custom_ops(ep, impls)
     assert _copies(ep) == ["conv_state", "rec_state"]
     ep, counts = reinplace_state(ep)
-    assert counts == {"gated_delta_rule_": 1} and _copies(ep) == ["conv_state"]
+    assert counts == {"gated_delta_rule_": 1, "causal_conv1d_": 1} and _copies(ep) == []
 
+
+
+class _ConvStep(torch.nn.Module):
+    """One conv update whose new state is copied back, plus (`extra`) another use of the state, as _Step."""
+
+    def __init__(self, extra: str):
+        super().__init__()
+        self.extra = extra
+
+    def forward(self, x, w, s, lengths):
+        sv = s.view(s.shape[0], -1) if self.extra == "view" else None
+        y, sn = torch.ops.qwen35_triton.causal_conv1d(x, w, s, lengths)
+        out = y.float().sum()
+        if self.extra == "read-before-copy":
+            out = out + s.sum()
+        if self.extra == "view":
+            out = out + sv.sum()
+        s.copy_(sn)
+        if self.extra == "read-after-copy":
+            out = out + s.sum()
+        return out
+
+
+@pytest.mark.parametrize("extra,T", [("none", 1), ("read-before-copy", 1), ("read-after-copy", 1), ("view", 1),
+                                     ("none", 2)])
+def test_conv_state_rewritten_only_when_alone_and_one_step(extra, T):
+    """The conv state takes the in-place update under the same rule as the recurrent state, and only at
+    T = 1 (the in-place op is the one-step update kernel; a static T = 2 keeps the functional op)."""
+    _impls()
+    gen = torch.Generator().manual_seed(0)
+    args = (torch.randn(2, T, 8, generator=gen), torch.randn(8, 4, generator=gen),
+            torch.randn(2, 8, 3, generator=gen), torch.ones(2, dtype=torch.int64))
+    ep = torch.export.export(_ConvStep(extra), args)
+    ep, counts = reinplace_state(ep)
+    rewritten = extra == "none" and T == 1
+    assert counts == ({"causal_conv1d_": 1} if rewritten else {})
+    assert _copies(ep) == ([] if rewritten else ["s"])

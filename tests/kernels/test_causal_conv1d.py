@@ -98,6 +98,22 @@ def test_op_decode_step(lens, C, dtype, view, poison_empty, monkeypatch):
     y3 = causal_conv1d_fwd(x, w, s0, st3, lengths=lengths)  # what the op launched before at T = 1
     assert_close("y vs prefill kernel", y, y3.double(), bound(dtype))
     assert torch.equal(st, st3)
+    # the in-place form (graph/reinplace_state.py): the same y, and the state input becomes the final state
+    s4 = s0.clone()
+    y4 = torch.ops.qwen35_triton.causal_conv1d_(x, w, s4, lengths)
+    assert torch.equal(y4, y) and torch.equal(s4, st)
+
+
+def test_inplace_op_takes_one_step_only(poison_empty):
+    """causal_conv1d_ is the T = 1 update: longer calls and strided states are refused by name."""
+    gen = torch.Generator().manual_seed(3)
+    w, s = make((8, 4), torch.float32, gen), make((2, 8, 3), torch.float32, gen)
+    lengths = torch.ones(2, dtype=torch.int64, device=DEVICE)
+    with pytest.raises(ValueError, match="causal_conv1d_: T=2"):
+        torch.ops.qwen35_triton.causal_conv1d_(make((2, 2, 8), torch.float32, gen), w, s, lengths)
+    with pytest.raises(ValueError, match="conv_state .* must be contiguous"):
+        torch.ops.qwen35_triton.causal_conv1d_(make((2, 1, 8), torch.float32, gen), w,
+                                               make((2, 3, 8), torch.float32, gen).transpose(1, 2), lengths)
 
 
 def test_update_lengths_into_separate_state(poison_empty):

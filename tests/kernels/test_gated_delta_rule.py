@@ -304,8 +304,8 @@ def test_inplace_op_refuses_what_it_cannot_update():
 
 def test_reinplaced_decode_graph_matches_functional():
     """A GDN decode layer graph after graph/reinplace_state.py (Triton ops, state updated in place) against
-    the same graph before it: the same hidden states and conv state, bit for bit the same recurrent state
-    in the state input, and a padding row's state left alone."""
+    the same graph before it: bit for bit the same hidden states, conv state and recurrent state in the
+    state inputs, and a padding row's states left alone."""
     import copy
 
     from qwen35_export.checkpoint.writer import random_tensor
@@ -324,7 +324,7 @@ def test_reinplaced_decode_graph_matches_functional():
                               torch.device(DEVICE))
     functional, _ = substitute_custom_ops(ep, triton_implementations())
     inplace, counts = reinplace_state(copy.deepcopy(functional))
-    assert counts == {"gated_delta_rule_": 1}
+    assert counts == {"gated_delta_rule_": 1, "causal_conv1d_": 1}
     gen = torch.Generator().manual_seed(1)
     x = torch.randn(3, 1, cfg.hidden_size, generator=gen).bfloat16().to(DEVICE)
     lengths = torch.tensor([1, 1, 0], device=DEVICE)  # row 2: a CUDA-graph bucket's padding row
@@ -337,6 +337,7 @@ def test_reinplaced_decode_graph_matches_functional():
     assert torch.equal(outs[0], outs[1])
     assert torch.equal(states[0][0], states[1][0]) and torch.equal(states[0][1], states[1][1])
     assert not torch.equal(states[1][1][:2], rec[:2]) and torch.equal(states[1][1][2], rec[2])
+    assert not torch.equal(states[1][0][:2], conv[:2]) and torch.equal(states[1][0][2], conv[2])
 
 
 def test_triton_op_exports():

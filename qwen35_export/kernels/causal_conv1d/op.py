@@ -35,3 +35,22 @@ def causal_conv1d(x: Tensor, weight: Tensor, conv_state: Tensor, lengths: Tensor
 def _(x, weight, conv_state, lengths):
     # explicit shapes-only fake: the body cannot run on fake tensors under the Triton interpreter
     return torch.empty_like(x), torch.empty_like(conv_state)
+
+
+@triton_op("qwen35_triton::causal_conv1d_", mutates_args=("conv_state",))
+def causal_conv1d_(x: Tensor, weight: Tensor, conv_state: Tensor, lengths: Tensor) -> Tensor:
+    """In-place decode form of `causal_conv1d` (T = 1): `conv_state` [B, C, W-1] contiguous is read and
+    overwritten with the final state; returns y [B, 1, C]. graph/reinplace_state.py puts it where a decode
+    graph copied the functional op's new state back into its state input (a copy kernel per GDN layer)."""
+    T = x.shape[1]
+    if not (type(T) is int and T == 1):
+        raise ValueError(f"qwen35_triton::causal_conv1d_: T={T}; the in-place form is the one-step update (T = 1)")
+    if not conv_state.is_contiguous():
+        raise ValueError(f"qwen35_triton::causal_conv1d_: conv_state {tuple(conv_state.shape)} must be contiguous")
+    # in place: each program loads its [BC, W-1] state tile before it stores it, and no two programs share one
+    return causal_conv1d_update(x, weight, conv_state, lengths=lengths)
+
+
+@causal_conv1d_.register_fake
+def _(x, weight, conv_state, lengths):
+    return torch.empty_like(x)
