@@ -48,7 +48,9 @@ done
 # beside the builds (GPU otherwise idle): real-size runs of the named kernel tests, then the GDN bench (GDN=bench,
 # against fla), its variant sweep (GDN=variants) or nothing (GDN=none)
 if [ -n "${TESTS:-}" ]; then
-  QWEN35_TRITON_GPU=1 TRITON_INTERPRET=0 timeout ${TESTS_TIMEOUT:-120} python3 -m pytest -q -p no:cacheprovider $TESTS > $L/gpu_tests.log 2>&1
+  # eval: TESTS keeps its own quoting (-k 'a or b'); an unquoted $TESTS split it into words (session 11)
+  eval "QWEN35_TRITON_GPU=1 TRITON_INTERPRET=0 timeout ${TESTS_TIMEOUT:-120} python3 -m pytest -q -p no:cacheprovider $TESTS" \
+    > $L/gpu_tests.log 2>&1
   echo "gpu tests ($(( $(date +%s) - start )) s): $(tail -1 $L/gpu_tests.log)"
 fi
 # MOE_ALIGN=1: the MoE align paths past SMALL_M slots (torch ops vs Triton kernels) -> $OUT/align
