@@ -306,7 +306,7 @@ def bench_moe_route(bw: float) -> list[dict]:
             # picks against the unsplit op's
             split_us, split_same = {}, {}
             for sh in GATE_SPLITS:
-                with mock.patch.dict(GATE_LOGITS_CONFIG, {"SPLIT_H": sh}):
+                with mock.patch.dict(GATE_LOGITS_CONFIG, {"SPLIT_H": sh, "SPLIT_H_ONE_ROW": sh}):
                     split_us[sh] = per_w(lambda w: moe_route_triton(x, w, E, k, real))
                     split_same[sh] = float((moe_route_triton(x, ws[0], E, k, real)[1] == ids).all(1).float().mean())
             rows.append(dict(geom=geom, H=H, E=E, L=L, k=k, B=B, old_us=old_us, new_us=new_us,

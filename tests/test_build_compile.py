@@ -59,7 +59,7 @@ def test_killed_worker_is_retried_alone(tmp_path: Path, monkeypatch) -> None:
 def test_worker_killed_twice_names_the_signal(tmp_path: Path, monkeypatch) -> None:
     _fake_workers(monkeypatch, {"b": [-signal.SIGKILL, -signal.SIGKILL]})
     with pytest.raises(BuildError, match=r"compiling graph 'b' failed \(killed by SIGKILL \(most often the "
-                                         r"out-of-memory killer: build with fewer --jobs\)\)"):
+                                         r"out-of-memory killer: this graph alone needs more host memory"):
         _compile(tmp_path, ["a", "b"])
 
 
@@ -68,6 +68,12 @@ def test_failing_worker_is_not_retried(tmp_path: Path, monkeypatch) -> None:
     with pytest.raises(BuildError, match=r"compiling graph 'a' failed \(exit code 1\):\nTraceback: boom"):
         _compile(tmp_path, ["a", "b"])
     assert calls.count("a") == 1
+
+
+def test_exit_reason_words():
+    assert build._exit_reason(2) == "exit code 2"
+    assert "fewer --jobs" in build._exit_reason(-signal.SIGKILL)
+    assert build._exit_reason(-signal.SIGSEGV) == "killed by SIGSEGV"
 
 
 def test_negative_jobs_rejected_before_writing(tmp_path: Path) -> None:

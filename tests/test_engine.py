@@ -333,6 +333,13 @@ def test_layer_phases(target: str, flag: bool | None, sharded: bool, has_b1: boo
     assert phases[:2] == ("prefill", "decode") and ("decode1" in phases) == has_b1
 
 
+def test_batch1_decode_asked_where_it_cannot_apply() -> None:
+    from qwen35_export.exporter.build import layer_phases
+
+    with pytest.raises(BuildError, match="--batch1-decode: .* single-rank engines only .* --tp 2 --ep 1"):
+        layer_phases(BuildSettings(target="h100", batch1_decode=True, tp=2), sharded=True)
+
+
 def test_batch1_decode_graph(engine: Engine, reference: Qwen35Model, cpu_engine_fp32: Path, monkeypatch) -> None:
     """The static batch-1 decode graphs (exporter/capture.py DECODE1): built, used for one-row decode steps
     only, and equal to the dynamic decode graph there; one-prompt generation still gives the reference's

@@ -160,6 +160,9 @@ def capture_flags(settings: BuildSettings, kind: str, phase: str, impls: dict[st
 
 def layer_phases(settings: BuildSettings, sharded: bool) -> tuple[str, ...]:
     """The phases each layer kind is captured for: prefill, decode, and decode1 (see BuildSettings)."""
+    if settings.batch1_decode and sharded:
+        raise BuildError("--batch1-decode: batch-1 decode graphs are built for single-rank engines only "
+                         f"(found --tp {settings.tp} --ep {settings.ep})")
     b1 = settings.batch1_decode if settings.batch1_decode is not None else settings.target != "cpu"
     return (C.PREFILL, C.DECODE) + ((C.DECODE1,) if b1 and not sharded else ())
 
@@ -210,7 +213,7 @@ def _compile_all(eps: dict[str, tuple], tmp: Path, settings: BuildSettings, kern
         if p.returncode < 0 and not alone:
             return name, p.returncode
         if p.returncode != 0:
-            raise BuildError(f"compiling graph '{name}' failed ({_exit_reason(p.returncode)}):\n"
+            raise BuildError(f"compiling graph '{name}' failed ({_exit_reason(p.returncode, alone)}):\n"
                              f"{p.stderr[-4000:]}")
         bar.update()
         return None
@@ -228,8 +231,9 @@ def _compile_all(eps: dict[str, tuple], tmp: Path, settings: BuildSettings, kern
     shutil.rmtree(saved)
 
 
-def _exit_reason(returncode: int) -> str:
-    """A compile worker's exit status in words: the signal that killed it, or its exit code."""
+def _exit_reason(returncode: int, alone: bool = False) -> str:
+    """A compile worker's exit status in words: the signal that killed it, or its exit code (`alone`: it was
+    the only compile running)."""
     if returncode >= 0:
         return f"exit code {returncode}"
     import signal
@@ -238,7 +242,10 @@ def _exit_reason(returncode: int) -> str:
         sig = signal.Signals(-returncode).name
     except ValueError:
         sig = f"signal {-returncode}"
-    hint = " (most often the out-of-memory killer: build with fewer --jobs)" if sig == "SIGKILL" else ""
+    hint = ""
+    if sig == "SIGKILL":
+        hint = (" (most often the out-of-memory killer: this graph alone needs more host memory than is free)"
+                if alone else " (most often the out-of-memory killer: build with fewer --jobs)")
     return f"killed by {sig}{hint}"
 
 

@@ -52,6 +52,9 @@ def _check(checkpoint: str | Path, out: Path, settings: BuildSettings) -> Checkp
         raise BuildError(f"--backend: build_backend_engine builds {BACKENDS}, found {settings.backend!r}")
     if settings.target not in TARGETS:
         raise BuildError(f"--target: expected one of {TARGETS}, found {settings.target!r}")
+    if settings.batch1_decode:
+        raise BuildError(f"--batch1-decode: batch-1 decode graphs are built for AOTInductor engines only "
+                         f"(--backend aoti), found --backend {settings.backend}")
     if settings.backend in TRT_BACKENDS and settings.target == "cpu":
         raise BuildError(f"--backend {settings.backend}: TensorRT engines run on NVIDIA GPUs; use --target h100 "
                          "or h200")

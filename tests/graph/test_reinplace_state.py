@@ -173,3 +173,11 @@ def test_conv_state_rewritten_only_when_alone_and_one_step(extra, T):
     rewritten = extra == "none" and T == 1
     assert counts == ({"causal_conv1d_": 1} if rewritten else {})
     assert _copies(ep) == ([] if rewritten else ["s"])
+
+
+def test_batch1_decode_graph_states_updated_in_place():
+    """The static batch-1 decode graph (capture.DECODE1) takes both in-place updates like the dynamic one."""
+    ep, _ = C.capture_gdn(CFG, _layer(0, "bf16"), C.DECODE1, SHAPES, torch.bfloat16, torch.device("cpu"))
+    ep, _ = substitute_custom_ops(ep, _impls())
+    ep, counts = reinplace_state(ep)
+    assert counts == {"gated_delta_rule_": 1, "causal_conv1d_": 1} and _copies(ep) == []

@@ -227,8 +227,12 @@ def test_moe_route_op_split_gate(N, E, k, H, dtype, mode, poison_empty, monkeypa
     as the unsplit one: on exact inputs the partials sum to the exact logit, rounded once as F.linear's."""
     x, w = exact_inputs(N, H, L_OF[E], dtype, seed=N + E + k)
     real = real_mask(mode, N)
-    want = moe_route_triton(x, w, E, k, real)
+    with monkeypatch.context() as m:  # the unsplit op, at one row too
+        m.setitem(router.GATE_LOGITS_CONFIG, "SPLIT_H", 1)
+        m.setitem(router.GATE_LOGITS_CONFIG, "SPLIT_H_ONE_ROW", 1)
+        want = moe_route_triton(x, w, E, k, real)
     monkeypatch.setitem(router.GATE_LOGITS_CONFIG, "SPLIT_H", 3)
+    monkeypatch.setitem(router.GATE_LOGITS_CONFIG, "SPLIT_H_ONE_ROW", 3)
     monkeypatch.setitem(router.GATE_LOGITS_CONFIG, "BLOCK_H", 64)
     got = moe_route_triton(x, w, E, k, real)
     assert torch.equal(got[1], want[1]) and torch.equal(got[0], want[0])
@@ -299,7 +303,7 @@ def test_route_op_picks_are_recorded():
 @pytest.mark.parametrize("N", [1, 2])
 def test_one_row_takes_its_own_gate_split(N, poison_empty, monkeypatch):
     """A call of one row (known statically, as in an engine's batch-1 decode graph) splits the gate GEMV
-    SPLIT_H_ONE_ROW ways; two rows keep GATE_LOGITS_CONFIG's split. Routing is the same either way."""
+    GATE_LOGITS_CONFIG["SPLIT_H_ONE_ROW"] ways; two rows keep its SPLIT_H. Routing is the same either way."""
     E, k, H = 257, 8, 256
     x, w = exact_inputs(N, H, L_OF[E], torch.bfloat16, seed=7)
     asked = []
@@ -307,5 +311,5 @@ def test_one_row_takes_its_own_gate_split(N, poison_empty, monkeypatch):
     monkeypatch.setattr(router, "gate_logit_partials", lambda x, w, s, *a: asked.append(s) or real_partials(x, w, s, *a))
     monkeypatch.setitem(router.GATE_LOGITS_CONFIG, "BLOCK_H", 64)  # 4 whole steps: 4 splits stay 4
     rw, ids = moe_route_triton(x, w, E, k, None)
-    assert asked == ([router.SPLIT_H_ONE_ROW] if N == 1 else [])
+    assert asked == ([router.GATE_LOGITS_CONFIG["SPLIT_H_ONE_ROW"]] if N == 1 else [])
     check_route(rw, ids, torch.nn.functional.linear(x, w), E, k, None)

@@ -171,3 +171,12 @@ def test_existing_engine_needs_force(ort_engine_fp32: Path, engine_ckpt_fp32: Pa
     with pytest.raises(BuildError, match="already exists; pass --force"):
         B.build_backend_engine(engine_ckpt_fp32, ort_engine_fp32, BuildSettings(target="cpu", backend="onnxruntime",
                                                                                 progress=False))
+
+
+def test_batch1_decode_is_an_aoti_option(engine_ckpt_fp32: Path, tmp_path: Path) -> None:
+    """Asking an ONNX build for batch-1 decode graphs fails by name before anything is written."""
+    out = tmp_path / "eng"
+    with pytest.raises(BuildError, match="--batch1-decode: .* AOTInductor engines only .* --backend onnxruntime"):
+        B.build_backend_engine(engine_ckpt_fp32, out, BuildSettings(target="cpu", backend="onnxruntime",
+                                                                    batch1_decode=True, progress=False))
+    assert not out.exists()

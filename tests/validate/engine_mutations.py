@@ -120,8 +120,9 @@ def broken_layer(engine: Engine, layer: int, mutation: Mutation) -> Iterator[Eng
             return compiled(*args)
         return call
 
-    for phase in ("prefill", "decode"):
-        engine.graphs[f"{kind}_{phase}"] = wrap(saved[f"{kind}_{phase}"])
+    for name in saved:  # prefill, decode and, where built, the batch-1 decode graph
+        if name.startswith(f"{kind}_"):
+            engine.graphs[name] = wrap(saved[name])
     try:
         yield engine
     finally:

@@ -65,6 +65,16 @@ def test_broken_layer_fails_and_is_named(engine: Engine, engine_ckpt_fp32: Path,
     assert f"first bad layer {layer}" in r.headline()
 
 
+def test_conv_state_bug_caught_at_batch_1(engine: Engine, engine_ckpt_fp32: Path) -> None:
+    """One prompt decodes through the engine's batch-1 graphs (exporter/capture.py DECODE1): broken_layer
+    breaks those too, and validate names the layer there as well."""
+    assert "gdn_decode1" in engine.graphs
+    with broken_layer(engine, 2, MUTATIONS["conv_state_dropped"]):
+        r = validate(engine, engine_ckpt_fp32, prompts=PROMPTS[:1], gen=GEN, progress=False)
+    failed = {c.name: c.layer for c in r.checks if not c.passed}
+    assert not r.passed and failed.get("decode hidden rel_l2 (max)") == 2, r.summary()
+
+
 def test_conv_state_bug_is_decode_only(engine: Engine, engine_ckpt_fp32: Path) -> None:
     """A fresh prefill starts from a zero conv state anyway: only decode may see the dropped state."""
     with broken_layer(engine, 2, MUTATIONS["conv_state_dropped"]):

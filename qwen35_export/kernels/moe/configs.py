@@ -31,11 +31,13 @@ PAIRS_MAX_TOKENS = 1
 # were tuned on an H100, the 35B-A3B ones (E 256/257, I 512) on an H200 (bench/results/moe_35b_h200/); the FP8
 # decode entries of both (swapped-operand kernels) on an H200 (bench/results/fp8_swap_h200/), untimed on an H100.
 # An engine's dynamic decode graph serves batches 2..max with the entry nearest DECODE_MAX_TOKENS (64); its
-# batch-1 graph (exporter/capture.py DECODE1) takes entry 1. So the 35B FP8 tables keep 64-column swapped
-# gate_up tiles at 1 (128-column ones took gate_up from 15.7 to 24.0 us per layer at batch 1 in the engine)
-# and take the 128-column ones (h out in e4m3) at 8 and 64, the H200 sweep's best there (65.4 vs 81.1 us at
-# T = 8, 213.8 vs 232.3 at 64; engine decode 7.8% / 6.6% faster at batch 8 / 64: bench/results/
-# fp8_swap_h200/README.md, call 3). Before batch-1 graphs the 64 entry served batch 1 too and kept 64 columns.
+# batch-1 graph (exporter/capture.py DECODE1) takes entry 1. So the 35B FP8 table of single-rank builds (E 257:
+# the shared expert folded in, graph/fuse_weights.py; they have batch-1 graphs by default) keeps 64-column
+# swapped gate_up tiles at 1 (128-column ones took gate_up from 15.7 to 24.0 us per layer at batch 1 in the
+# engine) and takes the 128-column ones (h out in e4m3; down 64 columns at 8, 128 at 64) at 8 and 64, the H200
+# sweep's best there (65.4 vs 81.1 us at T = 8, 213.8 vs 232.3 at 64; engine decode 7.8% / 6.6% faster at
+# batch 8 / 64: bench/results/fp8_swap_h200/README.md, call 3). The E 256 table (sharded builds, which have no
+# batch-1 graph, and eager calls) keeps 64-column tiles at every decode entry, good at batch 1 too.
 SAME_SM_TABLES = {"H200": "H100", "H100": "H200"}
 
 

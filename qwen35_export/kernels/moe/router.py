@@ -171,11 +171,12 @@ def _route_kernel(lg_ptr, real_ptr, w_ptr, ids_ptr, N, E, stride_l, stride_s, TO
 # 5.9 / 10.0-10.6 us for the first guess (BLOCK_H 256, 3 stages) and 5.6-5.7 / 7.4-7.6 us for F.linear.
 # SPLIT_H: programs per tile over H (fp32 partials summed by the route kernel, `gate_logit_partials`); 1 is
 # the form every engine ran; split variants are timed by `bench/decode_kernels.py --route-only`.
-GATE_LOGITS_CONFIG = dict(BLOCK_N=16, BLOCK_L=16, BLOCK_H=512, num_warps=4, num_stages=4, SPLIT_H=1)
-# The split for a call of one row known statically (an engine's batch-1 decode graph, exporter/capture.py
-# DECODE1), where no larger batch shares the choice. H200 (bench/results/moe_route_h200/README.md, tenth
-# session, standalone): 35B 11.30 -> 9.60 us with 4 splits at one row, 397B 13.95 -> 12.55.
-SPLIT_H_ONE_ROW = 4
+# SPLIT_H_ONE_ROW: the split for a call of one row known statically (an engine's batch-1 decode graph,
+# exporter/capture.py DECODE1, and eager one-row calls), where no larger batch shares the choice. H200
+# (bench/results/moe_route_h200/README.md, tenth session, standalone): 35B 11.30 -> 9.60 us with 4 splits at
+# one row, 397B 13.95 -> 12.55.
+GATE_LOGITS_CONFIG = dict(BLOCK_N=16, BLOCK_L=16, BLOCK_H=512, num_warps=4, num_stages=4, SPLIT_H=1,
+                          SPLIT_H_ONE_ROW=4)
 
 
 def _h_splits(H: int, splits: int, block_h: int) -> tuple[int, int]:
@@ -272,11 +273,13 @@ def moe_route_triton(x: Tensor, w_gate: Tensor, num_experts: int, top_k: int,
     -> (weights [N, k+1] in x's dtype, ids [N, k+1] int64), shared slot last.
 
     The logits come from `_gate_logits_kernel` when N <= DECODE_MAX_TOKENS for every N the graph admits
-    (decided without a guard on a symbolic N; with GATE_LOGITS_CONFIG["SPLIT_H"] > 1, or SPLIT_H_ONE_ROW
-    for one row known statically, as fp32 partials over H that the route kernel sums), else from F.linear (cuBLAS, right at prefill sizes)."""
+    (decided without a guard on a symbolic N; with GATE_LOGITS_CONFIG["SPLIT_H"] > 1, or its
+    "SPLIT_H_ONE_ROW" for one row known statically, as fp32 partials over H that the route kernel sums), else from F.linear (cuBLAS, right at prefill sizes)."""
     N = x.shape[0]
     if statically_known_true(N <= DECODE_MAX_TOKENS):
-        splits = SPLIT_H_ONE_ROW if statically_known_true(N == 1) else GATE_LOGITS_CONFIG.get("SPLIT_H", 1)
+        splits = GATE_LOGITS_CONFIG.get("SPLIT_H", 1)
+        if statically_known_true(N == 1):
+            splits = GATE_LOGITS_CONFIG.get("SPLIT_H_ONE_ROW", splits)
         if splits > 1:
             return route_from_logits_triton(gate_logit_partials(x, w_gate, splits), num_experts, top_k, real,
                                             dtype=x.dtype)
