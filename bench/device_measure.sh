@@ -10,7 +10,7 @@
 #    "1", no prefill; HF_MODE = torch.compile mode) compiles and warms up beside the builds, then waits; it is
 #    timed once the builds (and the GDN bench) are done, before ours -> $OUT/hf_compile (log: hf_compile.log).
 #    It shares the GPU with whatever runs beside the builds (TESTS, the GDN bench): GDN=none keeps those clean.
-#   [DTYPES="bf16 fp8"] [BUILD_DTYPES="bf16 fp8"] [REUSE=1] [BUILD_FLAGS="--no-fused-route"] [CHECKS=1] [MOE_ALIGN=1] [GDN=bench|variants|after|none] [TESTS="pytest args"] [TESTS_TIMEOUT=120]
+#   [DTYPES="bf16 fp8"] [BUILD_FLAGS="--no-fused-route"] [CHECKS=1] [MOE_ALIGN=1] [GDN=bench|variants|after|none] [TESTS="pytest args"] [TESTS_TIMEOUT=120]
 #   [HF_COMPILE=1 [HF_BATCHES=1,8] [HF_MODE=max-autotune-no-cudagraphs] [HF_TIMEOUT=s]] bash bench/device_measure.sh h200 $OUT [SECONDS]
 set -u
 TARGET=${1:-h200}; OUT=${2:?out dir}; BUDGET=${3:-585}; W=/tmp/e35
@@ -36,11 +36,8 @@ if [ -n "${HF_COMPILE:-}" ]; then
 fi
 DTYPES=${DTYPES:-bf16 fp8}
 BUILDS=
-for d in ${BUILD_DTYPES:-$DTYPES}; do
-  # a warm machine keeps /tmp: never time the previous call's engine, unless REUSE=1 says this call is the
-  # second half of one that built it (BUILD_DTYPES: build these, though only DTYPES are timed here)
-  [ -n "${REUSE:-}" ] && [ -e $W/eng_$d/manifest.json ] && { echo "reusing $W/eng_$d"; continue; }
-  rm -rf $W/eng_$d
+for d in $DTYPES; do
+  rm -rf $W/eng_$d  # a warm machine keeps /tmp: never time the previous call's engine
   $Q build $W/ckpt --target $TARGET --dtype $d --max-batch 64 --max-seq-len 8256 --out $W/eng_$d ${BUILD_FLAGS:-} \
     > $L/build_$d.log 2>&1 &
   BUILDS="$BUILDS $!"

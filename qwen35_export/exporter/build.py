@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import signal
 import sys
 import time
 from dataclasses import asdict, dataclass, replace
@@ -236,8 +237,6 @@ def _exit_reason(returncode: int, alone: bool = False) -> str:
     the only compile running)."""
     if returncode >= 0:
         return f"exit code {returncode}"
-    import signal
-
     try:
         sig = signal.Signals(-returncode).name
     except ValueError:

@@ -27,32 +27,26 @@ log = logging.getLogger(__name__)
 @dataclass(frozen=True)
 class _Rewrite:
     """A functional state op and its in-place twin: the state is argument `state_arg`, the new state output
-    1, the other output 0; `small_T` holds for the calls the in-place op takes (decode); `state_dtypes`: the
-    state dtypes it updates (None: any)."""
+    1, the other output 0; the in-place op takes calls whose static T (argument 0's dim 1) is at most
+    `max_T()` (decode); `state_dtypes`: the state dtypes it updates (None: any)."""
 
     functional: str
     inplace: str
     state_arg: int
-    small_T: Callable[[Node], bool]
+    max_T: Callable[[], int]
     state_dtypes: tuple[torch.dtype, ...] | None = None
 
 
-def _recurrent_T(node: Node) -> bool:
-    from ..kernels.gated_delta_rule.recurrent import MAX_T
+def _recurrent_max_T() -> int:
+    from ..kernels.gated_delta_rule.recurrent import MAX_T  # imported late: needs triton
 
-    q = node.args[0].meta.get("val") if isinstance(node.args[0], Node) else None
-    return q is not None and isinstance(q.shape[1], int) and q.shape[1] <= MAX_T
-
-
-def _one_step(node: Node) -> bool:
-    x = node.args[0].meta.get("val") if isinstance(node.args[0], Node) else None
-    return x is not None and isinstance(x.shape[1], int) and x.shape[1] == 1
+    return MAX_T
 
 
 # The recurrent state (fp32: the in-place kernel updates fp32 only) and the conv state (activation dtype:
-# the update kernel stores in the state's own dtype, as the functional op's copy did).
-_REWRITES = (_Rewrite("gated_delta_rule", "gated_delta_rule_", 5, _recurrent_T, (torch.float32,)),
-             _Rewrite("causal_conv1d", "causal_conv1d_", 2, _one_step))
+# the one-step update kernel stores in the state's own dtype, as the functional op's copy did).
+_REWRITES = (_Rewrite("gated_delta_rule", "gated_delta_rule_", 5, _recurrent_max_T, (torch.float32,)),
+             _Rewrite("causal_conv1d", "causal_conv1d_", 2, lambda: 1))
 
 
 def _op(name: str):
@@ -72,7 +66,8 @@ def _rewritable(node: Node, rw: _Rewrite) -> tuple[Node, Node, Node | None] | No
     sv = state.meta.get("val")
     if sv is None or not sv.is_contiguous() or (rw.state_dtypes is not None and sv.dtype not in rw.state_dtypes):
         return None
-    if not rw.small_T(node):
+    x = node.args[0].meta.get("val") if isinstance(node.args[0], Node) else None
+    if x is None or not isinstance(x.shape[1], int) or x.shape[1] > rw.max_T():
         return None
     getters = {u.args[1]: u for u in node.users if u.target is operator.getitem}
     if len(getters) != len(node.users) or 1 not in getters:

@@ -274,7 +274,8 @@ def moe_route_triton(x: Tensor, w_gate: Tensor, num_experts: int, top_k: int,
 
     The logits come from `_gate_logits_kernel` when N <= DECODE_MAX_TOKENS for every N the graph admits
     (decided without a guard on a symbolic N; with GATE_LOGITS_CONFIG["SPLIT_H"] > 1, or its
-    "SPLIT_H_ONE_ROW" for one row known statically, as fp32 partials over H that the route kernel sums), else from F.linear (cuBLAS, right at prefill sizes)."""
+    "SPLIT_H_ONE_ROW" for one row known statically, as fp32 partials over H that the route kernel sums),
+    else from F.linear (cuBLAS, right at prefill sizes)."""
     N = x.shape[0]
     if statically_known_true(N <= DECODE_MAX_TOKENS):
         splits = GATE_LOGITS_CONFIG.get("SPLIT_H", 1)
