@@ -38,6 +38,9 @@ PAIRS_MAX_TOKENS = 1
 # sweep's best there (65.4 vs 81.1 us at T = 8, 213.8 vs 232.3 at 64; engine decode 7.8% / 6.6% faster at
 # batch 8 / 64: bench/results/fp8_swap_h200/README.md, call 3). The E 256 table (sharded builds, which have no
 # batch-1 graph, and eager calls) keeps 64-column tiles at every decode entry, good at batch 1 too.
+# FP8 prefill down entries (E 513 at 4096 / 16384, E 257 at 4096) take 4-warp 128-column tiles since the
+# twelfth session's H200 sweep (bench/results/moe_prefill_sweep_h200/: 397B 16384 tokens 3610 -> 3465 us,
+# 4096 1278 -> 1229, 35B 8192 508 -> 456; outputs bit-identical); the E 513 table's other entries stay H100-tuned.
 SAME_SM_TABLES = {"H200": "H100", "H100": "H200"}
 
 
