@@ -2,8 +2,8 @@
 
 The prefill product is e4m3 x e4m3 with a promotion per 128-column K step (the checkpoint's 128x128 weight
 scales times the per-row activation scales); this sweep times that product's tilings (BLOCK_M, BLOCK_N,
-num_warps, num_stages, FUSED gate_up, PIPE: the promotion one step behind, experts.py `_mma_pipe`) per
-geometry and token count, each checked against the stored config's output first.
+num_warps, num_stages, FUSED gate_up) per geometry and token count, each checked against the stored
+config's output first.
 
     PYTHONPATH=. python3 bench/moe_prefill_sweep.py --out DIR [--cases 397b-a17b:4096,397b-a17b:16384,35b-a3b:8192]
         [--workers 6]
@@ -32,19 +32,19 @@ PEAK_FP8 = 1979.0  # dense TFLOPS, H100 / H200 SXM
 def gate_up_configs() -> list[dict]:
     """(BLOCK_M, gate_up tile) pairs: BLOCK_N 128 (one h scale group per program), BLOCK_K 128 (one scale step)."""
     out = []
-    for bm, w, s, pipe, fused in itertools.product((64, 128), (4, 8), (3, 4), (0, 1), (0, 1)):
+    for bm, w, s, fused in itertools.product((64, 128), (4, 8), (3, 4), (0, 1)):
         if bm == 128 and w == 4:
             continue  # [128, 128] accumulators in 4 warps spill (bench/results/moe_notes.md)
-        out.append((bm, dict(BLOCK_N=128, BLOCK_K=128, GROUP_M=8, num_warps=w, num_stages=s, FUSED=fused, PIPE=pipe)))
+        out.append((bm, dict(BLOCK_N=128, BLOCK_K=128, GROUP_M=8, num_warps=w, num_stages=s, FUSED=fused)))
     return out
 
 
 def down_configs() -> list[dict]:
     out = []
-    for bm, bn, w, s, pipe in itertools.product((64, 128), (128, 256), (4, 8), (3, 4), (0, 1)):
+    for bm, bn, w, s in itertools.product((64, 128), (128, 256), (4, 8), (3, 4)):
         if (bm == 128 and bn == 256) or (bm == 128 and w == 4) or (bn == 256 and w == 4):
             continue  # accumulator past the register file
-        out.append((bm, dict(BLOCK_N=bn, BLOCK_K=128, GROUP_M=8, num_warps=w, num_stages=s, PIPE=pipe)))
+        out.append((bm, dict(BLOCK_N=bn, BLOCK_K=128, GROUP_M=8, num_warps=w, num_stages=s)))
     return out
 
 
@@ -104,7 +104,7 @@ def _warm(job: tuple[str, int, list[tuple[str, int, dict]]]) -> list[str]:
     for phase, bm, tile in items:
         try:
             cfg = full_cfg(bm, base=base)
-            cfg["gate_up"] = dict(base["gate_up"], PIPE=0, FUSED=0)
+            cfg["gate_up"] = dict(base["gate_up"], FUSED=0)
             tiles = align_block_size(case["ids"], case["E"] + 1, bm)
             h, hs = run_phase(case, "gate_up", full_cfg(bm, gu=tile if phase == "gate_up" else None, base=cfg), tiles)
             if phase == "down":
@@ -149,8 +149,7 @@ def sweep_case(geometry: str, T: int) -> dict:
     for bm in (64, 128):
         tiles = align_block_size(case["ids"], case["E"] + 1, bm)
         ref_cfg = full_cfg(bm, base=base)
-        ref_cfg["gate_up"] = dict(base["gate_up"], PIPE=0, FUSED=0)
-        ref_cfg["down"] = dict(base["down"], PIPE=0)
+        ref_cfg["gate_up"] = dict(base["gate_up"], FUSED=0)
         h_ref, hs_ref = run_phase(case, "gate_up", ref_cfg, tiles)  # this BLOCK_M's h rows for the down sweep
         for phase, items in (("gate_up", gate_up_configs()), ("down", down_configs())):
             for b, tile in items:

@@ -90,19 +90,6 @@ def _mma(acc, a, b, sa, sb, A_FP8: tl.constexpr, B_FP8: tl.constexpr, UPCAST: tl
 
 
 @triton.jit
-def _mma_pipe(acc, p, pa, pb, a, b, sa, sb, UPCAST: tl.constexpr):
-    """One K step of the e4m3 x e4m3 product with the promotion one step behind (`PIPE`): issue this step's
-    dot, then fold the previous step's unscaled product `p` (scales `pa` [BM], `pb` [BN]) into acc ->
-    (acc, this step's product, its scales). `_mma` scales a dot's result as soon as it is issued, so each
-    wgmma waits for the one before; here the next dot does not depend on the scaling, and the scheduler
-    may overlap the two (the caller folds the last product in after the loop; the first fold adds the
-    zeros it started with). Measured 1.4-3.5x slower on H200 / Triton 3.6 (bench/results/moe_prefill_sweep_h200/):
-    the scheduler does not overlap them and the live product costs registers; off in every table."""
-    q = dot(a, b, UPCAST)
-    return acc + p * (pa[:, None] * pb[None, :]), q, sa, sb
-
-
-@triton.jit
 def _load_a(a_ptrs, row_ok, k_ok, EVEN_K: tl.constexpr):
     """One K step's activation tile [BM, BK], zero past the rows and, unless EVEN_K (no K tail), past K."""
     if EVEN_K:
@@ -125,8 +112,8 @@ def _gate_up_kernel(x_ptr, xs_ptr, w_ptr, ws_ptr, h_ptr, hs_ptr, slots_ptr, tile
                     M, H, I, top_k, num_tiles_m,
                     stride_xm, stride_xsm, stride_we, stride_wn, stride_wse, stride_wsn, stride_hm, stride_hsm,
                     A_FP8: tl.constexpr, B_FP8: tl.constexpr, OUT_FP8: tl.constexpr, UPCAST: tl.constexpr,
-                    EVEN_K: tl.constexpr, FUSED: tl.constexpr, PIPE: tl.constexpr, PAIRS: tl.constexpr,
-                    BLOCK_P: tl.constexpr, BLOCK_M: tl.constexpr,
+                    EVEN_K: tl.constexpr, FUSED: tl.constexpr, PAIRS: tl.constexpr, BLOCK_P: tl.constexpr,
+                    BLOCK_M: tl.constexpr,
                     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr):
     dead, e, offs_p, slot, row_ok, offs_n, n_ok, pid_n = _tile(
         slots_ptr, tile_expert_ptr, num_padded_ptr, M, num_tiles_m, I, PAIRS, BLOCK_P, BLOCK_M, BLOCK_N, GROUP_M)
@@ -148,8 +135,6 @@ def _gate_up_kernel(x_ptr, xs_ptr, w_ptr, ws_ptr, h_ptr, hs_ptr, slots_ptr, tile
         bs_ptrs = ws_ptr + e * stride_wse + (rows // 128) * stride_wsn
         acc = tl.zeros((BLOCK_M, 2 * BLOCK_N), dtype=tl.float32)
         sb = tl.zeros((2 * BLOCK_N,), dtype=tl.float32)
-        p = tl.zeros((BLOCK_M, 2 * BLOCK_N), dtype=tl.float32)  # PIPE: the previous step's product, unscaled
-        pa, pb = sa, sb
         for kb in range(0, tl.cdiv(H, BLOCK_K)):
             k_ok = offs_k < H - kb * BLOCK_K
             a, b = _load_a(a_ptrs, row_ok, k_ok, EVEN_K), _load_b(b_ptrs, c_ok, k_ok, EVEN_K)
@@ -157,14 +142,9 @@ def _gate_up_kernel(x_ptr, xs_ptr, w_ptr, ws_ptr, h_ptr, hs_ptr, slots_ptr, tile
                 sb = tl.load(bs_ptrs + (kb * BLOCK_K) // 128, mask=c_ok, other=0.0)
             if A_FP8:
                 sa = tl.load(xs_ptrs + (kb * BLOCK_K) // 128, mask=row_ok, other=0.0)
-            if PIPE:
-                acc, p, pa, pb = _mma_pipe(acc, p, pa, pb, a, b, sa, sb, UPCAST)
-            else:
-                acc = _mma(acc, a, b, sa, sb, A_FP8, B_FP8, UPCAST)
+            acc = _mma(acc, a, b, sa, sb, A_FP8, B_FP8, UPCAST)
             a_ptrs += BLOCK_K
             b_ptrs += BLOCK_K
-        if PIPE:
-            acc += p * (pa[:, None] * pb[None, :])
         acc_g, acc_u = tl.split(tl.permute(tl.reshape(acc, (BLOCK_M, 2, BLOCK_N)), (0, 2, 1)))
     else:
         g_ptrs = w_ptr + e * stride_we + offs_n[None, :].to(tl.int64) * stride_wn + offs_k[:, None]  # [BK, BN]
@@ -175,9 +155,6 @@ def _gate_up_kernel(x_ptr, xs_ptr, w_ptr, ws_ptr, h_ptr, hs_ptr, slots_ptr, tile
         acc_u = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
         sg = tl.zeros((BLOCK_N,), dtype=tl.float32)
         su = tl.zeros((BLOCK_N,), dtype=tl.float32)
-        p_g = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)  # PIPE: the previous step's products, unscaled
-        p_u = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-        pa, pg, pu = sa, sg, su
         for kb in range(0, tl.cdiv(H, BLOCK_K)):
             k_ok = offs_k < H - kb * BLOCK_K
             a = _load_a(a_ptrs, row_ok, k_ok, EVEN_K)
@@ -187,18 +164,11 @@ def _gate_up_kernel(x_ptr, xs_ptr, w_ptr, ws_ptr, h_ptr, hs_ptr, slots_ptr, tile
                 su = tl.load(us_ptrs + (kb * BLOCK_K) // 128, mask=n_ok, other=0.0)
             if A_FP8:
                 sa = tl.load(xs_ptrs + (kb * BLOCK_K) // 128, mask=row_ok, other=0.0)
-            if PIPE:
-                acc_g, p_g, _, pg = _mma_pipe(acc_g, p_g, pa, pg, a, bg, sa, sg, UPCAST)
-                acc_u, p_u, pa, pu = _mma_pipe(acc_u, p_u, pa, pu, a, bu, sa, su, UPCAST)
-            else:
-                acc_g = _mma(acc_g, a, bg, sa, sg, A_FP8, B_FP8, UPCAST)
-                acc_u = _mma(acc_u, a, bu, sa, su, A_FP8, B_FP8, UPCAST)
+            acc_g = _mma(acc_g, a, bg, sa, sg, A_FP8, B_FP8, UPCAST)
+            acc_u = _mma(acc_u, a, bu, sa, su, A_FP8, B_FP8, UPCAST)
             a_ptrs += BLOCK_K
             g_ptrs += BLOCK_K
             u_ptrs += BLOCK_K
-        if PIPE:
-            acc_g += p_g * (pa[:, None] * pg[None, :])
-            acc_u += p_u * (pa[:, None] * pu[None, :])
     h = acc_g * tl.sigmoid(acc_g) * acc_u  # silu(gate) * up, fp32
     # Padding rows are not stored (PAIRS mode has no row for them); `_down_kernel` masks them on load.
     h_ptrs = h_ptr + offs_p[:, None].to(tl.int64) * stride_hm + offs_n[None, :]
@@ -215,7 +185,7 @@ def _down_kernel(h_ptr, hs_ptr, w_ptr, ws_ptr, y_ptr, tw_ptr, slots_ptr, tile_ex
                  M, H, I, num_tiles_m,
                  stride_hm, stride_hsm, stride_we, stride_wn, stride_wse, stride_wsn, stride_ym,
                  A_FP8: tl.constexpr, B_FP8: tl.constexpr, UPCAST: tl.constexpr, EVEN_K: tl.constexpr,
-                 PIPE: tl.constexpr, PAIRS: tl.constexpr,
+                 PAIRS: tl.constexpr,
                  BLOCK_P: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                  GROUP_M: tl.constexpr):
     dead, e, offs_p, slot, row_ok, offs_n, n_ok, _ = _tile(
@@ -230,8 +200,6 @@ def _down_kernel(h_ptr, hs_ptr, w_ptr, ws_ptr, y_ptr, tw_ptr, slots_ptr, tile_ex
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     sa = tl.zeros((BLOCK_M,), dtype=tl.float32)
     sb = tl.zeros((BLOCK_N,), dtype=tl.float32)
-    p = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)  # PIPE: the previous step's product, unscaled
-    pa, pb = sa, sb
     for kb in range(0, tl.cdiv(I, BLOCK_K)):
         k_ok = offs_k < I - kb * BLOCK_K
         a, b = _load_a(a_ptrs, row_ok, k_ok, EVEN_K), _load_b(b_ptrs, n_ok, k_ok, EVEN_K)
@@ -239,14 +207,9 @@ def _down_kernel(h_ptr, hs_ptr, w_ptr, ws_ptr, y_ptr, tw_ptr, slots_ptr, tile_ex
             sb = tl.load(bs_ptrs + (kb * BLOCK_K) // 128, mask=n_ok, other=0.0)
         if A_FP8:
             sa = tl.load(as_ptrs + (kb * BLOCK_K) // 128, mask=row_ok, other=0.0)
-        if PIPE:
-            acc, p, pa, pb = _mma_pipe(acc, p, pa, pb, a, b, sa, sb, UPCAST)
-        else:
-            acc = _mma(acc, a, b, sa, sb, A_FP8, B_FP8, UPCAST)
+        acc = _mma(acc, a, b, sa, sb, A_FP8, B_FP8, UPCAST)
         a_ptrs += BLOCK_K
         b_ptrs += BLOCK_K
-    if PIPE:
-        acc += p * (pa[:, None] * pb[None, :])
     tw = tl.load(tw_ptr + slot, mask=row_ok, other=0.0).to(tl.float32)
     acc = acc * tw[:, None]
     y_ptrs = y_ptr + slot[:, None].to(tl.int64) * stride_ym + offs_n[None, :]
@@ -384,16 +347,13 @@ def even_k(K: int, block_k: int, fp8_weights: bool = False) -> bool:
     return EVEN_K_LOADS and not fp8_weights and K % block_k == 0
 
 
-def _launch_opts(c: dict, quant: bool) -> dict:
-    """Tile constexprs and launch options; PIPE (promotion one K step behind, `_mma_pipe`) applies to the
-    e4m3 x e4m3 prefill product only (default off)."""
-    opts = {k: c[k] for k in ("BLOCK_N", "BLOCK_K", "GROUP_M", "num_warps", "num_stages")}
-    return dict(opts, PIPE=quant and bool(c.get("PIPE", 0)))
+def _launch_opts(c: dict) -> dict:
+    return {k: c[k] for k in ("BLOCK_N", "BLOCK_K", "GROUP_M", "num_warps", "num_stages")}
 
 
-def _gate_up_opts(c: dict, quant: bool) -> dict:
+def _gate_up_opts(c: dict) -> dict:
     """gate_up also takes FUSED (one [BK, 2*BN] weight tile and one dot for gate and up; default off)."""
-    return dict(_launch_opts(c, quant), FUSED=bool(c.get("FUSED", 0)))
+    return dict(_launch_opts(c), FUSED=bool(c.get("FUSED", 0)))
 
 
 Tiles = tuple[Tensor, Tensor, Tensor]  # align_block_size's (sorted_slots, tile_expert, num_padded)
@@ -442,7 +402,7 @@ def gate_up(x: Tensor, tiles: Tiles | Tensor, k: int, w_gate_up: Tensor,
         xa, xs, w_gate_up, ws, h, hs, slots, tile_expert, num_padded, N * k, H, I, k, num_tiles_m,
         xa.stride(0), xs.stride(0), w_gate_up.stride(0), w_gate_up.stride(1), ws.stride(0), ws.stride(1),
         h.stride(0), hs.stride(0), A_FP8=quant, B_FP8=fp8, OUT_FP8=quant, UPCAST=INTERPRET,
-        EVEN_K=even_k(H, c["BLOCK_K"], fp8), BLOCK_M=bm, **mode, **_gate_up_opts(c, quant))
+        EVEN_K=even_k(H, c["BLOCK_K"], fp8), BLOCK_M=bm, **mode, **_gate_up_opts(c))
     return h, hs
 
 
@@ -463,7 +423,7 @@ def down(h: Tensor, hs: Tensor, weights: Tensor, tiles: Tiles | Tensor, w_down: 
         h.stride(0), hs.stride(0), w_down.stride(0), w_down.stride(1), ws.stride(0), ws.stride(1), y.stride(0),
         A_FP8=quant, B_FP8=w_down_scale is not None, UPCAST=INTERPRET,
         EVEN_K=even_k(I, c["BLOCK_K"], w_down_scale is not None),
-        BLOCK_M=bm, **mode, **_launch_opts(c, quant))
+        BLOCK_M=bm, **mode, **_launch_opts(c))
     return y
 
 
